@@ -1,0 +1,1 @@
+"""budget-proxy: an LLM gateway that never lets a budget be overspent."""
