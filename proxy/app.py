@@ -1,0 +1,182 @@
+"""create_app(config, store=, transport=, clock=): the ASGI app, its routes and lifespan.
+
+The hot route (/v1/messages) is dispatched before Starlette's router and middleware; every
+other route goes through Starlette. State lives on the app object, never in module globals."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import httpx
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.auth import Caller, KeyRing, presented_secret
+from proxy.budgets import Budgets
+from proxy.config import LoadedConfig, ProxyConfig
+from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
+from proxy.passthrough import Passthrough
+from proxy.pricing import PriceTable, parse_price_table
+from proxy.relay import Relay
+from proxy.store import LedgerStore, open_store
+from proxy.upstream import AiohttpTransport
+from proxy.views import scope_view
+
+log = logging.getLogger("budget_proxy")
+SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    base_url: str
+    api_key: str
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything derived from one config file; replaced whole on reload."""
+
+    config: ProxyConfig
+    keyring: KeyRing
+    budgets: Budgets
+    pricing: PriceTable
+    upstreams: dict[str, UpstreamTarget]
+
+
+def load_pricing(loaded: LoadedConfig) -> PriceTable:
+    path = loaded.resolve(loaded.proxy.pricing) if loaded.proxy.pricing else SHIPPED_PRICING
+    return parse_price_table(yaml.safe_load(path.read_text()))
+
+
+def build_runtime(loaded: LoadedConfig, pricing: PriceTable | None = None) -> Runtime:
+    cfg = loaded.proxy
+    ups = {name: UpstreamTarget(u.base_url, u.api_key.get_secret_value()) for name, u in cfg.upstreams.items()}
+    return Runtime(cfg, KeyRing(cfg), Budgets(cfg), pricing or load_pricing(loaded), ups)
+
+
+class AppState:
+    def __init__(self, runtime: Runtime, store: LedgerStore, transport: httpx.AsyncBaseTransport | None,
+                 clock: Callable[[], float]) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.clock = clock
+        self._injected_transport = transport
+        self.transports: dict[str, httpx.AsyncBaseTransport] = {}
+        self.relay = Relay(self)
+
+    def transport_for(self, provider: str) -> httpx.AsyncBaseTransport:
+        t = self.transports.get(provider)
+        if t is None:
+            if self._injected_transport is not None:
+                t = self._injected_transport
+            else:
+                u = self.runtime.config.upstreams[provider]  # type: ignore[index]
+                t = AiohttpTransport(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
+                                     read_timeout=u.timeout_seconds)
+            self.transports[provider] = t
+        return t
+
+    async def close_transports(self) -> None:
+        for t in self.transports.values():
+            if t is not self._injected_transport:
+                await t.aclose()
+        self.transports.clear()
+
+    # Observation hooks; metrics plug in here.
+    def observe_rejection(self, err: ProxyError) -> None: ...
+    def observe_denial(self, caller: Caller, dimension: str) -> None: ...
+    def observe_cut(self, caller: Caller, dimension: str) -> None: ...
+    def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None: ...
+    def observe_upstream_seconds(self, route: str, seconds: float) -> None: ...
+
+
+def error_response(err: ProxyError, provider: str = "anthropic") -> Response:
+    status, headers, payload = err.render(provider, new_request_id())
+    return Response(payload, status_code=status,
+                    headers={k.decode(): v.decode() for k, v in headers if k != b"content-length"})
+
+
+def build_routes(state: AppState) -> list[Route]:
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await state.store.ping()
+        except Exception:
+            return JSONResponse({"status": "store unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def budget(request: Request) -> Response:
+        try:
+            caller = state.runtime.keyring.lookup(presented_secret(dict(request.scope["headers"])))
+            if caller is None:
+                raise AuthenticationError("Invalid proxy key.")
+            scopes = state.runtime.budgets.scopes_for(caller)
+            now = state.clock()
+            try:
+                states = await state.store.states(scopes, now)
+            except StoreUnavailable:
+                raise
+            except Exception:
+                raise StoreUnavailable("The budget ledger is unavailable.") from None
+        except ProxyError as err:
+            return error_response(err)
+        return JSONResponse({"key": caller.key, "team": caller.team,
+                             "scopes": [scope_view(s, st, now) for s, st in zip(scopes, states)]})
+
+    passthrough = Passthrough(state, "anthropic")
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/budget", budget, methods=["GET"]),
+        Route("/v1/messages/count_tokens", passthrough, methods=["POST"]),
+        Route("/v1/models", passthrough, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", passthrough, methods=["GET"]),
+    ]
+
+
+class BudgetProxyApp:
+    """The ASGI app. `state` is reachable for reload, admin and tests."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await state.store.open()
+            try:
+                yield
+            finally:
+                await state.close_transports()
+                await state.store.close()
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            path = request.url.path
+            provider = "openai" if path.startswith("/v1/chat") else "anthropic"
+            return error_response(NotFound(f"No route for {request.method} {path}."), provider)
+
+        self.router = Starlette(routes=build_routes(state), lifespan=lifespan,
+                                exception_handlers={404: not_found, 405: not_found})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/messages" and scope["method"] == "POST":
+            await self.state.relay(scope, receive, send)
+        else:
+            await self.router(scope, receive, send)
+
+
+def create_app(loaded: LoadedConfig, *, store: LedgerStore | None = None,
+               transport: httpx.AsyncBaseTransport | None = None,
+               clock: Callable[[], float] = time.time) -> BudgetProxyApp:
+    runtime = build_runtime(loaded)
+    if store is None:
+        store = open_store(runtime.config.store)
+    return BudgetProxyApp(AppState(runtime, store, transport, clock))

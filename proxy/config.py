@@ -1,0 +1,239 @@
+"""Configuration: YAML -> ${VAR} expansion -> pydantic models.
+
+Every problem is reported with its YAML path and never with the offending value,
+since values may be secrets."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+PERIODS = ("none", "hour", "day", "week", "month")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{path or '<root>'}: {msg}" for path, msg in problems))
+
+
+def key_digest(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError("not a duration; use e.g. 90s, 10m, 2h, 1d or a number of seconds")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("must be >= 0")
+    return seconds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Strict):
+    base_url: str = "https://api.anthropic.com"
+    api_key: SecretStr = SecretStr("")
+    timeout_seconds: float = Field(600.0, gt=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    max_connections: int = Field(1000, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class Budget(_Strict):
+    tokens: int | None = Field(None, ge=0)
+    input_tokens: int | None = Field(None, ge=0)
+    output_tokens: int | None = Field(None, ge=0)
+    cost_usd: Decimal | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=0)
+    wall_clock: float | None = None
+    period: Literal["none", "hour", "day", "week", "month"] = "none"
+
+    @field_validator("wall_clock", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+
+class KeyConfig(_Strict):
+    key: SecretStr | None = None
+    key_sha256: str | None = None
+    budget: Budget = Budget()
+    models: list[str] | None = None
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digest_form(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256.match(v):
+            raise ValueError('must be "sha256:" followed by 64 lower-case hex digits')
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        has_key = self.key is not None and self.key.get_secret_value() != ""
+        if has_key == (self.key_sha256 is not None):
+            raise ValueError("give exactly one of key or key_sha256")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.key_sha256 or key_digest(self.key.get_secret_value())  # type: ignore[union-attr]
+
+
+class TeamConfig(_Strict):
+    budget: Budget = Budget()
+    keys: dict[str, KeyConfig] = {}
+
+
+class AdmissionConfig(_Strict):
+    clamp_max_tokens: bool = True
+    input_estimate: Literal["heuristic", "count_tokens"] = "heuristic"
+    unpriced_models: Literal["deny", "allow"] = "deny"
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+
+
+class ServerConfig(_Strict):
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+
+
+class ProxyConfig(_Strict):
+    upstreams: dict[Literal["anthropic", "openai"], UpstreamConfig] = {"anthropic": UpstreamConfig()}
+    store: str = "sqlite:///data/ledger.db"
+    pricing: str | None = None
+    admin_key: SecretStr = SecretStr("")
+    limits: LimitsConfig = LimitsConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    server: ServerConfig = ServerConfig()
+    teams: dict[str, TeamConfig] = {}
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if not (v == "memory://" or v.startswith("sqlite:///") or v.startswith("redis://")):
+            raise ValueError("must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
+        return v
+
+    @model_validator(mode="after")
+    def _anthropic_default(self) -> ProxyConfig:
+        if "anthropic" not in self.upstreams:
+            self.upstreams["anthropic"] = UpstreamConfig()  # type: ignore[index]
+        return self
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config plus where it came from (relative paths resolve against it)."""
+
+    proxy: ProxyConfig
+    path: Path | None
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() or self.path is None else self.path.parent / p
+
+
+def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(node, dict):
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, env, f"{path}.{i}" if path else str(i), problems) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append((path, f"environment variable {name} is not set and has no default"))
+        return ""
+
+    return _VAR.sub(substitute, node)
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "constrained-"))]
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append((".".join(loc), msg))
+    return problems
+
+
+def _duplicate_secrets(cfg: ProxyConfig) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    problems = []
+    for team_name, team in cfg.teams.items():
+        for key_name, key in team.keys.items():
+            path = f"teams.{team_name}.keys.{key_name}"
+            digest = key.digest
+            if digest in seen:
+                problems.append((path, f"uses the same secret as {seen[digest]}"))
+            else:
+                seen[digest] = path
+    admin = cfg.admin_key.get_secret_value()
+    if admin and key_digest(admin) in seen:
+        problems.append(("admin_key", f"uses the same secret as {seen[key_digest(admin)]}"))
+    return problems
+
+
+def parse_config(data: Any, env: dict[str, str] | None = None, path: Path | None = None) -> LoadedConfig:
+    problems: list[tuple[str, str]] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the config must be a YAML mapping")])
+    data = expand_env(data, dict(os.environ) if env is None else env, "", problems)
+    try:
+        cfg = ProxyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(problems + _pydantic_problems(err)) from None
+    problems += _duplicate_secrets(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(cfg, path)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LoadedConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {p}: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([("", f"not valid YAML{where}")]) from None
+    return parse_config(data, env, p.resolve())

@@ -1,0 +1,230 @@
+"""[pure] The one place that decides: admit or deny, how much to hold, whether a hold may grow.
+
+Vocabulary, per scope (a key or a team) and period:
+  used  = settled charges + what requests in flight have been charged so far
+  held  = reserved by requests in flight but not yet charged
+A request's footprint on a scope is max(hold, charged) per dimension; admission and
+growth both require  used + held + new <= limit  in every limited dimension of every
+scope, so two requests can never both take the last of a budget.
+
+Money is integer nano-dollars. Nothing here does I/O or reads a clock: `now` is passed in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from typing import Sequence
+
+from proxy.usage import Usage
+
+METERED = ("tokens", "input_tokens", "output_tokens", "cost_usd", "steps")
+DIMENSIONS = METERED + ("wall_clock",)
+NANOS_PER_USD = 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class Amounts:
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nanos: int = 0
+    steps: int = 0
+
+    def get(self, dim: str) -> int:
+        return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
+
+    def __add__(self, o: Amounts) -> Amounts:
+        return Amounts(self.tokens + o.tokens, self.input_tokens + o.input_tokens,
+                       self.output_tokens + o.output_tokens, self.cost_nanos + o.cost_nanos,
+                       self.steps + o.steps)
+
+    def __sub__(self, o: Amounts) -> Amounts:
+        return Amounts(self.tokens - o.tokens, self.input_tokens - o.input_tokens,
+                       self.output_tokens - o.output_tokens, self.cost_nanos - o.cost_nanos,
+                       self.steps - o.steps)
+
+    def max(self, o: Amounts) -> Amounts:
+        return Amounts(max(self.tokens, o.tokens), max(self.input_tokens, o.input_tokens),
+                       max(self.output_tokens, o.output_tokens), max(self.cost_nanos, o.cost_nanos),
+                       max(self.steps, o.steps))
+
+    def nonneg(self) -> Amounts:
+        return self.max(ZERO)
+
+    def is_zero(self) -> bool:
+        return self == ZERO
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.tokens, self.input_tokens, self.output_tokens, self.cost_nanos, self.steps)
+
+    @classmethod
+    def of_usage(cls, usage: Usage, cost_nanos: int, steps: int) -> Amounts:
+        return cls(usage.total_tokens, usage.total_input_tokens, usage.output_tokens, cost_nanos, steps)
+
+
+ZERO = Amounts()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_nanos: int | None = None
+    steps: int | None = None
+    wall_clock: float | None = None  # seconds since the first request of the period
+
+    def get(self, dim: str) -> int | float | None:
+        return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
+
+    def metered(self) -> list[tuple[str, int]]:
+        return [(d, v) for d in METERED if (v := self.get(d)) is not None]  # type: ignore[misc]
+
+    def any(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    kind: str      # "key" | "team"
+    name: str      # as in the config (a key's name, never its secret)
+    id: str        # unique in the store: "team:research", "key:research/ci-bot"
+    limits: Limits
+    period: str    # none | hour | day | week | month
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeState:
+    used: Amounts = ZERO
+    held: Amounts = ZERO
+    first_request_at: float | None = None
+
+    def wall_clock_used(self, now: float) -> float:
+        return 0.0 if self.first_request_at is None else max(0.0, now - self.first_request_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What a request wants before it is forwarded."""
+
+    input_tokens: int                  # estimated (or counted) input
+    input_cost_nanos: int              # that input priced
+    max_tokens: int                    # as the client sent it
+    output_nanos_per_token: Decimal    # at the rate that applies to this request; 0 when unpriced
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    hold: Amounts
+    output_tokens: int   # output tokens the hold covers (<= max_tokens)
+    clamped: bool        # the hold covers less than the client's max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Denied:
+    scope: Scope
+    dimension: str
+    limit: int | float
+    used: int | float     # used (settled + charged in flight), in the dimension's unit
+    held: int | float
+    needed: int | float   # what the request needed in that dimension
+
+
+def output_cost(tokens: int, nanos_per_token: Decimal) -> int:
+    return math.ceil(tokens * nanos_per_token)
+
+
+def _output_cap(dim: str, room: int, ask: Ask) -> int | None:
+    """Most output tokens that fit in `room` of one dimension; None when output does not count there."""
+    if dim == "tokens":
+        return room - ask.input_tokens
+    if dim == "output_tokens":
+        return room
+    if dim == "cost_usd":
+        if ask.output_nanos_per_token <= 0:
+            return None if room >= ask.input_cost_nanos else -1
+        spare = room - ask.input_cost_nanos
+        return -1 if spare < 0 else int(spare // ask.output_nanos_per_token)
+    return None
+
+
+def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> Admitted | Denied:
+    """Admit with the largest output hold every scope can cover, or name the first scope and
+    dimension (key before team; SPEC order within a scope) that cannot fit input + one output token."""
+    need_out = 1 if ask.max_tokens >= 1 else 0
+    out = ask.max_tokens
+    for scope, state in scopes:
+        lim = scope.limits
+        for dim, limit in lim.metered():
+            used, held = state.used.get(dim), state.held.get(dim)
+            room = limit - used - held
+            if dim == "input_tokens":
+                fits = room >= ask.input_tokens
+                needed = ask.input_tokens
+            elif dim == "steps":
+                fits = room >= 1
+                needed = 1
+            else:
+                cap = _output_cap(dim, room, ask)
+                fits = cap is None or cap >= need_out
+                if cap is not None:
+                    out = min(out, cap)
+                needed = _needed(dim, ask, need_out)
+            if not fits:
+                return Denied(scope, dim, limit, used, held, needed)
+        if lim.wall_clock is not None and state.wall_clock_used(now) >= lim.wall_clock:
+            return Denied(scope, "wall_clock", lim.wall_clock, state.wall_clock_used(now), 0, 0)
+    out = max(out, 0)
+    hold = Amounts(
+        tokens=ask.input_tokens + out,
+        input_tokens=ask.input_tokens,
+        output_tokens=out,
+        cost_nanos=ask.input_cost_nanos + output_cost(out, ask.output_nanos_per_token),
+        steps=1,
+    )
+    return Admitted(hold, out, out < ask.max_tokens)
+
+
+def _needed(dim: str, ask: Ask, need_out: int) -> int:
+    if dim == "tokens":
+        return ask.input_tokens + need_out
+    if dim == "output_tokens":
+        return need_out
+    return ask.input_cost_nanos + output_cost(need_out, ask.output_nanos_per_token)
+
+
+def check_growth(growth: Amounts, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> Denied | None:
+    """May a request in flight grow its footprint by `growth`? None when every scope has room."""
+    for scope, state in scopes:
+        for dim, limit in scope.limits.metered():
+            g = growth.get(dim)
+            if g <= 0:
+                continue
+            used, held = state.used.get(dim), state.held.get(dim)
+            if used + held + g > limit:
+                return Denied(scope, dim, limit, used, held, g)
+        wc = scope.limits.wall_clock
+        if wc is not None and state.wall_clock_used(now) >= wc:
+            return Denied(scope, "wall_clock", wc, state.wall_clock_used(now), 0, 0)
+    return None
+
+
+def wall_clock_deadline(scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> float | None:
+    """The earliest moment a wall-clock budget of these scopes runs out (its clock starts now if unstarted)."""
+    deadlines = [
+        (state.first_request_at if state.first_request_at is not None else now) + scope.limits.wall_clock
+        for scope, state in scopes
+        if scope.limits.wall_clock is not None
+    ]
+    return min(deadlines) if deadlines else None
+
+
+def remaining(scope: Scope, state: ScopeState, now: float) -> dict[str, int | float]:
+    """limit - used - held, never below 0, for every limited dimension (wall_clock in seconds)."""
+    out: dict[str, int | float] = {}
+    for dim, limit in scope.limits.metered():
+        out[dim] = max(0, limit - state.used.get(dim) - state.held.get(dim))
+    if scope.limits.wall_clock is not None:
+        out["wall_clock"] = max(0.0, scope.limits.wall_clock - state.wall_clock_used(now))
+    return out

@@ -1,0 +1,49 @@
+"""[pure] Provider-neutral stream metering: the interface the relay drives, and the running
+output estimate every provider adapter shares.
+
+Reported usage is the final truth; the estimate only exists so a stream can be cut while
+it flows (Anthropic reports output once, at the end). The estimate errs high (bytes / 3),
+but thinking can be billed without visible text, so it is a floor there: the clamped
+max_tokens is the hard bound.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.sse import SSEEvent
+from proxy.usage import Usage
+
+
+# What feeding one event did to the live usage.
+UNCHANGED, GREW, REPORTED = 0, 1, 2  # GREW: the output estimate rose; REPORTED: the provider reported usage
+
+
+class StreamMeter(Protocol):
+    started: bool        # a message began: the call counts as a step
+    finished: bool       # the provider's own end-of-message arrived
+    upstream_error: str | None  # error type of an upstream error event, if one came
+
+    def feed(self, event: SSEEvent) -> int:
+        """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
+
+    def live_usage(self) -> Usage:
+        """Best current figure: reported where known, the running estimate for output otherwise."""
+
+    def final_usage(self) -> Usage:
+        """What to settle: the reported usage when the provider reported it, else the live figure."""
+
+
+class OutputEstimate:
+    """Counts generated content bytes; tokens = ceil(bytes / 3)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def add(self, text: str) -> None:
+        self.bytes += len(text) if text.isascii() else len(text.encode())
+
+    @property
+    def tokens(self) -> int:
+        return -(-self.bytes // 3)

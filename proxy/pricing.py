@@ -1,0 +1,260 @@
+"""[pure] Usage x price table -> money.
+
+Prices are USD per million tokens, held as `Decimal`; money leaves this module as an
+integer number of nano-dollars (1 USD = 10**9 nanos), so $X per Mtok is X * 1000 nanos
+per token. Every sum is exact and only the final total is rounded, always up: the
+proxy never undercharges by a rounding step.
+
+The caller reads and parses the YAML; `parse_price_table` validates the parsed data
+and lists every problem with its YAML path (`models.claude-x.input`).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import ROUND_CEILING, Context, Decimal
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .usage import Usage
+
+NANOS_PER_USD = 10**9
+_NANOS_PER_TOKEN_PER_RATE = Decimal(1000)         # $1 per Mtok = 1000 nanos per token
+_NANOS_PER_SEARCH_PER_RATE = Decimal(10**6)      # $1 per 1k searches = 10**6 nanos per search
+CACHE_WRITE_5M_FACTOR = Decimal("1.25")
+CACHE_WRITE_1H_FACTOR = Decimal(2)
+CACHE_READ_FACTOR = Decimal("0.1")
+INPUT_KINDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read")
+UNLIMITED = sys.maxsize                           # output_tokens_affordable when output is free
+
+# Rates are bounded (<= 10**6, <= 12 decimal places), so with 120 digits every product
+# and sum of realistic token counts is exact; the context never has to round.
+_EXACT = Context(prec=120)
+_LOOKUP_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cache_write_5m: Decimal
+    cache_write_1h: Decimal
+    cache_read: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    rates: Rates
+    web_search_per_1k: Decimal = Decimal(0)
+    long_context_above: int | None = None    # threshold on total input tokens
+    long_context: Rates | None = None        # rates for the whole request above it
+
+    def rates_for(self, total_input_tokens: int) -> Rates:
+        """Rates for a request whose input (incl. cache writes and reads) totals this many tokens;
+        a request exactly at the threshold is not above it."""
+        if self.long_context is not None and self.long_context_above is not None:
+            if total_input_tokens > self.long_context_above:
+                return self.long_context
+        return self.rates
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTable:
+    """Model id -> price; lookup by exact id, then by the longest prefix that ends at a
+    separator (so `claude-opus-4` prices `claude-opus-4-20250514` but not `claude-opus-45`,
+    and `gpt-5` does not price `gpt-5.6`)."""
+
+    checked: date | None
+    models: Mapping[str, ModelPrice]
+    _cache: dict[str, ModelPrice | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def lookup(self, model: str) -> ModelPrice | None:
+        if not isinstance(model, str):
+            return None
+        exact = self.models.get(model)
+        if exact is not None:
+            return exact
+        try:
+            return self._cache[model]
+        except KeyError:
+            pass
+        found = self._longest_prefix(model)
+        if len(self._cache) >= _LOOKUP_CACHE_SIZE:   # client-chosen ids must not grow memory
+            self._cache.clear()
+        self._cache[model] = found
+        return found
+
+    def _longest_prefix(self, model: str) -> ModelPrice | None:
+        best = ""
+        for key in self.models:
+            if len(key) > len(best) and len(key) < len(model) and model.startswith(key):
+                if _at_separator(key, model[len(key)]):
+                    best = key
+        return self.models[best] if best else None
+
+    def __contains__(self, model: object) -> bool:
+        return isinstance(model, str) and self.lookup(model) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+def _at_separator(key: str, next_char: str) -> bool:
+    # '.' does not separate: it continues a version number (gpt-5 vs gpt-5.5).
+    return not key[-1].isalnum() or not (next_char.isalnum() or next_char == ".")
+
+
+class PricingError(ValueError):
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{path or '<root>'}: {msg}" for path, msg in problems))
+
+
+# --- money -------------------------------------------------------------------------
+
+
+def _ceil(amount: Decimal) -> int:
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
+
+
+def cost_nanos(price: ModelPrice, usage: Usage) -> int:
+    """Exact cost of one call, rounded up to a whole nano-dollar. Above the long-context
+    threshold every token of the request, output included, is priced at the long rates."""
+    r = price.rates_for(usage.total_input_tokens)
+    c = _EXACT
+    usd_mtok = c.add(
+        c.add(c.multiply(usage.input_tokens, r.input), c.multiply(usage.output_tokens, r.output)),
+        c.add(
+            c.add(c.multiply(usage.cache_write_5m_tokens, r.cache_write_5m),
+                  c.multiply(usage.cache_write_1h_tokens, r.cache_write_1h)),
+            c.multiply(usage.cache_read_tokens, r.cache_read),
+        ),
+    )
+    searches = c.multiply(usage.web_search_requests, price.web_search_per_1k)
+    return _ceil(c.add(c.multiply(usd_mtok, _NANOS_PER_TOKEN_PER_RATE),
+                       c.multiply(searches, _NANOS_PER_SEARCH_PER_RATE)))
+
+
+def input_cost_nanos(price: ModelPrice, input_tokens: int, kind: str = "input") -> int:
+    """Cost of `input_tokens` of one kind, at the rates for a request of that total input
+    size (admission prices its whole input estimate this way)."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(INPUT_KINDS)}")
+    rate = getattr(price.rates_for(input_tokens), kind)
+    return _ceil(_EXACT.multiply(_EXACT.multiply(input_tokens, rate), _NANOS_PER_TOKEN_PER_RATE))
+
+
+def output_nanos_per_token(price: ModelPrice, total_input_tokens: int) -> Decimal:
+    """Exact nano-dollars per output token for a request of this input size."""
+    return _EXACT.multiply(price.rates_for(total_input_tokens).output, _NANOS_PER_TOKEN_PER_RATE)
+
+
+def output_tokens_affordable(price: ModelPrice, budget_nanos: int, total_input_tokens: int) -> int:
+    """Most output tokens n with ceil(n x rate) <= budget_nanos; 0 when the budget is not
+    positive, UNLIMITED when output is free."""
+    if budget_nanos <= 0:
+        return 0
+    per_token = output_nanos_per_token(price, total_input_tokens)
+    if per_token == 0:
+        return UNLIMITED
+    # The budget is whole nanos, so ceil(n x rate) <= budget exactly when n x rate <= budget.
+    return int(_EXACT.divide_int(budget_nanos, per_token))
+
+
+# --- parsing -----------------------------------------------------------------------
+
+_Rate = Annotated[Decimal, Field(ge=0, le=1_000_000, decimal_places=12)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _RatesIn(_Strict):
+    input: _Rate
+    output: _Rate
+    cache_write_5m: _Rate | None = None
+    cache_write_1h: _Rate | None = None
+    cache_read: _Rate | None = None
+
+    def rates(self) -> Rates:
+        def default(value: Decimal | None, factor: Decimal) -> Decimal:
+            return value if value is not None else self.input * factor
+
+        return Rates(
+            input=self.input,
+            output=self.output,
+            cache_write_5m=default(self.cache_write_5m, CACHE_WRITE_5M_FACTOR),
+            cache_write_1h=default(self.cache_write_1h, CACHE_WRITE_1H_FACTOR),
+            cache_read=default(self.cache_read, CACHE_READ_FACTOR),
+        )
+
+
+class _LongContextIn(_RatesIn):
+    above_input_tokens: int = Field(ge=0, strict=True)
+
+
+class _ModelIn(_RatesIn):
+    web_search_per_1k: _Rate | None = None
+    long_context: _LongContextIn | None = None
+
+    def price(self) -> ModelPrice:
+        lc = self.long_context
+        return ModelPrice(
+            rates=self.rates(),
+            web_search_per_1k=self.web_search_per_1k if self.web_search_per_1k is not None else Decimal(0),
+            long_context_above=lc.above_input_tokens if lc else None,
+            long_context=lc.rates() if lc else None,
+        )
+
+
+class _TableIn(_Strict):
+    checked: date | None = None
+    models: dict[str, _ModelIn]
+
+    @field_validator("models")
+    @classmethod
+    def _ids_not_blank(cls, v: dict[str, _ModelIn]) -> dict[str, _ModelIn]:
+        if any(not k.strip() for k in v):
+            raise ValueError("model ids must not be empty")
+        return v
+
+
+_MESSAGES = {
+    "missing": "required",
+    "extra_forbidden": "unknown field",
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "greater_than_equal": "must be >= 0",
+    "less_than_equal": "must be <= 1000000",
+}
+
+
+def _problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = [str(p) for p in e["loc"]]
+        msg = _MESSAGES.get(e["type"], e["msg"].removeprefix("Value error, "))
+        if loc and loc[-1] == "[key]":
+            loc, msg = loc[:-1], "model id must be a string"
+        problems.append((".".join(loc), msg))
+    return problems
+
+
+def parse_price_table(data: Any) -> PriceTable:
+    """Validate a parsed pricing YAML (SPEC §3); raise PricingError listing every problem."""
+    if not isinstance(data, dict):
+        raise PricingError([("", "the pricing file must be a YAML mapping")])
+    try:
+        table = _TableIn.model_validate(data)
+    except ValidationError as err:
+        raise PricingError(_problems(err)) from None
+    return PriceTable(table.checked, {k: m.price() for k, m in table.models.items()})

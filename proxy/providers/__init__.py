@@ -1,0 +1,1 @@
+"""[pure] Provider adapters: request facts, usage extraction, stream meters, error shapes."""

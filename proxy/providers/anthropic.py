@@ -1,0 +1,169 @@
+"""[pure] The Anthropic Messages API: what the proxy reads from requests, responses and streams."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import InvalidRequest
+from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
+from proxy.sse import SSEEvent
+from proxy.usage import Usage
+
+NAME = "anthropic"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    body: dict[str, Any]
+    model: str
+    max_tokens: int
+    stream: bool
+
+
+def parse_request(raw: bytes) -> RequestFacts:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: field required (a non-empty string).")
+    max_tokens = body.get("max_tokens")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise InvalidRequest("max_tokens: must be a positive integer.")
+    return RequestFacts(body, model, max_tokens, body.get("stream") is True)
+
+
+def with_max_tokens(facts: RequestFacts, max_tokens: int) -> bytes:
+    return json.dumps({**facts.body, "max_tokens": max_tokens}, separators=(",", ":")).encode()
+
+
+def count_tokens_body(facts: RequestFacts) -> bytes:
+    keep = ("model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control",
+            "output_config", "speed")
+    return json.dumps({k: facts.body[k] for k in keep if k in facts.body}).encode()
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
+    """Map an Anthropic `usage` object onto Usage. Fields a message_delta leaves out keep their
+    previous running totals; the 5m/1h split of cache writes comes from the breakdown when given."""
+    prev = previous or Usage()
+    if not isinstance(u, dict):
+        return prev
+
+    def pick(key: str, old: int) -> int:
+        return _int(u[key]) if u.get(key) is not None else old
+
+    cache_total_old = prev.cache_write_tokens
+    cache_total = pick("cache_creation_input_tokens", cache_total_old)
+    breakdown = u.get("cache_creation")
+    if isinstance(breakdown, dict):
+        w1h = _int(breakdown.get("ephemeral_1h_input_tokens"))
+        w5m = max(cache_total - w1h, _int(breakdown.get("ephemeral_5m_input_tokens")))
+        if w5m + w1h < cache_total:
+            w5m = cache_total - w1h
+    else:
+        # No breakdown (message_delta never has one): keep the 1h part known so far, rest at 5m.
+        w1h = min(prev.cache_write_1h_tokens, cache_total)
+        w5m = cache_total - w1h
+    searches = prev.web_search_requests
+    stu = u.get("server_tool_use")
+    if isinstance(stu, dict) and stu.get("web_search_requests") is not None:
+        searches = _int(stu.get("web_search_requests"))
+    return Usage(
+        input_tokens=pick("input_tokens", prev.input_tokens),
+        cache_write_5m_tokens=w5m,
+        cache_write_1h_tokens=w1h,
+        cache_read_tokens=pick("cache_read_input_tokens", prev.cache_read_tokens),
+        output_tokens=pick("output_tokens", prev.output_tokens),
+        web_search_requests=searches,
+    )
+
+
+def usage_from_response(raw: bytes) -> Usage | None:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return None
+    return usage_from(obj["usage"])
+
+
+def cut_event(message: str) -> bytes:
+    payload = {"type": "error", "error": {"type": "rate_limit_error", "message": message,
+                                          "details": {"error_code": "budget_exceeded"}}}
+    return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+_CONTENT_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
+
+
+class AnthropicStreamMeter:
+    """Running usage of one Anthropic stream. Every usage figure is a running total: each
+    message_delta overwrites, never adds (PROTOCOL §3.2)."""
+
+    __slots__ = ("started", "finished", "upstream_error", "_reported", "_delta_seen", "_estimate")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.finished = False
+        self.upstream_error: str | None = None
+        self._reported = Usage()
+        self._delta_seen = False
+        self._estimate = OutputEstimate()
+
+    def feed(self, event: SSEEvent) -> int:
+        name = event.event
+        if name == "content_block_delta":
+            try:
+                delta = json.loads(event.data)["delta"]
+                text = delta[_CONTENT_FIELDS[delta["type"]]]
+            except (ValueError, KeyError, TypeError):
+                return UNCHANGED
+            if isinstance(text, str) and text:
+                self._estimate.add(text)
+                return GREW
+            return UNCHANGED
+        if name == "message_start":
+            try:
+                usage = json.loads(event.data)["message"]["usage"]
+            except (ValueError, KeyError, TypeError):
+                usage = None
+            self.started = True
+            self._reported = usage_from(usage)
+            return REPORTED
+        if name == "message_delta":
+            try:
+                usage = json.loads(event.data).get("usage")
+            except (ValueError, AttributeError):
+                return UNCHANGED
+            self._reported = usage_from(usage, previous=self._reported)
+            self._delta_seen = self._delta_seen or isinstance(usage, dict)
+            return REPORTED
+        if name == "message_stop":
+            self.finished = True
+        elif name == "error":
+            try:
+                self.upstream_error = str(json.loads(event.data)["error"]["type"])
+            except (ValueError, KeyError, TypeError):
+                self.upstream_error = "error"
+        return UNCHANGED
+
+    def live_usage(self) -> Usage:
+        r = self._reported
+        out = max(r.output_tokens, self._estimate.tokens)
+        if out == r.output_tokens:
+            return r
+        return Usage(r.input_tokens, r.cache_write_5m_tokens, r.cache_write_1h_tokens, r.cache_read_tokens,
+                     out, r.web_search_requests)
+
+    def final_usage(self) -> Usage:
+        return self._reported if self._delta_seen else self.live_usage()

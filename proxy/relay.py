@@ -1,0 +1,396 @@
+"""The only streaming loop: admit -> forward -> pump + meter -> settle (shielded, exactly once).
+
+A plain ASGI callable on the hot path (Starlette's StreamingResponse costs ~20% and cancels
+the body iterator on disconnect, which is no place to settle money)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Awaitable, Callable
+
+import httpx
+
+from proxy import pricing as pricing_mod
+from proxy.auth import Caller, presented_secret
+from proxy.errors import (AuthenticationError, BudgetExceeded, InvalidRequest, NotFound, PermissionDenied,
+                          ProxyError, RequestTooLarge, StoreUnavailable, UpstreamTimeout, UpstreamUnavailable,
+                          new_request_id)
+from proxy.estimate import estimate_input_tokens
+from proxy.headers import downstream_headers, upstream_headers
+from proxy.ledger import Amounts, Ask, Denied
+from proxy.meter import REPORTED
+from proxy.providers import anthropic
+from proxy.sse import SSEDecoder, SSEError
+from proxy.store.base import Reservation, UsageRow
+from proxy.usage import Usage
+
+log = logging.getLogger("budget_proxy.access")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# A stream pushes its running charge to the store at least every this many estimated tokens
+# (so /budget shows streams in flight); any growth past its hold is checked at the very event.
+PUSH_INTERVAL_TOKENS = 16
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Call:
+    """One metered request as it moves through the relay."""
+
+    request_id: str
+    caller: Caller
+    model: str
+    route: str
+    started: float
+    price: Any
+    res: Reservation
+    clamped_to: int | None
+    pushed_tokens: int = 0
+    client_gone: bool = False
+    outcome: str = "completed"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def read_body(receive: Receive, limit: int, headers: dict[bytes, bytes]) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    body = b""
+    more = True
+    chunks: list[bytes] = []
+    size = 0
+    while more:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        part = msg.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        chunks.append(part)
+        more = msg.get("more_body", False)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return body
+
+
+async def send_error(send: Send, err: ProxyError, request_id: str, provider: str = "anthropic") -> None:
+    status, headers, payload = err.render(provider, request_id)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def usd(nanos: int | float) -> float:
+    return round(nanos / 1e9, 9)
+
+
+def dim_value(dim: str, v: int | float) -> int | float:
+    return usd(v) if dim == "cost_usd" else v
+
+
+class Relay:
+    """Handles /v1/messages. `state` is the app's current runtime (swapped whole on reload)."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    # --- admission ---------------------------------------------------------------------------
+    def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
+        rt = self.state.runtime
+        caller = rt.keyring.lookup(presented_secret(headers))
+        if caller is None:
+            raise AuthenticationError("Invalid proxy key.")
+        return caller
+
+    async def estimate_input(self, facts: anthropic.RequestFacts, client_headers: list[tuple[bytes, bytes]]) -> int:
+        rt = self.state.runtime
+        if rt.config.admission.input_estimate == "count_tokens":
+            counted = await self.count_tokens_upstream(facts, client_headers)
+            if counted is not None:
+                return counted
+        return estimate_input_tokens(facts.body)
+
+    async def count_tokens_upstream(self, facts: anthropic.RequestFacts,
+                                    client_headers: list[tuple[bytes, bytes]]) -> int | None:
+        up = self.state.runtime.upstreams["anthropic"]
+        req = httpx.Request("POST", up.base_url + "/v1/messages/count_tokens",
+                            headers=upstream_headers(client_headers, "anthropic", up.api_key),
+                            content=anthropic.count_tokens_body(facts))
+        try:
+            resp = await self.state.transport_for("anthropic").handle_async_request(req)
+            raw = await resp.aread()
+            await resp.aclose()
+            if resp.status_code == 200:
+                n = json.loads(raw).get("input_tokens")
+                if isinstance(n, int) and n >= 0:
+                    return n
+        except (httpx.HTTPError, ValueError, AttributeError):
+            pass
+        log.warning("count_tokens upstream failed; using the heuristic estimate")
+        return None
+
+    def ask_for(self, facts: anthropic.RequestFacts, raw: bytes, input_tokens: int, price: Any) -> Ask:
+        if price is None:
+            return Ask(input_tokens, 0, facts.max_tokens, Decimal(0))
+        kind = "input"
+        if b'"cache_control"' in raw:
+            kind = "cache_write_1h" if b'"1h"' in raw else "cache_write_5m"
+        rates = price.rates_for(input_tokens)
+        return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), facts.max_tokens,
+                   rates.output * 1000)
+
+    def budget_error(self, denied: Denied, caller: Caller, now: float) -> BudgetExceeded:
+        from proxy.periods import iso, period_bounds
+
+        scope = denied.scope
+        _, resets = period_bounds(scope.period, now)
+        who = f"key '{caller.key}' of team '{caller.team}'" if scope.kind == "key" else f"team '{caller.team}'"
+        dim = denied.dimension
+        limit, used, held, needed = (dim_value(dim, v) for v in (denied.limit, denied.used, denied.held, denied.needed))
+        unit = {"cost_usd": " USD", "wall_clock": " s"}.get(dim, "")
+        if dim == "wall_clock":
+            what = f"wall-clock budget of {who} is spent: {used:.1f}{unit} of {limit}{unit} elapsed"
+        elif dim == "steps":
+            what = f"step budget of {who} is spent: {used} of {limit} steps used" + (f", {held} in flight" if held else "")
+        else:
+            left = max(0, limit - used - held)
+            what = (f"{dim} budget of {who} cannot cover this request: used {used} of {limit}{unit}"
+                    + (f" (+{held} held by requests in flight)" if held else "")
+                    + f", {left:g}{unit} left, at least {needed}{unit} needed")
+        when = f"; it resets at {iso(resets)}" if resets is not None else "; it has no reset period"
+        headers = {"x-should-retry": "false", "x-budget-exceeded": dim}
+        if resets is not None:
+            headers["x-budget-resets-at"] = iso(resets) or ""
+            wait = resets - now
+            if wait <= 60:
+                headers["retry-after"] = str(max(1, int(wait + 0.999)))
+        budget = {"scope": scope.kind, "name": scope.name, "dimension": dim, "limit": limit, "used": used,
+                  "resets_at": iso(resets)}
+        return BudgetExceeded(f"Budget exceeded: {what}{when}.", budget=budget, headers=headers)
+
+    # --- the route ---------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = new_request_id()
+        started = self.state.clock()
+        try:
+            call, body, facts = await self.admit(scope, receive, request_id, started)
+        except ClientGone:
+            return
+        except ProxyError as err:
+            self.state.observe_rejection(err)
+            await send_error(send, err, request_id)
+            return
+        try:
+            await self.forward(call, scope, receive, send, body, facts)
+        finally:
+            if not call.res.settled:  # every path below settles; this is the backstop
+                await asyncio.shield(self.settle(call, None, Usage()))
+
+    async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float):
+        rt = self.state.runtime
+        headers = dict(scope["headers"])
+        caller = self.authenticate(headers)
+        raw = await read_body(receive, rt.config.limits.max_body_bytes, headers)
+        facts = anthropic.parse_request(raw)
+        if not caller.may_use(facts.model):
+            raise PermissionDenied(f"Key '{caller.key}' may not use model '{facts.model}'.")
+        scopes = rt.budgets.scopes_for(caller)
+        price = rt.pricing.lookup(facts.model)
+        if price is None and rt.budgets.has_cost_limit(scopes) and rt.config.admission.unpriced_models == "deny":
+            raise InvalidRequest(f"Model '{facts.model}' has no price in the pricing table and a cost budget "
+                                 "applies; add it to the pricing file or set admission.unpriced_models: allow.")
+        input_tokens = await self.estimate_input(facts, scope["headers"])
+        ask = self.ask_for(facts, raw, input_tokens, price)
+        try:
+            res = await self.state.store.reserve(scopes, ask, now, request_id)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # a store that fails in any way fails closed
+            log.error("store reserve failed: %s", exc.__class__.__name__)
+            raise StoreUnavailable("The budget ledger is unavailable; nothing was forwarded.") from None
+        if isinstance(res, Denied):
+            self.state.observe_denial(caller, res.dimension)
+            raise self.budget_error(res, caller, now)
+        clamped_to = None
+        if res.admitted.clamped and rt.config.admission.clamp_max_tokens:
+            clamped_to = res.admitted.output_tokens
+            raw = anthropic.with_max_tokens(facts, clamped_to)
+        call = Call(request_id, caller, facts.model, "/v1/messages", now, price, res, clamped_to)
+        return call, raw, facts
+
+    def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
+        rem = call.res.remaining
+        out = []
+        if "tokens" in rem:
+            out.append((b"x-budget-remaining-tokens", str(rem["tokens"]).encode()))
+        if "cost_usd" in rem:
+            out.append((b"x-budget-remaining-cost-usd", f"{usd(rem['cost_usd']):.6f}".encode()))
+        if "steps" in rem:
+            out.append((b"x-budget-remaining-steps", str(rem["steps"]).encode()))
+        if call.clamped_to is not None:
+            out.append((b"x-budget-clamped-max-tokens", str(call.clamped_to).encode()))
+        return out
+
+    async def forward(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes,
+                      facts: anthropic.RequestFacts) -> None:
+        rt = self.state.runtime
+        up = rt.upstreams["anthropic"]
+        qs = scope.get("query_string", b"")
+        url = up.base_url + "/v1/messages" + ("?" + qs.decode("latin-1") if qs else "")
+        req = httpx.Request("POST", url, headers=upstream_headers(scope["headers"], "anthropic", up.api_key),
+                            content=body)
+        t0 = time.perf_counter()
+        try:
+            resp = await self.state.transport_for("anthropic").handle_async_request(req)
+        except httpx.TimeoutException:
+            call.outcome = "upstream_timeout"
+            await self.settle(call, None, Usage())
+            await send_error(send, UpstreamTimeout("The upstream API timed out."), call.request_id)
+            return
+        except httpx.HTTPError:
+            call.outcome = "upstream_unreachable"
+            await self.settle(call, None, Usage())
+            await send_error(send, UpstreamUnavailable("The upstream API is unreachable."), call.request_id)
+            return
+        try:
+            ctype = resp.headers.get("content-type", "")
+            headers = downstream_headers(resp.headers.raw) + self.budget_headers(call)
+            if resp.status_code == 200 and ctype.startswith("text/event-stream"):
+                await self.pump(call, resp, headers, receive, send)
+            else:
+                await self.relay_whole(call, resp, headers, send)
+        finally:
+            await resp.aclose()
+            self.state.observe_upstream_seconds(call.route, time.perf_counter() - t0)
+
+    async def relay_whole(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
+                          send: Send) -> None:
+        try:
+            payload = await resp.aread()
+        except httpx.TimeoutException:
+            call.outcome = "upstream_timeout"
+            await self.settle(call, None, Usage())
+            await send_error(send, UpstreamTimeout("The upstream API timed out."), call.request_id)
+            return
+        except httpx.HTTPError:
+            call.outcome = "upstream_dropped"
+            await self.settle(call, None, Usage())
+            await send_error(send, UpstreamUnavailable("The upstream connection failed."), call.request_id)
+            return
+        usage = anthropic.usage_from_response(payload) if resp.status_code == 200 else None
+        if usage is None:
+            call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code}"
+            await self.settle(call, None, Usage())  # an upstream error before any message charges nothing
+        else:
+            await self.settle(call, usage, usage)
+        headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def pump(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
+                   receive: Receive, send: Send) -> None:
+        meter = anthropic.AnthropicStreamMeter()
+        decoder = SSEDecoder()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def watch_client() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            call.client_gone = True
+            await resp.aclose()  # stop the provider generating at once
+
+        watcher = asyncio.ensure_future(watch_client())
+        deadline = call.res.deadline
+        try:
+            try:
+                async for chunk in resp.aiter_raw():
+                    out: list[bytes] = []
+                    for ev in decoder.feed(chunk):
+                        grew = meter.feed(ev)
+                        denied = await self.enforce(call, meter, grew == REPORTED) if grew else None
+                        if denied is None and deadline is not None and self.state.clock() >= deadline:
+                            denied = self.wall_clock_denial(call)
+                        if denied is not None:
+                            out.append(anthropic.cut_event(self.cut_message(call, denied)))
+                            call.outcome = "cut"
+                            self.state.observe_cut(call.caller, denied.dimension)
+                            break
+                        out.append(ev.raw)
+                    if call.outcome == "cut":
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
+                        return
+                    if out:
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                rest = decoder.flush()
+                for ev in rest:
+                    meter.feed(ev)
+                tail = b"".join(ev.raw for ev in rest) + decoder.pending
+                call.outcome = ("completed" if meter.finished else
+                                "upstream_error" if meter.upstream_error else "upstream_dropped")
+            except (httpx.HTTPError, SSEError):
+                tail = b""
+                call.outcome = "upstream_dropped"
+            if call.client_gone:
+                call.outcome = "client_disconnected"
+            elif call.outcome == "upstream_error" and meter.upstream_error:
+                pass
+            # End the client's body cleanly whatever happened upstream.
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            watcher.cancel()
+            await resp.aclose()
+            usage = meter.final_usage() if meter.started else Usage()
+            await asyncio.shield(self.settle(call, usage if meter.started else None, usage))
+
+    async def enforce(self, call: Call, meter: Any, reported: bool) -> Denied | None:
+        u = meter.live_usage()
+        hold = call.res.hold
+        tokens = u.total_tokens
+        if (not reported and tokens - call.pushed_tokens < PUSH_INTERVAL_TOKENS and tokens <= hold.tokens
+                and u.output_tokens <= hold.output_tokens and u.total_input_tokens <= hold.input_tokens):
+            return None
+        call.pushed_tokens = tokens
+        amounts = Amounts.of_usage(u, self.cost(call, u), 1)
+        return await self.state.store.charge(call.res, amounts, self.state.clock())
+
+    def wall_clock_denial(self, call: Call) -> Denied:
+        scope = next(s for s in call.res.scopes if s.limits.wall_clock is not None)
+        return Denied(scope, "wall_clock", scope.limits.wall_clock or 0, scope.limits.wall_clock or 0, 0, 0)
+
+    def cut_message(self, call: Call, denied: Denied) -> str:
+        who = (f"key '{call.caller.key}' of team '{call.caller.team}'" if denied.scope.kind == "key"
+               else f"team '{call.caller.team}'")
+        return f"budget exceeded mid-stream: the {denied.dimension} budget of {who} ran out"
+
+    def cost(self, call: Call, usage: Usage) -> int:
+        return 0 if call.price is None else pricing_mod.cost_nanos(call.price, usage)
+
+    async def settle(self, call: Call, usage: Usage | None, charged: Usage) -> None:
+        """Charge `charged` (+ one step when a message was produced, i.e. usage is not None) and
+        release the rest of the hold; log one usage row. Runs once per call."""
+        if call.res.settled:
+            return
+        steps = 1 if usage is not None else 0
+        cost = self.cost(call, charged)
+        actual = Amounts.of_usage(charged, cost, steps)
+        now = self.state.clock()
+        row = UsageRow(now, call.caller.team, call.caller.key, call.model, call.route, charged.input_tokens,
+                       charged.cache_write_5m_tokens, charged.cache_write_1h_tokens, charged.cache_read_tokens,
+                       charged.output_tokens, charged.web_search_requests, cost, steps, now - call.started,
+                       call.outcome, call.request_id)
+        try:
+            await self.state.store.settle(call.res, actual, row)
+        except Exception as exc:
+            # Never silently lost: the in-process ledger holds it; the log says it is not durable.
+            log.error("settlement not persisted: request_id=%s outcome=%s error=%s", call.request_id,
+                      call.outcome, exc.__class__.__name__)
+        self.state.observe_settled(call, charged, cost, steps)

@@ -1,0 +1,162 @@
+"""[pure] The in-process ledger: per scope and period, settled + in-flight charges + holds.
+
+Every method that decides is synchronous, so under asyncio a decision and its effect can
+never interleave with another request's: atomic across all scopes of a request.
+`MemoryStore` is this book with nothing persisted; `SqliteStore` persists around it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from proxy.ledger import ZERO, Amounts, Ask, Denied, Scope, ScopeState, admit, check_growth, wall_clock_deadline
+from proxy.periods import period_bounds
+from proxy.store.base import Reservation, UsageRow
+
+PeriodKey = tuple[str, float]  # (scope id, period start)
+
+
+@dataclass(slots=True)
+class Totals:
+    settled: Amounts = ZERO
+    charged: Amounts = ZERO       # sum of in-flight requests' charges so far
+    held: Amounts = ZERO          # sum of in-flight max(hold - charged, 0)
+    first_request_at: float | None = None
+
+    def state(self) -> ScopeState:
+        return ScopeState(self.settled + self.charged, self.held, self.first_request_at)
+
+
+class Book:
+    def __init__(self) -> None:
+        self.totals: dict[PeriodKey, Totals] = {}
+        self.in_flight: dict[str, Reservation] = {}
+
+    @staticmethod
+    def period_key(scope: Scope, now: float) -> PeriodKey:
+        return scope.id, period_bounds(scope.period, now)[0]
+
+    def has(self, key: PeriodKey) -> bool:
+        return key in self.totals
+
+    def load(self, key: PeriodKey, settled: Amounts, first_request_at: float | None) -> None:
+        if key not in self.totals:
+            self.totals[key] = Totals(settled=settled, first_request_at=first_request_at)
+
+    def _totals(self, key: PeriodKey) -> Totals:
+        t = self.totals.get(key)
+        if t is None:
+            t = self.totals[key] = Totals()
+        return t
+
+    def state(self, scope: Scope, now: float) -> ScopeState:
+        return self._totals(self.period_key(scope, now)).state()
+
+    def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
+        keys = [self.period_key(s, now) for s in scopes]
+        totals = [self._totals(k) for k in keys]
+        pairs = [(s, t.state()) for s, t in zip(scopes, totals)]
+        decision = admit(ask, pairs, now)
+        if isinstance(decision, Denied):
+            return decision
+        for t in totals:
+            t.held = t.held + decision.hold
+            if t.first_request_at is None:
+                t.first_request_at = now
+        res = Reservation(
+            id=request_id,
+            scopes=tuple(scopes),
+            period_starts=tuple(k[1] for k in keys),
+            admitted=decision,
+            hold=decision.hold,
+            deadline=wall_clock_deadline(pairs, now),
+            remaining=tightest_remaining(scopes, [t.state() for t in totals]),
+        )
+        self.in_flight[request_id] = res
+        return res
+
+    def _reserved_totals(self, res: Reservation) -> list[Totals]:
+        return [self._totals((s.id, p)) for s, p in zip(res.scopes, res.period_starts)]
+
+    def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
+        if res.settled:
+            return None
+        charged = charged.nonneg()
+        new_hold = res.hold.max(charged)
+        growth = new_hold - res.hold
+        totals = self._reserved_totals(res)
+        if not growth.is_zero():
+            denied = check_growth(growth, [(s, t.state()) for s, t in zip(res.scopes, totals)], now)
+            if denied is not None:
+                return denied
+        old_free = (res.hold - res.charged).nonneg()
+        new_free = (new_hold - charged).nonneg()
+        for t in totals:
+            t.charged = t.charged + (charged - res.charged)
+            t.held = t.held + (new_free - old_free)
+        res.hold, res.charged = new_hold, charged
+        return None
+
+    def settle(self, res: Reservation, actual: Amounts) -> bool:
+        """Replace the request's footprint by `actual`. False if it was already settled."""
+        if res.settled:
+            return False
+        res.settled = True
+        free = (res.hold - res.charged).nonneg()
+        for t in self._reserved_totals(res):
+            t.charged = t.charged - res.charged
+            t.held = t.held - free
+            t.settled = t.settled + actual
+        self.in_flight.pop(res.id, None)
+        return True
+
+    def reset(self, scope: Scope, now: float) -> None:
+        t = self._totals(self.period_key(scope, now))
+        t.settled = ZERO - t.charged  # in-flight charges keep counting once they settle
+        t.first_request_at = None
+
+
+def tightest_remaining(scopes: Sequence[Scope], states: Sequence[ScopeState]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for scope, state in zip(scopes, states):
+        for dim, limit in scope.limits.metered():
+            if dim in ("tokens", "cost_usd", "steps"):
+                room = max(0, limit - state.used.get(dim) - state.held.get(dim))
+                out[dim] = min(out.get(dim, room), room)
+    return out
+
+
+class MemoryStore:
+    """memory:// — for tests and trials; nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self.book = Book()
+        self.rows: list[UsageRow] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
+        return self.book.reserve(scopes, ask, now, request_id)
+
+    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
+        return self.book.charge(res, charged, now)
+
+    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
+        if self.book.settle(res, actual) and row is not None:
+            self.rows.append(row)
+
+    async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]:
+        return [self.book.state(s, now) for s in scopes]
+
+    async def reset(self, scope: Scope, now: float) -> None:
+        self.book.reset(scope, now)
+
+    async def usage_log(self, limit: int = 100) -> list[UsageRow]:
+        return self.rows[-limit:]

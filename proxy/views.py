@@ -1,0 +1,30 @@
+"""[pure] The SPEC §4 scope object shown by /budget, /admin and `budget-proxy usage`."""
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.ledger import METERED, Scope, ScopeState, remaining
+from proxy.periods import iso, period_bounds
+
+
+def _out(dim: str, v: int | float) -> int | float:
+    return round(v / 1e9, 9) if dim == "cost_usd" else v
+
+
+def scope_view(scope: Scope, state: ScopeState, now: float) -> dict[str, Any]:
+    lim = scope.limits
+    limit = {d: _out(d, v) for d, v in lim.metered()}
+    if lim.wall_clock is not None:
+        limit["wall_clock"] = lim.wall_clock
+    used: dict[str, Any] = {d: _out(d, state.used.get(d)) for d in METERED}
+    used["wall_clock"] = round(state.wall_clock_used(now), 3)
+    return {
+        "scope": scope.kind,
+        "name": scope.name,
+        "period": scope.period,
+        "resets_at": iso(period_bounds(scope.period, now)[1]),
+        "limit": limit,
+        "used": used,
+        "held": {d: _out(d, state.held.get(d)) for d in METERED},
+        "remaining": {d: _out(d, v) for d, v in remaining(scope, state, now).items()},
+    }

@@ -1,0 +1,76 @@
+"""Run the real proxy under uvicorn on loopback, in a thread with its own event loop, so that
+tests can drive it with the synchronous SDKs as well as the async ones."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any, Coroutine, TypeVar
+
+import uvicorn
+
+from proxy.app import BudgetProxyApp, create_app
+from proxy.config import LoadedConfig, parse_config
+
+T = TypeVar("T")
+
+
+def make_config(upstream_url: str, teams: dict[str, Any], **top: Any) -> LoadedConfig:
+    data: dict[str, Any] = {
+        "upstreams": {"anthropic": {"base_url": upstream_url, "api_key": "sk-upstream-secret",
+                                    "timeout_seconds": top.pop("timeout_seconds", 30)}},
+        "store": top.pop("store", "memory://"),
+        "teams": teams,
+    }
+    data.update(top)
+    return parse_config(data, env={})
+
+
+class ProxyServer:
+    def __init__(self, app: BudgetProxyApp) -> None:
+        self.app = app
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> ProxyServer:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return self
+            self.thread.join(0.01)
+        raise RuntimeError("proxy did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        """Run a coroutine on the proxy's own loop (to read its store the way the proxy does)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def state(self):
+        return self.app.state
+
+    def scope_states(self, team: str, key: str | None = None):
+        budgets = self.state.runtime.budgets
+        scopes = [budgets.keys[(team, key)]] if key else [budgets.teams[team]]
+        return self.call(self.state.store.states(scopes, self.state.clock()))
+
+
+def start_proxy(loaded: LoadedConfig, **kwargs: Any) -> ProxyServer:
+    return ProxyServer(create_app(loaded, **kwargs)).start()
