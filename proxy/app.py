@@ -58,7 +58,7 @@ def load_pricing(loaded: LoadedConfig) -> PriceTable:
 def build_runtime(loaded: LoadedConfig, pricing: PriceTable | None = None) -> Runtime:
     cfg = loaded.proxy
     ups = {name: UpstreamTarget(u.base_url, u.api_key.get_secret_value()) for name, u in cfg.upstreams.items()}
-    return Runtime(cfg, KeyRing(cfg), Budgets(cfg), pricing or load_pricing(loaded), ups)
+    return Runtime(cfg, KeyRing(cfg), Budgets(cfg), pricing if pricing is not None else load_pricing(loaded), ups)
 
 
 class AppState:

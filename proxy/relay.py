@@ -37,6 +37,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 # A stream pushes its running charge to the store at least every this many estimated tokens
 # (so /budget shows streams in flight); any growth past its hold is checked at the very event.
 PUSH_INTERVAL_TOKENS = 16
+LARGE_BODY_BYTES = 256 * 1024
 
 
 class ClientGone(Exception):
@@ -111,12 +112,15 @@ class Relay:
             raise AuthenticationError("Invalid proxy key.")
         return caller
 
-    async def estimate_input(self, facts: anthropic.RequestFacts, client_headers: list[tuple[bytes, bytes]]) -> int:
+    async def estimate_input(self, facts: anthropic.RequestFacts, raw: bytes,
+                             client_headers: list[tuple[bytes, bytes]]) -> int:
         rt = self.state.runtime
         if rt.config.admission.input_estimate == "count_tokens":
             counted = await self.count_tokens_upstream(facts, client_headers)
             if counted is not None:
                 return counted
+        if len(raw) > LARGE_BODY_BYTES:  # PDFs get decoded and scanned: keep that off the event loop
+            return await asyncio.to_thread(estimate_input_tokens, facts.body)
         return estimate_input_tokens(facts.body)
 
     async def count_tokens_upstream(self, facts: anthropic.RequestFacts,
@@ -144,9 +148,8 @@ class Relay:
         kind = "input"
         if b'"cache_control"' in raw:
             kind = "cache_write_1h" if b'"1h"' in raw else "cache_write_5m"
-        rates = price.rates_for(input_tokens)
         return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), facts.max_tokens,
-                   rates.output * 1000)
+                   pricing_mod.output_nanos_per_token(price, input_tokens))
 
     def budget_error(self, denied: Denied, caller: Caller, now: float) -> BudgetExceeded:
         from proxy.periods import iso, period_bounds
@@ -208,7 +211,7 @@ class Relay:
         if price is None and rt.budgets.has_cost_limit(scopes) and rt.config.admission.unpriced_models == "deny":
             raise InvalidRequest(f"Model '{facts.model}' has no price in the pricing table and a cost budget "
                                  "applies; add it to the pricing file or set admission.unpriced_models: allow.")
-        input_tokens = await self.estimate_input(facts, scope["headers"])
+        input_tokens = await self.estimate_input(facts, raw, scope["headers"])
         ask = self.ask_for(facts, raw, input_tokens, price)
         try:
             res = await self.state.store.reserve(scopes, ask, now, request_id)
