@@ -5,6 +5,7 @@ since values may be secrets."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ def parse_duration(value: Any) -> float:
         if not m:
             raise ValueError("not a duration; use e.g. 90s, 10m, 2h, 1d or a number of seconds")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds < 0:
-        raise ValueError("must be >= 0")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite number of seconds >= 0")
     return seconds
 
 
@@ -143,9 +144,12 @@ class ProxyConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _anthropic_default(self) -> ProxyConfig:
+    def _upstream_defaults(self) -> ProxyConfig:
         if "anthropic" not in self.upstreams:
             self.upstreams["anthropic"] = UpstreamConfig()  # type: ignore[index]
+        openai = self.upstreams.get("openai")
+        if openai is not None and "base_url" not in openai.model_fields_set:
+            self.upstreams["openai"] = openai.model_copy(update={"base_url": "https://api.openai.com"})
         return self
 
 
@@ -171,10 +175,10 @@ def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[s
 
     def substitute(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
+        if default is not None:
+            return env.get(name) or default  # as in the shell: unset or empty takes the default
         if name in env:
             return env[name]
-        if default is not None:
-            return default
         problems.append((path, f"environment variable {name} is not set and has no default"))
         return ""
 
@@ -190,19 +194,36 @@ def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
-def _duplicate_secrets(cfg: ProxyConfig) -> list[tuple[str, str]]:
+def _raw_digest(key: Any) -> str | None:
+    if not isinstance(key, dict):
+        return None
+    secret, digest = key.get("key"), key.get("key_sha256")
+    if isinstance(secret, str) and secret:
+        return key_digest(secret)
+    if isinstance(digest, str) and _SHA256.match(digest):
+        return digest
+    return None
+
+
+def _duplicate_secrets(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Two entries with one secret, found on the raw (expanded) data so that they are listed
+    together with every other problem."""
     seen: dict[str, str] = {}
     problems = []
-    for team_name, team in cfg.teams.items():
-        for key_name, key in team.keys.items():
+    teams = data.get("teams")
+    for team_name, team in (teams.items() if isinstance(teams, dict) else ()):
+        keys = team.get("keys") if isinstance(team, dict) else None
+        for key_name, key in (keys.items() if isinstance(keys, dict) else ()):
+            digest = _raw_digest(key)
+            if digest is None:
+                continue
             path = f"teams.{team_name}.keys.{key_name}"
-            digest = key.digest
             if digest in seen:
                 problems.append((path, f"uses the same secret as {seen[digest]}"))
             else:
                 seen[digest] = path
-    admin = cfg.admin_key.get_secret_value()
-    if admin and key_digest(admin) in seen:
+    admin = data.get("admin_key")
+    if isinstance(admin, str) and admin and key_digest(admin) in seen:
         problems.append(("admin_key", f"uses the same secret as {seen[key_digest(admin)]}"))
     return problems
 
@@ -214,11 +235,12 @@ def parse_config(data: Any, env: dict[str, str] | None = None, path: Path | None
     if not isinstance(data, dict):
         raise ConfigError([("", "the config must be a YAML mapping")])
     data = expand_env(data, dict(os.environ) if env is None else env, "", problems)
+    duplicates = _duplicate_secrets(data)
     try:
         cfg = ProxyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(problems + _pydantic_problems(err)) from None
-    problems += _duplicate_secrets(cfg)
+        raise ConfigError(problems + _pydantic_problems(err) + duplicates) from None
+    problems += duplicates
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(cfg, path)
