@@ -1,0 +1,206 @@
+"""The upstream client: the project's aiohttp transport behind httpx types, and the relay's
+use of it through the httpx seam (respx)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import pytest
+import respx
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.upstream import AiohttpTransport
+from tests.conftest import ALPHA_KEY, default_teams
+from tests.harness import make_config
+
+
+@pytest.fixture
+async def local_server():
+    """An aiohttp server whose handlers the test defines; yields (add_route, base_url, runner)."""
+    app = web.Application()
+    routes: dict[str, object] = {}
+
+    async def dispatch(request: web.Request):
+        return await routes[request.path](request)  # type: ignore[operator]
+
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield routes, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_stream_chunks_arrive_as_written(local_server):
+    routes, base = local_server
+    gate = asyncio.Event()
+
+    async def stream(request):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"event: a\ndata: 1\n\n")
+        await gate.wait()  # the second event is written only after the client saw the first
+        await resp.write(b"event: b\ndata: 2\n\n")
+        await resp.write_eof()
+        return resp
+
+    routes["/s"] = stream
+    t = AiohttpTransport()
+    resp = await t.handle_async_request(httpx.Request("GET", base + "/s"))
+    got = b""
+    async for chunk in resp.aiter_raw():
+        got += chunk
+        if got == b"event: a\ndata: 1\n\n":
+            gate.set()
+    assert got == b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n"
+    await resp.aclose()
+    await t.aclose()
+
+
+async def test_refused_connection_is_connect_error():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    t = AiohttpTransport(connect_timeout=2)
+    with pytest.raises(httpx.ConnectError):
+        await t.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{port}/"))
+    await t.aclose()
+
+
+async def test_slow_headers_are_a_timeout(local_server):
+    routes, base = local_server
+    never = asyncio.Event()
+
+    async def stall(request):
+        await never.wait()
+        return web.Response()
+
+    routes["/stall"] = stall
+    t = AiohttpTransport(read_timeout=0.2)
+    with pytest.raises(httpx.TimeoutException):
+        await t.handle_async_request(httpx.Request("GET", base + "/stall"))
+    await t.aclose()
+
+
+async def test_stalled_body_is_a_read_timeout(local_server):
+    routes, base = local_server
+    never = asyncio.Event()
+
+    async def half(request):
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"part")
+        await never.wait()
+        return resp
+
+    routes["/half"] = half
+    t = AiohttpTransport(read_timeout=0.2)
+    resp = await t.handle_async_request(httpx.Request("GET", base + "/half"))
+    with pytest.raises(httpx.ReadTimeout):
+        async for _ in resp.aiter_raw():
+            pass
+    await resp.aclose()
+    await t.aclose()
+
+
+async def test_no_cookie_jar_across_requests(local_server):
+    routes, base = local_server
+    seen: list[str | None] = []
+
+    async def cookie(request):
+        seen.append(request.headers.get("cookie"))
+        return web.Response(text="ok", headers={"set-cookie": "tenant=alpha; Path=/"})
+
+    routes["/c"] = cookie
+    t = AiohttpTransport()
+    for _ in range(2):
+        resp = await t.handle_async_request(httpx.Request("GET", base + "/c"))
+        await resp.aread()
+        await resp.aclose()
+    assert seen == [None, None]
+    await t.aclose()
+
+
+async def test_closing_early_closes_the_upstream_connection(local_server):
+    routes, base = local_server
+    closed = asyncio.Event()
+
+    async def endless(request):
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            while True:
+                await resp.write(b"x" * 1024)
+                await asyncio.sleep(0)
+        except (ConnectionError, asyncio.CancelledError):
+            closed.set()
+            raise
+
+    routes["/e"] = endless
+    t = AiohttpTransport()
+    resp = await t.handle_async_request(httpx.Request("GET", base + "/e"))
+    async for _ in resp.aiter_raw():
+        break
+    await resp.aclose()
+    await asyncio.wait_for(closed.wait(), 5)
+    await t.aclose()
+
+
+# --- the relay through the httpx seam, mocked with respx -------------------------------------
+
+UPSTREAM = "http://upstream.invalid"
+
+
+def _app(router: respx.MockRouter):
+    loaded = make_config(UPSTREAM, default_teams())
+    return create_app(loaded, transport=httpx.MockTransport(router.async_handler))
+
+
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+           "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+           "usage": {"input_tokens": 10, "output_tokens": 3}}
+BODY = {"model": "claude-haiku-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _post(app, headers: dict[str, str] | None = None, path: str = "/v1/messages"):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy") as c:
+        return await c.post(path, json=BODY, headers={"x-api-key": ALPHA_KEY, "anthropic-version": "2023-06-01",
+                                                     **(headers or {})})
+
+
+async def test_upstream_gets_upstream_key_and_clean_headers():
+    with respx.MockRouter(assert_all_called=True) as router:
+        route = router.post(UPSTREAM + "/v1/messages").mock(
+            return_value=httpx.Response(200, json=MESSAGE, headers={"request-id": "req_up_1", "connection": "close"}))
+        resp = await _post(_app(router), {"connection": "keep-alive", "keep-alive": "timeout=5",
+                                          "accept-encoding": "gzip", "anthropic-beta": "x-2026"})
+    assert resp.status_code == 200
+    assert resp.headers["request-id"] == "req_up_1"
+    sent = route.calls.last.request
+    assert sent.headers["x-api-key"] == "sk-upstream-secret"
+    assert ALPHA_KEY not in str(sent.headers)
+    assert "authorization" not in sent.headers
+    assert "keep-alive" not in sent.headers
+    assert sent.headers["accept-encoding"] == "identity"
+    assert sent.headers["anthropic-beta"] == "x-2026"
+    assert json.loads(sent.content) == BODY
+
+
+@pytest.mark.parametrize("exc,status", [(httpx.ConnectError("refused"), 502), (httpx.ConnectTimeout("slow"), 504),
+                                        (httpx.ReadTimeout("slow"), 504)])
+async def test_transport_errors_map_to_statuses(exc, status):
+    with respx.MockRouter() as router:
+        router.post(UPSTREAM + "/v1/messages").mock(side_effect=exc)
+        app = _app(router)
+        resp = await _post(app)
+    assert resp.status_code == status
+    assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "api_error"
+    states = await app.state.store.states(app.state.runtime.budgets.scopes_for(
+        app.state.runtime.keyring.lookup(ALPHA_KEY)), app.state.clock())
+    assert all(s.held.is_zero() and s.used.is_zero() for s in states)  # nothing held, nothing charged
