@@ -21,6 +21,7 @@ from starlette.routing import Route
 from proxy.auth import Caller, KeyRing, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import LoadedConfig, ProxyConfig
+from proxy.metrics import Metrics
 from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
 from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, parse_price_table
@@ -30,6 +31,7 @@ from proxy.upstream import AiohttpTransport
 from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
+access_log = logging.getLogger("budget_proxy.access")
 SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 
 
@@ -69,6 +71,7 @@ class AppState:
         self.clock = clock
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
+        self.metrics = Metrics()
         self.relay = Relay(self)
 
     def transport_for(self, provider: str) -> httpx.AsyncBaseTransport:
@@ -89,12 +92,34 @@ class AppState:
                 await t.aclose()
         self.transports.clear()
 
-    # Observation hooks; metrics plug in here.
-    def observe_rejection(self, err: ProxyError) -> None: ...
-    def observe_denial(self, caller: Caller, dimension: str) -> None: ...
-    def observe_cut(self, caller: Caller, dimension: str) -> None: ...
-    def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None: ...
-    def observe_upstream_seconds(self, route: str, seconds: float) -> None: ...
+    # Observation hooks: metrics and the access log.
+    def observe_rejection(self, err: ProxyError, caller: Caller | None, model: str | None, route: str) -> None:
+        if caller is not None:
+            label = self.metrics.model_label(model or "", self.runtime.pricing)
+            outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
+            self.metrics.requests.labels(caller.team, caller.key, label, route, outcome).inc()
+        access_log.info("request", extra={"fields": {
+            "team": caller.team if caller else None, "key": caller.key if caller else None, "model": model,
+            "route": route, "status": err.status, "outcome": "rejected", "error": err.anthropic_type}})
+
+    def observe_denial(self, caller: Caller, dimension: str) -> None:
+        self.metrics.denials.labels(caller.team, caller.key, dimension).inc()
+
+    def observe_cut(self, caller: Caller, dimension: str) -> None:
+        self.metrics.cuts.labels(caller.team, caller.key, dimension).inc()
+
+    def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None:
+        model = self.metrics.model_label(call.model, self.runtime.pricing)
+        self.metrics.settled(call.caller.team, call.caller.key, model, call.route, call.outcome, usage, cost_nanos)
+        access_log.info("request", extra={"fields": {
+            "request_id": call.request_id, "team": call.caller.team, "key": call.caller.key, "model": call.model,
+            "route": call.route, "status": call.status, "outcome": call.outcome,
+            "input_tokens": usage.total_input_tokens, "output_tokens": usage.output_tokens,
+            "cost_usd": cost_nanos / 1e9, "steps": steps,
+            "duration_ms": round((self.clock() - call.started) * 1000, 1)}})
+
+    def observe_upstream_seconds(self, route: str, seconds: float) -> None:
+        self.metrics.upstream_seconds.labels(route).observe(seconds)
 
 
 def error_response(err: ProxyError, provider: str = "anthropic") -> Response:
@@ -132,11 +157,22 @@ def build_routes(state: AppState) -> list[Route]:
         return JSONResponse({"key": caller.key, "team": caller.team,
                              "scopes": [scope_view(s, st, now) for s, st in zip(scopes, states)]})
 
+    async def metrics(request: Request) -> Response:
+        rt = state.runtime
+        scopes = list(rt.budgets.teams.values()) + list(rt.budgets.keys.values())
+        now = state.clock()
+        try:
+            state.metrics.set_remaining(scopes, await state.store.states(scopes, now), now)
+        except Exception:
+            log.warning("metrics: store unavailable; budget_remaining not refreshed")
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     passthrough = Passthrough(state, "anthropic")
     return [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/budget", budget, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/messages/count_tokens", passthrough, methods=["POST"]),
         Route("/v1/models", passthrough, methods=["GET"]),
         Route("/v1/models/{model_id:path}", passthrough, methods=["GET"]),

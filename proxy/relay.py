@@ -59,6 +59,7 @@ class Call:
     pushed_tokens: int = 0
     client_gone: bool = False
     outcome: str = "completed"
+    status: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -184,12 +185,13 @@ class Relay:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         started = self.state.clock()
+        seen: dict[str, Any] = {}
         try:
-            call, body, facts = await self.admit(scope, receive, request_id, started)
+            call, body, facts = await self.admit(scope, receive, request_id, started, seen)
         except ClientGone:
             return
         except ProxyError as err:
-            self.state.observe_rejection(err)
+            self.state.observe_rejection(err, seen.get("caller"), seen.get("model"), "/v1/messages")
             await send_error(send, err, request_id)
             return
         try:
@@ -198,12 +200,13 @@ class Relay:
             if not call.res.settled:  # every path below settles; this is the backstop
                 await asyncio.shield(self.settle(call, None, Usage()))
 
-    async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float):
+    async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float, seen: dict[str, Any]):
         rt = self.state.runtime
         headers = dict(scope["headers"])
-        caller = self.authenticate(headers)
+        caller = seen["caller"] = self.authenticate(headers)
         raw = await read_body(receive, rt.config.limits.max_body_bytes, headers)
         facts = anthropic.parse_request(raw)
+        seen["model"] = facts.model
         if not caller.may_use(facts.model):
             raise PermissionDenied(f"Key '{caller.key}' may not use model '{facts.model}'.")
         scopes = rt.budgets.scopes_for(caller)
@@ -255,14 +258,10 @@ class Relay:
         try:
             resp = await self.state.transport_for("anthropic").handle_async_request(req)
         except httpx.TimeoutException:
-            call.outcome = "upstream_timeout"
-            await self.settle(call, None, Usage())
-            await send_error(send, UpstreamTimeout("The upstream API timed out."), call.request_id)
+            await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))
             return
         except httpx.HTTPError:
-            call.outcome = "upstream_unreachable"
-            await self.settle(call, None, Usage())
-            await send_error(send, UpstreamUnavailable("The upstream API is unreachable."), call.request_id)
+            await self.fail(call, send, "upstream_unreachable", UpstreamUnavailable("The upstream API is unreachable."))
             return
         try:
             ctype = resp.headers.get("content-type", "")
@@ -275,27 +274,30 @@ class Relay:
             await resp.aclose()
             self.state.observe_upstream_seconds(call.route, time.perf_counter() - t0)
 
+    async def fail(self, call: Call, send: Send, outcome: str, err: ProxyError) -> None:
+        """The upstream failed before any message: nothing is charged and the hold is released."""
+        call.outcome, call.status = outcome, err.status
+        await self.settle(call, None, Usage())
+        await send_error(send, err, call.request_id)
+
     async def relay_whole(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
                           send: Send) -> None:
         try:
             payload = await resp.aread()
         except httpx.TimeoutException:
-            call.outcome = "upstream_timeout"
-            await self.settle(call, None, Usage())
-            await send_error(send, UpstreamTimeout("The upstream API timed out."), call.request_id)
+            await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))
             return
         except httpx.HTTPError:
-            call.outcome = "upstream_dropped"
-            await self.settle(call, None, Usage())
-            await send_error(send, UpstreamUnavailable("The upstream connection failed."), call.request_id)
+            await self.fail(call, send, "upstream_dropped", UpstreamUnavailable("The upstream connection failed."))
             return
         usage = anthropic.usage_from_response(payload) if resp.status_code == 200 else None
         if usage is None:
-            call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code}"
+            call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code // 100}xx"
             await self.settle(call, None, Usage())  # an upstream error before any message charges nothing
         else:
             await self.settle(call, usage, usage)
         headers.append((b"content-length", str(len(payload)).encode()))
+        call.status = resp.status_code
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -303,6 +305,7 @@ class Relay:
                    receive: Receive, send: Send) -> None:
         meter = anthropic.AnthropicStreamMeter()
         decoder = SSEDecoder()
+        call.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
         async def watch_client() -> None:

@@ -138,10 +138,11 @@ def test_client_disconnect_closes_the_upstream_stream(proxy, sim):
         it = iter(stream.text_stream)
         next(it)
         assert sim.wait_at_gate("hold", 1)
-    # leaving the context closed our connection; the proxy must close the upstream one
-    sim.open_gate("hold")
+    # Leaving the context closed our connection; the proxy must close the upstream one while the
+    # upstream is still parked at the gate (the simulator notices a closed connection at once).
     assert sim.wait_idle(5)
     assert sim.streams[-1].outcome == "aborted"
+    sim.open_gate("hold")
 
 
 def test_healthz_and_readyz(proxy):

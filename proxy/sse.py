@@ -1,0 +1,189 @@
+"""[pure] Incremental Server-Sent-Events decoder, sans-IO (the h11 / httpx-decoder shape).
+
+    decoder = SSEDecoder()
+    for chunk in upstream:          # any chunking, down to single bytes
+        for event in decoder.feed(chunk):
+            ...                     # event.event, event.data, event.raw
+    tail_events = decoder.flush()   # at EOF
+
+Contract (PROTOCOL.md §3.8, WHATWG "event stream interpretation"):
+
+* Lines end at CR, LF or CRLF, and nowhere else: a JSON string may hold a raw U+2028,
+  U+0085, VT or FF, so nothing like ``str.splitlines`` is ever applied to decoded text.
+* An empty line ends an event. An event is emitted only if it had a ``data`` or an
+  ``event`` field; other blocks (comments, ``id:``/``retry:`` only) are not events and
+  their bytes are carried into the ``raw`` of the next emitted event, so that
+  ``b"".join(e.raw for e in events) + decoder.pending`` is every byte fed, always.
+* Decoding is a pure function of the byte stream: any chunking yields the same events,
+  ``raw`` included, and the same SSEError outcome. The price: a CR that is the last byte
+  buffered may be the first half of a CRLF, so the line it ends (if it is the blank line
+  of an event, the event) is completed by the next byte fed, or by ``flush()``.
+* Values are decoded as UTF-8 per completed line with ``errors="replace"``: a character
+  split across feeds is fine and garbage never raises.
+* Memory is bounded: an event (with the bytes carried into it) larger than
+  ``max_event_bytes`` raises SSEError, whether it is still unterminated or arrived whole;
+  the buffer holds at most the cap plus the chunk being fed. When a feed completes events
+  before the overrun, they are returned and the error is raised by the next call. After
+  SSEError the decoder is dead: every later call raises again at once, without buffering.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_LF = 0x0A
+_SPACE = 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    event: str | None  # value of the last `event:` line, None if none
+    data: str          # `data:` values joined with "\n"
+    raw: bytes         # exact upstream bytes, from the end of the previous event through this one's blank line
+
+
+class SSEError(Exception):
+    """The upstream sent an event larger than the decoder's cap (or a line that never ends)."""
+
+
+class SSEDecoder:
+    """Feed bytes, get complete SSEEvents. See the module docstring for the contract."""
+
+    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed")
+
+    def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
+        if max_event_bytes < 1:
+            raise ValueError("max_event_bytes must be positive")
+        self._max = max_event_bytes
+        self._buf = bytearray()  # pending bytes: the start of the next event
+        self._line = 0           # offset in _buf of the first line not yet parsed
+        self._search = 0         # offset in _buf where the line-end search resumes (>= _line)
+        self._event: str | None = None
+        self._data: list[str] | None = None  # None until a data line is seen
+        self._failed: str | None = None
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes buffered that are not yet part of an emitted event."""
+        return bytes(self._buf)
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Take the next bytes of the stream; return the events they complete."""
+        if self._failed is not None:
+            raise SSEError(self._failed)
+        if not data:
+            return []
+        buf = self._buf
+        if buf:
+            buf += data
+            src = buf
+        else:  # common case: nothing pending, parse the chunk itself without copying it
+            src = data if type(data) is bytes else bytes(data)
+        events, end = self._parse(src, final=False)
+        if src is buf:
+            del buf[:end]
+        elif end < len(src):
+            buf += src[end:]
+        if self._failed is not None and not events:
+            raise SSEError(self._failed)
+        return events  # a cap overrun behind these events raises on the next call
+
+    def flush(self) -> list[SSEEvent]:
+        """End of stream: a trailing CR ends its line, an unterminated last line counts as a
+        line, and an event whose blank line never came is emitted if it has data or event
+        fields. Bytes of anything else (comments, a lone id) stay in ``pending``."""
+        if self._failed is not None:
+            raise SSEError(self._failed)
+        buf = self._buf
+        if not buf:
+            return []
+        events, end = self._parse(buf, final=True)
+        if self._failed is not None:  # unreachable while feed() keeps pending within the cap
+            raise SSEError(self._failed)
+        if self._data is not None or self._event is not None:
+            data = self._data
+            events.append(SSEEvent(self._event, "" if data is None else "\n".join(data), bytes(buf[end:])))
+            self._event = self._data = None
+            end = len(buf)
+        del buf[:end]
+        self._line = self._search = len(buf)
+        return events
+
+    def _parse(self, buf: bytes | bytearray, final: bool) -> tuple[list[SSEEvent], int]:
+        """Parse every complete line from self._line on; return the events completed and the
+        offset where the unemitted rest of buf starts. Line offsets are stored relative to it.
+
+        Line ends are found with two cached searches (next CR, next LF), so every byte is
+        scanned once however the stream is chunked."""
+        events: list[SSEEvent] = []
+        n = len(buf)
+        line = self._line
+        pos = self._search
+        start = 0  # where the raw of the current (unemitted) event begins
+        cap = self._max
+        event = self._event
+        data = self._data
+        cr = buf.find(b"\r", pos)
+        lf = buf.find(b"\n", pos)
+        while True:
+            if lf != -1 and (cr == -1 or lf < cr):
+                eol = lf
+                nxt = lf + 1
+                lf = buf.find(b"\n", nxt)
+            elif cr != -1:
+                eol = cr
+                if cr + 1 < n:
+                    if buf[cr + 1] == _LF:
+                        nxt = cr + 2
+                        lf = buf.find(b"\n", nxt)
+                    else:
+                        nxt = cr + 1
+                elif final:
+                    nxt = n
+                else:  # a CR as the last byte may be half of a CRLF split across feeds
+                    pos = cr
+                    break
+                cr = buf.find(b"\r", nxt)
+            elif final and line < n:  # at EOF an unterminated last line still counts
+                eol = nxt = n
+            else:
+                pos = n
+                break
+            if eol == line:  # blank line: the end of an event, if it had any fields
+                if data is not None or event is not None:
+                    if nxt - start > cap:
+                        self._failed = f"an SSE event of {nxt - start} bytes exceeds max_event_bytes={cap}"
+                        pos = line
+                        break
+                    events.append(SSEEvent(event, "" if data is None else "\n".join(data), bytes(buf[start:nxt])))
+                    event = data = None
+                    start = nxt
+            elif buf.startswith(b"data:", line):
+                v = line + 5
+                if v < eol and buf[v] == _SPACE:
+                    v += 1
+                value = buf[v:eol].decode("utf-8", "replace")
+                if data is None:
+                    data = [value]
+                else:
+                    data.append(value)
+            elif buf.startswith(b"event:", line):
+                v = line + 6
+                if v < eol and buf[v] == _SPACE:
+                    v += 1
+                event = buf[v:eol].decode("utf-8", "replace")
+            elif eol - line == 4 and buf.startswith(b"data", line):  # no colon: empty value
+                if data is None:
+                    data = [""]
+                else:
+                    data.append("")
+            elif eol - line == 5 and buf.startswith(b"event", line):
+                event = ""
+            # else: a comment (":..."), id, retry or unknown field: ignored, kept in raw
+            line = nxt
+        self._event, self._data = event, data
+        if self._failed is None and n - start > cap:
+            self._failed = (f"{n - start} bytes buffered without the end of an SSE event;"
+                            f" exceeds max_event_bytes={cap}")
+        self._line = line - start
+        self._search = pos - start
+        return events, start
