@@ -25,6 +25,7 @@ from proxy.metrics import Metrics
 from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
 from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, parse_price_table
+from proxy.providers.anthropic import AnthropicAdapter
 from proxy.relay import Relay
 from proxy.store import LedgerStore, open_store
 from proxy.upstream import AiohttpTransport
@@ -72,7 +73,7 @@ class AppState:
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
         self.metrics = Metrics()
-        self.relay = Relay(self)
+        self.relay = Relay(self, AnthropicAdapter())
 
     def transport_for(self, provider: str) -> httpx.AsyncBaseTransport:
         t = self.transports.get(provider)

@@ -19,11 +19,10 @@ from proxy.auth import Caller, presented_secret
 from proxy.errors import (AuthenticationError, BudgetExceeded, InvalidRequest, NotFound, PermissionDenied,
                           ProxyError, RequestTooLarge, StoreUnavailable, UpstreamTimeout, UpstreamUnavailable,
                           new_request_id)
-from proxy.estimate import estimate_input_tokens
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import Amounts, Ask, Denied
 from proxy.meter import REPORTED
-from proxy.providers import anthropic
+from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError
 from proxy.store.base import Reservation, UsageRow
 from proxy.usage import Usage
@@ -100,10 +99,14 @@ def dim_value(dim: str, v: int | float) -> int | float:
 
 
 class Relay:
-    """Handles /v1/messages. `state` is the app's current runtime (swapped whole on reload)."""
+    """Handles one metered route for one provider. `state.runtime` is the current config
+    (swapped whole on reload); `adapter` knows the provider's API."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, adapter: Provider) -> None:
         self.state = state
+        self.adapter = adapter
+        self.provider = adapter.name
+        self.route = adapter.path
 
     # --- admission ---------------------------------------------------------------------------
     def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
@@ -113,7 +116,7 @@ class Relay:
             raise AuthenticationError("Invalid proxy key.")
         return caller
 
-    async def estimate_input(self, facts: anthropic.RequestFacts, raw: bytes,
+    async def estimate_input(self, facts: RequestFacts, raw: bytes,
                              client_headers: list[tuple[bytes, bytes]]) -> int:
         rt = self.state.runtime
         if rt.config.admission.input_estimate == "count_tokens":
@@ -121,17 +124,19 @@ class Relay:
             if counted is not None:
                 return counted
         if len(raw) > LARGE_BODY_BYTES:  # PDFs get decoded and scanned: keep that off the event loop
-            return await asyncio.to_thread(estimate_input_tokens, facts.body)
-        return estimate_input_tokens(facts.body)
+            return await asyncio.to_thread(self.adapter.estimate_input, facts)
+        return self.adapter.estimate_input(facts)
 
-    async def count_tokens_upstream(self, facts: anthropic.RequestFacts,
+    async def count_tokens_upstream(self, facts: RequestFacts,
                                     client_headers: list[tuple[bytes, bytes]]) -> int | None:
-        up = self.state.runtime.upstreams["anthropic"]
-        req = httpx.Request("POST", up.base_url + "/v1/messages/count_tokens",
-                            headers=upstream_headers(client_headers, "anthropic", up.api_key),
-                            content=anthropic.count_tokens_body(facts))
+        body = self.adapter.count_tokens_body(facts)
+        if body is None:
+            return None
+        up = self.state.runtime.upstreams[self.provider]
+        req = httpx.Request("POST", up.base_url + self.adapter.path + "/count_tokens",
+                            headers=upstream_headers(client_headers, self.provider, up.api_key), content=body)
         try:
-            resp = await self.state.transport_for("anthropic").handle_async_request(req)
+            resp = await self.state.transport_for(self.provider).handle_async_request(req)
             raw = await resp.aread()
             await resp.aclose()
             if resp.status_code == 200:
@@ -143,13 +148,14 @@ class Relay:
         log.warning("count_tokens upstream failed; using the heuristic estimate")
         return None
 
-    def ask_for(self, facts: anthropic.RequestFacts, raw: bytes, input_tokens: int, price: Any) -> Ask:
+    def ask_for(self, facts: RequestFacts, raw: bytes, input_tokens: int, price: Any) -> Ask:
+        max_tokens = facts.max_tokens if facts.max_tokens is not None else self.adapter.default_max_tokens
         if price is None:
-            return Ask(input_tokens, 0, facts.max_tokens, Decimal(0))
+            return Ask(input_tokens, 0, max_tokens, Decimal(0))
         kind = "input"
         if b'"cache_control"' in raw:
             kind = "cache_write_1h" if b'"1h"' in raw else "cache_write_5m"
-        return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), facts.max_tokens,
+        return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), max_tokens,
                    pricing_mod.output_nanos_per_token(price, input_tokens))
 
     def budget_error(self, denied: Denied, caller: Caller, now: float) -> BudgetExceeded:
@@ -191,8 +197,8 @@ class Relay:
         except ClientGone:
             return
         except ProxyError as err:
-            self.state.observe_rejection(err, seen.get("caller"), seen.get("model"), "/v1/messages")
-            await send_error(send, err, request_id)
+            self.state.observe_rejection(err, seen.get("caller"), seen.get("model"), self.route)
+            await send_error(send, err, request_id, self.provider)
             return
         try:
             await self.forward(call, scope, receive, send, body, facts)
@@ -205,7 +211,7 @@ class Relay:
         headers = dict(scope["headers"])
         caller = seen["caller"] = self.authenticate(headers)
         raw = await read_body(receive, rt.config.limits.max_body_bytes, headers)
-        facts = anthropic.parse_request(raw)
+        facts = self.adapter.parse_request(raw)
         seen["model"] = facts.model
         if not caller.may_use(facts.model):
             raise PermissionDenied(f"Key '{caller.key}' may not use model '{facts.model}'.")
@@ -227,10 +233,10 @@ class Relay:
             self.state.observe_denial(caller, res.dimension)
             raise self.budget_error(res, caller, now)
         clamped_to = None
-        if res.admitted.clamped and rt.config.admission.clamp_max_tokens:
+        if facts.max_tokens is None or (res.admitted.clamped and rt.config.admission.clamp_max_tokens):
             clamped_to = res.admitted.output_tokens
-            raw = anthropic.with_max_tokens(facts, clamped_to)
-        call = Call(request_id, caller, facts.model, "/v1/messages", now, price, res, clamped_to)
+        raw = self.adapter.upstream_body(facts, raw, clamped_to)
+        call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to)
         return call, raw, facts
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -247,16 +253,16 @@ class Relay:
         return out
 
     async def forward(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes,
-                      facts: anthropic.RequestFacts) -> None:
+                      facts: RequestFacts) -> None:
         rt = self.state.runtime
-        up = rt.upstreams["anthropic"]
+        up = rt.upstreams[self.provider]
         qs = scope.get("query_string", b"")
-        url = up.base_url + "/v1/messages" + ("?" + qs.decode("latin-1") if qs else "")
-        req = httpx.Request("POST", url, headers=upstream_headers(scope["headers"], "anthropic", up.api_key),
+        url = up.base_url + self.adapter.path + ("?" + qs.decode("latin-1") if qs else "")
+        req = httpx.Request("POST", url, headers=upstream_headers(scope["headers"], self.provider, up.api_key),
                             content=body)
         t0 = time.perf_counter()
         try:
-            resp = await self.state.transport_for("anthropic").handle_async_request(req)
+            resp = await self.state.transport_for(self.provider).handle_async_request(req)
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))
             return
@@ -267,7 +273,7 @@ class Relay:
             ctype = resp.headers.get("content-type", "")
             headers = downstream_headers(resp.headers.raw) + self.budget_headers(call)
             if resp.status_code == 200 and ctype.startswith("text/event-stream"):
-                await self.pump(call, resp, headers, receive, send)
+                await self.pump(call, resp, headers, receive, send, facts)
             else:
                 await self.relay_whole(call, resp, headers, send)
         finally:
@@ -278,7 +284,7 @@ class Relay:
         """The upstream failed before any message: nothing is charged and the hold is released."""
         call.outcome, call.status = outcome, err.status
         await self.settle(call, None, Usage())
-        await send_error(send, err, call.request_id)
+        await send_error(send, err, call.request_id, self.provider)
 
     async def relay_whole(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
                           send: Send) -> None:
@@ -290,7 +296,7 @@ class Relay:
         except httpx.HTTPError:
             await self.fail(call, send, "upstream_dropped", UpstreamUnavailable("The upstream connection failed."))
             return
-        usage = anthropic.usage_from_response(payload) if resp.status_code == 200 else None
+        usage = self.adapter.usage_from_response(payload) if resp.status_code == 200 else None
         if usage is None:
             call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code // 100}xx"
             await self.settle(call, None, Usage())  # an upstream error before any message charges nothing
@@ -302,8 +308,8 @@ class Relay:
         await send({"type": "http.response.body", "body": payload})
 
     async def pump(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
-                   receive: Receive, send: Send) -> None:
-        meter = anthropic.AnthropicStreamMeter()
+                   receive: Receive, send: Send, facts: RequestFacts) -> None:
+        meter = self.adapter.new_meter(facts)
         decoder = SSEDecoder()
         call.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -326,11 +332,12 @@ class Relay:
                         if denied is None and deadline is not None and self.state.clock() >= deadline:
                             denied = self.wall_clock_denial(call)
                         if denied is not None:
-                            out.append(anthropic.cut_event(self.cut_message(call, denied)))
+                            out.append(self.adapter.cut_event(self.cut_message(call, denied)))
                             call.outcome = "cut"
                             self.state.observe_cut(call.caller, denied.dimension)
                             break
-                        out.append(ev.raw)
+                        if self.adapter.forwardable(ev, facts):
+                            out.append(ev.raw)
                     if call.outcome == "cut":
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
                         return

@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import InvalidRequest
+from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
+from proxy.providers import RequestFacts
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
-
-NAME = "anthropic"
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
-    body: dict[str, Any]
-    model: str
-    max_tokens: int
-    stream: bool
 
 
 def parse_request(raw: bytes) -> RequestFacts:
@@ -167,3 +158,33 @@ class AnthropicStreamMeter:
 
     def final_usage(self) -> Usage:
         return self._reported if self._delta_seen else self.live_usage()
+
+
+class AnthropicAdapter:
+    name = "anthropic"
+    path = "/v1/messages"
+    default_max_tokens = 4096  # unused: max_tokens is required by the Messages API
+
+    parse_request = staticmethod(parse_request)
+    usage_from_response = staticmethod(usage_from_response)
+    cut_event = staticmethod(cut_event)
+
+    @staticmethod
+    def estimate_input(facts: RequestFacts) -> int:
+        return estimate_input_tokens(facts.body)
+
+    @staticmethod
+    def count_tokens_body(facts: RequestFacts) -> bytes | None:
+        return count_tokens_body(facts)
+
+    @staticmethod
+    def upstream_body(facts: RequestFacts, raw: bytes, max_tokens: int | None) -> bytes:
+        return raw if max_tokens is None else with_max_tokens(facts, max_tokens)
+
+    @staticmethod
+    def new_meter(facts: RequestFacts) -> AnthropicStreamMeter:
+        return AnthropicStreamMeter()
+
+    @staticmethod
+    def forwardable(event: SSEEvent, facts: RequestFacts) -> bool:
+        return True
