@@ -26,6 +26,7 @@ from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavail
 from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, parse_price_table
 from proxy.providers.anthropic import AnthropicAdapter
+from proxy.providers.openai import OpenAIAdapter
 from proxy.relay import Relay
 from proxy.store import LedgerStore, open_store
 from proxy.upstream import AiohttpTransport
@@ -74,6 +75,7 @@ class AppState:
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
         self.metrics = Metrics()
         self.relay = Relay(self, AnthropicAdapter())
+        self.openai_relay = Relay(self, OpenAIAdapter())
 
     def transport_for(self, provider: str) -> httpx.AsyncBaseTransport:
         t = self.transports.get(provider)
@@ -204,10 +206,13 @@ class BudgetProxyApp:
                                 exception_handlers={404: not_found, 405: not_found})
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v1/messages" and scope["method"] == "POST":
-            await self.state.relay(scope, receive, send)
-        else:
-            await self.router(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path == "/v1/messages":
+                return await self.state.relay(scope, receive, send)
+            if path == "/v1/chat/completions" and "openai" in self.state.runtime.upstreams:
+                return await self.state.openai_relay(scope, receive, send)
+        await self.router(scope, receive, send)
 
 
 def create_app(loaded: LoadedConfig, *, store: LedgerStore | None = None,
