@@ -13,29 +13,37 @@ def default_config_path() -> str:
     return os.environ.get("BUDGET_PROXY_CONFIG", "config/proxy.yaml")
 
 
+def _print_problems(path: str, err: ConfigError) -> int:
+    print(f"config {path} is invalid:", file=sys.stderr)
+    for where, msg in err.problems:
+        print(f"  {where or '<root>'}: {msg}", file=sys.stderr)
+    return 2
+
+
 def load_or_exit(path: str) -> LoadedConfig:
+    """The config and its pricing table, both validated; exit 2 listing every problem."""
+    from proxy.app import load_pricing
+
     try:
-        return load_config(path)
+        loaded = load_config(path)
+        load_pricing(loaded)
+        return loaded
     except ConfigError as err:
-        print(f"config {path} is invalid:", file=sys.stderr)
-        for where, msg in err.problems:
-            print(f"  {where or '<root>'}: {msg}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(_print_problems(path, err))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from proxy.app import create_app
     from proxy.logs import setup_logging
+    from proxy.server import GracefulServer
 
     setup_logging(args.log_format)
     loaded = load_or_exit(args.config)
-    app = create_app(loaded)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                            loop="auto", http="auto", lifespan="on",
-                            timeout_graceful_shutdown=int(loaded.proxy.server.shutdown_grace_seconds) or None)
-    uvicorn.Server(config).run()
+    try:
+        app = create_app(loaded)
+    except ConfigError as err:
+        return _print_problems(args.config, err)
+    GracefulServer(app, config_path=args.config, host=args.host, port=args.port, loop="auto", http="auto").run()
     return 0
 
 
@@ -57,6 +65,66 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"config {args.path} is valid: {len(cfg.teams)} teams, "
           f"{sum(len(t.keys) for t in cfg.teams.values())} keys")
+    return 0
+
+
+def usage_rows(doc: dict) -> list[tuple[str, ...]]:
+    rows = [("team", "key", "dimension", "used", "limit", "remaining", "resets")]
+    for team in doc["teams"]:
+        for key_name, view in [("*", team["budget"])] + [(k["name"], k["budget"]) for k in team["keys"]]:
+            dims = list(view["limit"]) or ["tokens"]
+            for dim in dims:
+                used = view["used"].get(dim, 0)
+                rows.append((team["name"], key_name, dim, _num(used), _num(view["limit"].get(dim)),
+                             _num(view["remaining"].get(dim)), view["resets_at"] or "never"))
+    return rows
+
+
+def _num(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6f}".rstrip("0").rstrip(".") or "0"
+    return str(v)
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from proxy.admin import usage_document
+    from proxy.app import build_runtime
+    from proxy.errors import StoreUnavailable
+    from proxy.store import open_store
+
+    loaded = load_or_exit(args.config)
+    runtime = build_runtime(loaded)
+    if runtime.config.store == "memory://":
+        print("the memory:// store keeps nothing outside the running proxy; use GET /admin/usage", file=sys.stderr)
+        return 2
+
+    async def read() -> dict:
+        store = open_store(runtime.config.store)
+        await store.open()
+        try:
+            return await usage_document(SimpleNamespace(runtime=runtime, store=store, clock=time.time))
+        finally:
+            await store.close()
+
+    try:
+        doc = asyncio.run(read())
+    except StoreUnavailable as err:
+        print(f"store unavailable: {err.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = usage_rows(doc)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
 
 
@@ -82,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a config and print its budgets")
     p.add_argument("path", nargs="?", default=default_config_path())
     p.set_defaults(fn=cmd_check_config)
+    p = sub.add_parser("usage", help="print used / limit / remaining per team and key, from the store")
+    p.add_argument("--config", default=default_config_path())
+    p.add_argument("--json", action="store_true", help="the /admin/usage document instead of a table")
+    p.set_defaults(fn=cmd_usage)
     p = sub.add_parser("hash-key", help="print the sha256: form of a key")
     p.add_argument("key")
     p.set_defaults(fn=cmd_hash_key)

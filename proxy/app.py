@@ -4,6 +4,7 @@ The hot route (/v1/messages) is dispatched before Starlette's router and middlew
 other route goes through Starlette. State lives on the app object, never in module globals."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -18,13 +19,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admin import build_admin_routes
 from proxy.auth import Caller, KeyRing, presented_secret
 from proxy.budgets import Budgets
-from proxy.config import LoadedConfig, ProxyConfig
+from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
 from proxy.metrics import Metrics
 from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
 from proxy.passthrough import Passthrough
-from proxy.pricing import PriceTable, parse_price_table
+from proxy.pricing import PriceTable, PricingError, parse_price_table
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.openai import OpenAIAdapter
 from proxy.relay import Relay
@@ -55,8 +57,16 @@ class Runtime:
 
 
 def load_pricing(loaded: LoadedConfig) -> PriceTable:
+    """The user's pricing file or the shipped one; problems are reported as config problems."""
     path = loaded.resolve(loaded.proxy.pricing) if loaded.proxy.pricing else SHIPPED_PRICING
-    return parse_price_table(yaml.safe_load(path.read_text()))
+    try:
+        return parse_price_table(yaml.safe_load(path.read_text()))
+    except OSError as exc:
+        raise ConfigError([("pricing", f"cannot read {path}: {exc.strerror}")]) from None
+    except yaml.YAMLError:
+        raise ConfigError([("pricing", f"{path} is not valid YAML")]) from None
+    except PricingError as err:
+        raise ConfigError([(f"pricing: {p}", m) for p, m in err.problems]) from None
 
 
 def build_runtime(loaded: LoadedConfig, pricing: PriceTable | None = None) -> Runtime:
@@ -74,6 +84,8 @@ class AppState:
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
         self.metrics = Metrics()
+        self.generation = 0                 # bumped by every reload that took effect
+        self.active_streams: set[Any] = set()
         self.relay = Relay(self, AnthropicAdapter())
         self.openai_relay = Relay(self, OpenAIAdapter())
 
@@ -88,6 +100,31 @@ class AppState:
                                      read_timeout=u.timeout_seconds)
             self.transports[provider] = t
         return t
+
+    def reload(self, path: str) -> bool:
+        """Load `path` and swap it in whole; an invalid file is refused and the old config stays.
+        Used amounts live in the store by scope id, so they survive changed budgets."""
+        try:
+            runtime = build_runtime(load_config(path))
+        except ConfigError as err:
+            log.error("reload refused: config is invalid; keeping the old one",
+                      extra={"fields": {"problems": [f"{p or '<root>'}: {m}" for p, m in err.problems]}})
+            return False
+        if runtime.config.store != self.runtime.config.store:
+            log.warning("reload: a new store URL takes effect only after a restart")
+        self.runtime = runtime
+        self.generation += 1
+        log.info("config reloaded", extra={"fields": {"generation": self.generation}})
+        return True
+
+    def begin_shutdown(self, grace_seconds: float) -> None:
+        """Streams still running when the grace period ends are cut, charged and closed."""
+        def cut_all() -> None:
+            for call in list(self.active_streams):
+                call.shutting_down = True
+                if call.upstream is not None:
+                    asyncio.ensure_future(call.upstream.aclose())
+        asyncio.get_running_loop().call_later(grace_seconds, cut_all)
 
     async def close_transports(self) -> None:
         for t in self.transports.values():
@@ -179,6 +216,7 @@ def build_routes(state: AppState) -> list[Route]:
         Route("/v1/messages/count_tokens", passthrough, methods=["POST"]),
         Route("/v1/models", passthrough, methods=["GET"]),
         Route("/v1/models/{model_id:path}", passthrough, methods=["GET"]),
+        *build_admin_routes(state, error_response),
     ]
 
 

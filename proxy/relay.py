@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Awaitable, Callable
 
@@ -43,7 +43,7 @@ class ClientGone(Exception):
     pass
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Call:
     """One metered request as it moves through the relay."""
 
@@ -59,7 +59,9 @@ class Call:
     client_gone: bool = False
     outcome: str = "completed"
     status: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0            # the config generation this call was admitted under
+    shutting_down: bool = False    # set when the proxy's grace period ends
+    upstream: Any = None           # the upstream response while a stream is relayed
 
 
 async def read_body(receive: Receive, limit: int, headers: dict[bytes, bytes]) -> bytes:
@@ -236,7 +238,8 @@ class Relay:
         if facts.max_tokens is None or (res.admitted.clamped and rt.config.admission.clamp_max_tokens):
             clamped_to = res.admitted.output_tokens
         raw = self.adapter.upstream_body(facts, raw, clamped_to)
-        call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to)
+        call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
+                    generation=self.state.generation)
         return call, raw, facts
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -309,6 +312,8 @@ class Relay:
 
     async def pump(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
                    receive: Receive, send: Send, facts: RequestFacts) -> None:
+        """Relay a stream event by event, metering each; cut it in place of the next event when a
+        budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
         meter = self.adapter.new_meter(facts)
         decoder = SSEDecoder()
         call.status = 200
@@ -321,7 +326,10 @@ class Relay:
             await resp.aclose()  # stop the provider generating at once
 
         watcher = asyncio.ensure_future(watch_client())
+        call.upstream = resp
+        self.state.active_streams.add(call)
         deadline = call.res.deadline
+        tail = b""
         try:
             try:
                 async for chunk in resp.aiter_raw():
@@ -331,6 +339,8 @@ class Relay:
                         denied = await self.enforce(call, meter, grew == REPORTED) if grew else None
                         if denied is None and deadline is not None and self.state.clock() >= deadline:
                             denied = self.wall_clock_denial(call)
+                        if denied is None and call.generation != self.state.generation:
+                            denied = await self.recheck_limits(call)
                         if denied is not None:
                             out.append(self.adapter.cut_event(self.cut_message(call, denied)))
                             call.outcome = "cut"
@@ -350,19 +360,36 @@ class Relay:
                 call.outcome = ("completed" if meter.finished else
                                 "upstream_error" if meter.upstream_error else "upstream_dropped")
             except (httpx.HTTPError, SSEError):
-                tail = b""
                 call.outcome = "upstream_dropped"
             if call.client_gone:
                 call.outcome = "client_disconnected"
-            elif call.outcome == "upstream_error" and meter.upstream_error:
-                pass
+            elif call.shutting_down and not meter.finished:
+                call.outcome = "shutdown"
+                tail = self.adapter.cut_event("the proxy is shutting down; the stream was cut and charged for "
+                                              "what was generated", error_type="api_error",
+                                              error_code="proxy_shutdown")
             # End the client's body cleanly whatever happened upstream.
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
+            self.state.active_streams.discard(call)
             watcher.cancel()
             await resp.aclose()
             usage = meter.final_usage() if meter.started else Usage()
             await asyncio.shield(self.settle(call, usage if meter.started else None, usage))
+
+    async def recheck_limits(self, call: Call) -> Denied | None:
+        """After a reload: adopt the new limits for this call, and cut it if a scope is now overspent."""
+        call.generation = self.state.generation
+        budgets = self.state.runtime.budgets
+        current = {s.id: s for s in (*budgets.teams.values(), *budgets.keys.values())}
+        scopes = tuple(current.get(s.id, s) for s in call.res.scopes)
+        call.res.scopes = scopes
+        states = await self.state.store.states(scopes, self.state.clock())
+        for scope, st in zip(scopes, states):
+            for dim, limit in scope.limits.metered():
+                if st.used.get(dim) > limit:
+                    return Denied(scope, dim, limit, st.used.get(dim), st.held.get(dim), 0)
+        return None
 
     async def enforce(self, call: Call, meter: Any, reported: bool) -> Denied | None:
         u = meter.live_usage()

@@ -7,10 +7,9 @@ import socket
 import threading
 from typing import Any, Coroutine, TypeVar
 
-import uvicorn
-
 from proxy.app import BudgetProxyApp, create_app
 from proxy.config import LoadedConfig, parse_config
+from proxy.server import GracefulServer
 
 T = TypeVar("T")
 
@@ -34,9 +33,7 @@ class ProxyServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
+        self.server = GracefulServer(app)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -88,9 +88,9 @@ def usage_from_response(raw: bytes) -> Usage | None:
     return usage_from(obj["usage"])
 
 
-def cut_event(message: str) -> bytes:
-    payload = {"type": "error", "error": {"type": "rate_limit_error", "message": message,
-                                          "details": {"error_code": "budget_exceeded"}}}
+def cut_event(message: str, error_type: str = "rate_limit_error", error_code: str = "budget_exceeded") -> bytes:
+    payload = {"type": "error", "error": {"type": error_type, "message": message,
+                                          "details": {"error_code": error_code}}}
     return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 

@@ -1,8 +1,244 @@
-"""[pure] The OpenAI Chat Completions API (to be written: issue 7)."""
+"""[pure] The OpenAI Chat Completions API: what the proxy reads from requests, responses and streams.
+
+Where it differs from Anthropic, and why the code below looks the way it does (PROTOCOL §8):
+
+* The output limit is optional (`max_completion_tokens`, or the older `max_tokens`) and applies
+  to each of the `n` choices, so the request's output bound is the limit times `n`.
+* A stream carries usage only when `stream_options.include_usage` is set: one chunk with
+  `choices == []` just before `data: [DONE]`. The proxy always asks for it upstream, so metering
+  cannot be bypassed, and strips that chunk again for a client that did not ask for it.
+* `prompt_tokens` includes `cached_tokens` (and `cache_write_tokens` where billed);
+  `completion_tokens` includes `reasoning_tokens`. Usage.input_tokens is the uncached rest.
+"""
 from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from proxy.errors import InvalidRequest
+from proxy.estimate import estimate_openai_input_tokens
+from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
+from proxy.providers import RequestFacts
+from proxy.sse import SSEEvent
+from proxy.usage import Usage
+
+LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")  # the first is the current name
+# A chunk whose choices are empty: the only kind that can be the usage chunk. Checked on the
+# raw JSON first so that ordinary chunks are not parsed twice; a match is confirmed by parsing.
+_EMPTY_CHOICES = re.compile(r'"choices"\s*:\s*\[\s*\]')
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many completions the request asks for (`n`); anything odd counts as 1 (upstream refuses it)."""
+    n = body.get("n")
+    return n if _positive_int(n) else 1
+
+
+def parse_request(raw: bytes) -> RequestFacts:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: field required (a non-empty string).")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequest("messages: field required (a list of messages).")
+    for name in LIMIT_FIELDS:  # null means "not set", as the API reads it
+        if body.get(name) is not None and not _positive_int(body[name]):
+            raise InvalidRequest(f"{name}: must be a positive integer.")
+    per_choice = body.get("max_completion_tokens") or body.get("max_tokens")
+    options = body.get("stream_options")
+    wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return RequestFacts(body, model, None if per_choice is None else per_choice * choices(body),
+                        body.get("stream") is True, wants_usage)
+
+
+def upstream_body(facts: RequestFacts, raw: bytes, max_tokens: int | None) -> bytes:
+    """`raw` byte for byte unless a stream lacks include_usage or the output limit must be set or
+    lowered. `max_tokens` bounds the whole request: each of the n choices gets its share, in
+    every limit field the client used (max_completion_tokens when it used none)."""
+    body = facts.body
+    changes: dict[str, Any] = {}
+    if facts.stream and not facts.client_wants_usage:
+        options = body.get("stream_options")
+        changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    if max_tokens is not None:
+        share = max(1, max_tokens // choices(body))
+        used = [name for name in LIMIT_FIELDS if body.get(name) is not None] or [LIMIT_FIELDS[0]]
+        for name in used:
+            value = min(body.get(name) or share, share)
+            if value != body.get(name):
+                changes[name] = value
+    if not changes:
+        return raw
+    return json.dumps({**body, **changes}, separators=(",", ":")).encode()
+
+
+def usage_from(u: Any) -> Usage:
+    """Map an OpenAI `usage` object onto Usage (cached and cache-written tokens are parts of the prompt)."""
+    if not isinstance(u, dict):
+        return Usage()
+    prompt = _int(u.get("prompt_tokens"))
+    details = u.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = min(_int(details.get("cached_tokens")), prompt)
+    written = min(_int(details.get("cache_write_tokens")), prompt - cached)
+    return Usage(input_tokens=prompt - cached - written, cache_write_5m_tokens=written,
+                 cache_read_tokens=cached, output_tokens=_int(u.get("completion_tokens")))
+
+
+def usage_from_response(raw: bytes) -> Usage | None:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
+        return None
+    return usage_from(obj["usage"])
+
+
+def cut_event(message: str) -> bytes:
+    """The error chunk the openai SDK raises APIError on (PROTOCOL §6), then [DONE] for other clients."""
+    payload = {"error": {"message": message, "type": "insufficient_quota", "param": None,
+                         "code": "budget_exceeded"}}
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def is_usage_chunk(data: str) -> bool:
+    """The include_usage chunk: `choices` empty and a `usage` object."""
+    if not _EMPTY_CHOICES.search(data):
+        return False
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+def forwardable(event: SSEEvent, facts: RequestFacts) -> bool:
+    """The client gets exactly what it asked for: no usage chunk unless it set include_usage."""
+    return facts.client_wants_usage or not is_usage_chunk(event.data)
+
+
+def _delta_texts(delta: dict[str, Any]) -> list[Any]:
+    """The generated pieces of one choice's delta: text, refusal, reasoning and tool-call JSON."""
+    texts = [delta.get(k) for k in ("content", "refusal", "reasoning_content", "reasoning")]
+    calls = delta.get("tool_calls")
+    functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    functions.append(delta.get("function_call"))  # the deprecated single-function form
+    for f in functions:
+        if isinstance(f, dict):
+            texts += [f.get("name"), f.get("arguments")]
+    return texts
+
+
+class OpenAIStreamMeter:
+    """Running usage of one Chat Completions stream.
+
+    Output is estimated from the deltas as they flow; input is the admission estimate until the
+    provider reports. The include_usage chunk is the whole request's usage and the final truth.
+    A stream cut (or dropped) before it settles at the live figure."""
+
+    __slots__ = ("started", "finished", "upstream_error", "_body", "_input_estimate", "_reported",
+                 "_final", "_estimate")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.started = False
+        self.finished = False
+        self.upstream_error: str | None = None
+        self._body = body
+        self._input_estimate: int | None = None  # worked out when first needed
+        self._reported: Usage | None = None
+        self._final = False
+        self._estimate = OutputEstimate()
+
+    def feed(self, event: SSEEvent) -> int:
+        data = event.data
+        if data.startswith("[DONE]"):  # the SDK's own test
+            self.finished = self.upstream_error is None
+            return UNCHANGED
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return UNCHANGED
+        if not isinstance(chunk, dict):
+            return UNCHANGED
+        if chunk.get("error"):
+            error = chunk["error"]
+            kind = (error.get("type") or error.get("code")) if isinstance(error, dict) else None
+            self.upstream_error = str(kind or "error")
+            return UNCHANGED
+        self.started = True
+        grew = self._add_output(chunk.get("choices"))
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._reported = usage_from(usage)
+            if chunk.get("choices") == []:
+                self._final = self.finished = True
+            return REPORTED
+        return GREW if grew else UNCHANGED
+
+    def _add_output(self, choice_list: Any) -> bool:
+        if not isinstance(choice_list, list):
+            return False
+        before = self._estimate.bytes
+        for choice in choice_list:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                for text in _delta_texts(delta):
+                    if isinstance(text, str) and text:
+                        self._estimate.add(text)
+        return self._estimate.bytes > before
+
+    def live_usage(self) -> Usage:
+        r = self._reported
+        if self._final and r is not None:
+            return r
+        if r is None:
+            if self._input_estimate is None:
+                self._input_estimate = estimate_openai_input_tokens(self._body)
+            r = Usage(input_tokens=self._input_estimate)
+        out = max(r.output_tokens, self._estimate.tokens)
+        return r if out == r.output_tokens else Usage(r.input_tokens, r.cache_write_5m_tokens,
+                                                      r.cache_write_1h_tokens, r.cache_read_tokens, out)
+
+    def final_usage(self) -> Usage:
+        return self._reported if self._reported is not None else self.live_usage()
 
 
 class OpenAIAdapter:
     name = "openai"
     path = "/v1/chat/completions"
+    # The output hold for a request that sets no limit, and the max_completion_tokens then
+    # forwarded: gpt-4o's whole output window, half of gpt-4.1's. A client that wants more sets it.
     default_max_tokens = 16384
+
+    parse_request = staticmethod(parse_request)
+    upstream_body = staticmethod(upstream_body)
+    usage_from_response = staticmethod(usage_from_response)
+    forwardable = staticmethod(forwardable)
+    cut_event = staticmethod(cut_event)
+
+    @staticmethod
+    def estimate_input(facts: RequestFacts) -> int:
+        return estimate_openai_input_tokens(facts.body)
+
+    @staticmethod
+    def count_tokens_body(facts: RequestFacts) -> bytes | None:
+        return None  # Chat Completions has no token-counting endpoint: the heuristic it is
+
+    @staticmethod
+    def new_meter(facts: RequestFacts) -> OpenAIStreamMeter:
+        return OpenAIStreamMeter(facts.body)

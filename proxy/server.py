@@ -1,0 +1,56 @@
+"""uvicorn with budget-proxy's lifecycle: SIGHUP reloads the config; SIGTERM/SIGINT stop
+accepting, let in-flight requests finish within the grace period, then cut the streams that
+remain (each settled), and close the store."""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any, Generator
+
+import contextlib
+
+import uvicorn
+
+from proxy.app import BudgetProxyApp
+
+# uvicorn cancels what is still running this long after our own cut, as a last resort.
+CANCEL_MARGIN_SECONDS = 5
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, app: BudgetProxyApp, config_path: str | None = None, **uvicorn_kwargs: Any) -> None:
+        self.grace = app.state.runtime.config.server.shutdown_grace_seconds
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=int(self.grace) + CANCEL_MARGIN_SECONDS,
+                                **uvicorn_kwargs)
+        super().__init__(config)
+        self.proxy = app
+        self.config_path = config_path
+        self.reload_requested = False
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.proxy.state.begin_shutdown(self.grace)
+        await super().shutdown(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.reload_requested:
+            self.reload_requested = False
+            if self.config_path:
+                self.proxy.state.reload(self.config_path)
+        return await super().on_tick(counter)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self._on_sighup)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
+    def _on_sighup(self, sig: int, frame: Any) -> None:
+        self.reload_requested = True  # acted on in on_tick, on the event loop
