@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.admin import build_admin_routes
+from proxy.dashboard import build_dashboard_routes
 from proxy.auth import Caller, KeyRing, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
@@ -217,6 +218,7 @@ def build_routes(state: AppState) -> list[Route]:
         Route("/v1/models", passthrough, methods=["GET"]),
         Route("/v1/models/{model_id:path}", passthrough, methods=["GET"]),
         *build_admin_routes(state, error_response),
+        *build_dashboard_routes(state, error_response),
     ]
 
 
