@@ -22,6 +22,7 @@ class StreamMeter(Protocol):
     started: bool        # a message began: the call counts as a step
     finished: bool       # the provider's own end-of-message arrived
     upstream_error: str | None  # error type of an upstream error event, if one came
+    usage_reported: bool  # the provider reported its final output figure (then it is the truth)
 
     def feed(self, event: SSEEvent) -> int:
         """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
@@ -42,7 +43,8 @@ class OutputEstimate:
         self.bytes = 0
 
     def add(self, text: str) -> None:
-        self.bytes += len(text) if text.isascii() else len(text.encode())
+        # surrogatepass: JSON may carry a lone surrogate escape, which plain encode() rejects
+        self.bytes += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
     @property
     def tokens(self) -> int:

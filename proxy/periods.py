@@ -1,6 +1,7 @@
 """[pure] Budget periods on UTC calendar boundaries (weeks start on Monday)."""
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 
 UTC = timezone.utc
@@ -10,7 +11,9 @@ def period_bounds(period: str, now: float) -> tuple[float, float | None]:
     """(start, end) of the period containing `now`, as epoch seconds; `none` is (0, None)."""
     if period == "none":
         return 0.0, None
-    t = datetime.fromtimestamp(now, UTC)
+    # Boundaries are whole seconds: flooring first keeps an instant just before one in its period
+    # (fromtimestamp would round to the nearest microsecond).
+    t = datetime.fromtimestamp(math.floor(now), UTC)
     if period == "hour":
         start = t.replace(minute=0, second=0, microsecond=0)
         end = start + timedelta(hours=1)

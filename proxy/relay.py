@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Awaitable, Callable
 
@@ -59,6 +59,7 @@ class Call:
     client_gone: bool = False
     outcome: str = "completed"
     status: int = 0
+    output_cap: int | None = None  # the max_tokens the upstream was sent: it cannot generate more
     generation: int = 0            # the config generation this call was admitted under
     shutting_down: bool = False    # set when the proxy's grace period ends
     upstream: Any = None           # the upstream response while a stream is relayed
@@ -165,7 +166,8 @@ class Relay:
 
         scope = denied.scope
         _, resets = period_bounds(scope.period, now)
-        who = f"key '{caller.key}' of team '{caller.team}'" if scope.kind == "key" else f"team '{caller.team}'"
+        who = (f"key '{caller.key}' of team '{caller.team}'" if scope.kind == "key"
+               else f"team '{caller.team}' (called with key '{caller.key}')")
         dim = denied.dimension
         limit, used, held, needed = (dim_value(dim, v) for v in (denied.limit, denied.used, denied.held, denied.needed))
         unit = {"cost_usd": " USD", "wall_clock": " s"}.get(dim, "")
@@ -239,6 +241,7 @@ class Relay:
             clamped_to = res.admitted.output_tokens
         raw = self.adapter.upstream_body(facts, raw, clamped_to)
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
+                    output_cap=clamped_to if clamped_to is not None else facts.max_tokens,
                     generation=self.state.generation)
         return call, raw, facts
 
@@ -361,6 +364,9 @@ class Relay:
                                 "upstream_error" if meter.upstream_error else "upstream_dropped")
             except (httpx.HTTPError, SSEError):
                 call.outcome = "upstream_dropped"
+            except Exception as exc:  # a bug must not tear the client's body or lose the charge
+                log.error("stream relay failed: request_id=%s error=%s", call.request_id, exc.__class__.__name__)
+                call.outcome = "proxy_error"
             if call.client_gone:
                 call.outcome = "client_disconnected"
             elif call.shutting_down and not meter.finished:
@@ -375,6 +381,8 @@ class Relay:
             watcher.cancel()
             await resp.aclose()
             usage = meter.final_usage() if meter.started else Usage()
+            if not meter.usage_reported:
+                usage = self.capped(call, usage)
             await asyncio.shield(self.settle(call, usage if meter.started else None, usage))
 
     async def recheck_limits(self, call: Call) -> Denied | None:
@@ -391,8 +399,16 @@ class Relay:
                     return Denied(scope, dim, limit, st.used.get(dim), st.held.get(dim), 0)
         return None
 
+    @staticmethod
+    def capped(call: Call, u: Usage) -> Usage:
+        """The running estimate errs high; the upstream never generates past the max_tokens it
+        was sent, so the estimate never counts past it either. Reported figures are settled as
+        reported."""
+        cap = call.output_cap
+        return u if cap is None or u.output_tokens <= cap else replace(u, output_tokens=cap)
+
     async def enforce(self, call: Call, meter: Any, reported: bool) -> Denied | None:
-        u = meter.live_usage()
+        u = self.capped(call, meter.live_usage())
         hold = call.res.hold
         tokens = u.total_tokens
         if (not reported and tokens - call.pushed_tokens < PUSH_INTERVAL_TOKENS and tokens <= hold.tokens
@@ -408,7 +424,7 @@ class Relay:
 
     def cut_message(self, call: Call, denied: Denied) -> str:
         who = (f"key '{call.caller.key}' of team '{call.caller.team}'" if denied.scope.kind == "key"
-               else f"team '{call.caller.team}'")
+               else f"team '{call.caller.team}' (called with key '{call.caller.key}')")
         return f"budget exceeded mid-stream: the {denied.dimension} budget of {who} ran out"
 
     def cost(self, call: Call, usage: Usage) -> int:

@@ -15,7 +15,7 @@ from proxy.usage import Usage
 def parse_request(raw: bytes) -> RequestFacts:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -81,7 +81,7 @@ def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
 def usage_from_response(raw: bytes) -> Usage | None:
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return None
@@ -117,7 +117,7 @@ class AnthropicStreamMeter:
             try:
                 delta = json.loads(event.data)["delta"]
                 text = delta[_CONTENT_FIELDS[delta["type"]]]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return UNCHANGED
             if isinstance(text, str) and text:
                 self._estimate.add(text)
@@ -126,7 +126,7 @@ class AnthropicStreamMeter:
         if name == "message_start":
             try:
                 usage = json.loads(event.data)["message"]["usage"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 usage = None
             self.started = True
             self._reported = usage_from(usage)
@@ -134,7 +134,7 @@ class AnthropicStreamMeter:
         if name == "message_delta":
             try:
                 usage = json.loads(event.data).get("usage")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 return UNCHANGED
             self._reported = usage_from(usage, previous=self._reported)
             self._delta_seen = self._delta_seen or isinstance(usage, dict)
@@ -144,7 +144,7 @@ class AnthropicStreamMeter:
         elif name == "error":
             try:
                 self.upstream_error = str(json.loads(event.data)["error"]["type"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 self.upstream_error = "error"
         return UNCHANGED
 
@@ -155,6 +155,10 @@ class AnthropicStreamMeter:
             return r
         return Usage(r.input_tokens, r.cache_write_5m_tokens, r.cache_write_1h_tokens, r.cache_read_tokens,
                      out, r.web_search_requests)
+
+    @property
+    def usage_reported(self) -> bool:
+        return self._delta_seen
 
     def final_usage(self) -> Usage:
         return self._reported if self._delta_seen else self.live_usage()

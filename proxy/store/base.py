@@ -74,5 +74,7 @@ def open_store(url: str, *, base_dir: str | None = None) -> LedgerStore:
 
         return SqliteStore(url.removeprefix("sqlite:///"))
     if url.startswith("redis://"):
-        raise NotImplementedError("the redis store is not built yet")
+        from proxy.store.redis import RedisStore
+
+        return RedisStore.from_url(url)
     raise ValueError(f"unknown store URL scheme: {url.split(':', 1)[0]}")

@@ -111,8 +111,10 @@ class Book:
         return True
 
     def reset(self, scope: Scope, now: float) -> None:
+        """Zero the current period's settled usage and restart its wall clock. Requests in flight
+        keep their holds and running charges (they are still spending), and settle normally."""
         t = self._totals(self.period_key(scope, now))
-        t.settled = ZERO - t.charged  # in-flight charges keep counting once they settle
+        t.settled = ZERO
         t.first_request_at = None
 
 
