@@ -339,11 +339,19 @@ class Relay:
                     out: list[bytes] = []
                     for ev in decoder.feed(chunk):
                         grew = meter.feed(ev)
-                        denied = await self.enforce(call, meter, grew == REPORTED) if grew else None
-                        if denied is None and deadline is not None and self.state.clock() >= deadline:
-                            denied = self.wall_clock_denial(call)
-                        if denied is None and call.generation != self.state.generation:
-                            denied = await self.recheck_limits(call)
+                        try:
+                            denied = await self.enforce(call, meter, grew == REPORTED) if grew else None
+                            if denied is None and deadline is not None and self.state.clock() >= deadline:
+                                denied = self.wall_clock_denial(call)
+                            if denied is None and call.generation != self.state.generation:
+                                denied = await self.recheck_limits(call)
+                        except StoreUnavailable:
+                            # Fail closed: a stream the ledger cannot follow is not metered blind.
+                            out.append(self.adapter.cut_event(
+                                "the budget ledger is unavailable; the stream was cut", error_type="api_error",
+                                error_code="store_unavailable"))
+                            call.outcome = "store_unavailable"
+                            break
                         if denied is not None:
                             out.append(self.adapter.cut_event(self.cut_message(call, denied)))
                             call.outcome = "cut"
@@ -351,7 +359,7 @@ class Relay:
                             break
                         if self.adapter.forwardable(ev, facts):
                             out.append(ev.raw)
-                    if call.outcome == "cut":
+                    if call.outcome in ("cut", "store_unavailable"):
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
                         return
                     if out:

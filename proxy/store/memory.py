@@ -98,8 +98,9 @@ class Book:
         return None
 
     def settle(self, res: Reservation, actual: Amounts) -> bool:
-        """Replace the request's footprint by `actual`. False if it was already settled."""
-        if res.settled:
+        """Replace the request's footprint by `actual`. False if it was already settled
+        (by this object or another carrying the same reservation id)."""
+        if res.settled or res.id not in self.in_flight:
             return False
         res.settled = True
         free = (res.hold - res.charged).nonneg()
