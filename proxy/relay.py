@@ -302,6 +302,7 @@ class Relay:
         except httpx.HTTPError:
             await self.fail(call, send, "upstream_dropped", UpstreamUnavailable("The upstream connection failed."))
             return
+        call.status = resp.status_code
         usage = self.adapter.usage_from_response(payload) if resp.status_code == 200 else None
         if usage is None:
             call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code // 100}xx"
@@ -309,7 +310,6 @@ class Relay:
         else:
             await self.settle(call, usage, usage)
         headers.append((b"content-length", str(len(payload)).encode()))
-        call.status = resp.status_code
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
