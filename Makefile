@@ -26,3 +26,14 @@ test: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .hypothesis
+
+.PHONY: demo browser
+
+# The proxy in front of the loopback Anthropic simulator, driven by the anthropic SDK (no key, no network).
+demo: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.demo
+
+# The headless-Chromium dashboard test (needs `chromium`); also refreshes docs/dashboard.png.
+browser: $(VENV)/.installed-dev
+	BUDGET_PROXY_REQUIRE_BROWSER=1 BUDGET_PROXY_SCREENSHOT=docs/dashboard.png \
+		$(BIN)/python -m pytest tests/test_dashboard.py -k browser

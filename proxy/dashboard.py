@@ -36,9 +36,9 @@ main{padding:16px 24px;display:grid;grid-template-columns:repeat(auto-fill,minma
 section.team{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 3px #0002}
 h2{font-size:16px;margin:0 0 4px}h3{font-size:14px;margin:12px 0 4px;border-top:1px solid #e3e5ea;padding-top:8px}
 .meta{color:#667;font-size:12px;margin-bottom:6px}.none{color:#889;font-style:italic}
-.dim{display:grid;grid-template-columns:100px 1fr 240px;gap:8px;align-items:center;margin:3px 0}
-.name{color:#445}.fig{font-variant-numeric:tabular-nums;text-align:right;font-size:13px}
-.bar{height:12px;background:#e6e8ee;border-radius:6px;overflow:hidden;display:flex}
+.dim{margin:6px 0}.head{display:flex;justify-content:space-between;gap:12px;font-size:13px}
+.name{color:#445}.fig{font-variant-numeric:tabular-nums;text-align:right}
+.bar{height:10px;margin-top:2px;background:#e6e8ee;border-radius:5px;overflow:hidden;display:flex}
 .used{background:#2e9d5b}.warn .used{background:#d99a1e}.over .used{background:#d0453b}
 .held{background:repeating-linear-gradient(45deg,#7aa7e0 0 4px,#a9c6ee 4px 8px)}
 .extra{color:#667;font-size:12px}.error{color:#b3261e;margin:8px 0}
@@ -53,10 +53,15 @@ def session_token(admin_key: str) -> str:
 
 def fmt(dim: str, v: float | int) -> str:
     if dim == "cost_usd":
-        return f"${v:,.2f}" if v >= 1 or v == 0 else "$" + f"{v:.6f}".rstrip("0").rstrip(".")
+        if v >= 1 or v == 0:
+            return f"${v:,.2f}"
+        digits = f"{v:.6f}".rstrip("0")
+        return "$" + digits if digits != "0." else "<$0.000001"
     if dim == "wall_clock":
         s = int(v)
-        return f"{v:.1f}s" if v < 60 else f"{s // 60}m {s % 60:02d}s" if v < 3600 else f"{s // 3600}h {s // 60 % 60:02d}m"
+        if v < 60:
+            return f"{v:.1f}s"
+        return f"{s // 60}m {s % 60:02d}s" if v < 3600 else f"{s // 3600}h {s // 60 % 60:02d}m"
     return f"{int(v):,}"
 
 
@@ -87,11 +92,11 @@ def dim_row(label: str, dim: str, budget: dict[str, Any]) -> str:
     level = "over" if used_pct >= 90 else "warn" if used_pct >= 75 else "ok"
     fig = f"{fmt(dim, used)} / {fmt(dim, limit)} · {used_pct:.0f}%" + (f" · {fmt(dim, held)} held" if held else "")
     return (f'<div class="dim {level}" data-scope="{escape(label)}" data-dim="{dim}" data-used="{used}" '
-            f'data-limit="{limit}" data-held="{held}"><span class="name">{dim}</span>'
+            f'data-limit="{limit}" data-held="{held}"><div class="head"><span class="name">{dim}</span>'
+            f'<span class="fig">{escape(fig)}</span></div>'
             f'<div class="bar" role="meter" aria-valuemin="0" aria-valuemax="{limit}" aria-valuenow="{used}">'
             f'<span class="used" style="width:{used_pct:.2f}%"></span>'
-            f'<span class="held" style="width:{held_pct:.2f}%"></span></div>'
-            f'<span class="fig">{escape(fig)}</span></div>')
+            f'<span class="held" style="width:{held_pct:.2f}%"></span></div></div>')
 
 
 def scope_block(label: str, budget: dict[str, Any]) -> str:
@@ -115,8 +120,9 @@ def render_dashboard(doc: dict[str, Any], now: float) -> str:
         teams.append(f'<section class="team" data-team="{escape(name)}"><h2>team {escape(name)}</h2>'
                      f'{scope_block(name, team["budget"])}{keys}</section>')
     body = "".join(teams) or '<p class="none">No teams configured.</p>'
-    return (f'<header><h1>budget-proxy</h1><small>as of {escape(iso(now) or "")} · refreshes every '
-            f'{REFRESH_SECONDS}s</small><form method="post" action="logout"><button type="submit">Sign out'
+    stamp = (iso(now) or "").replace("T", " ").replace("Z", " UTC")
+    return (f'<header><h1>budget-proxy</h1><small>as of {escape(stamp)} · refreshes every {REFRESH_SECONDS}s'
+            f'</small><form method="post" action="logout"><button type="submit">Sign out'
             f'</button></form></header><main>{body}</main>')
 
 

@@ -1,0 +1,367 @@
+"""The admin dashboard: auth rules over HTTP, the rendered figures, and a real headless Chromium
+driven over the DevTools protocol (log in through the form, read the DOM, take a screenshot).
+
+The browser test skips when Chromium is missing, unless BUDGET_PROXY_REQUIRE_BROWSER is set
+(as in CI), where a missing Chromium fails. BUDGET_PROXY_SCREENSHOT=PATH also writes the
+screenshot there (`make browser` refreshes docs/dashboard.png that way)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import httpx
+import pytest
+
+from proxy.dashboard import render_dashboard
+from tests.conftest import ALPHA_KEY, BETA_KEY, GAMMA_KEY
+from tests.simulator import Reply
+
+ADMIN = "bp-admin-dashboard-key-4242"
+MSG = [{"role": "user", "content": "hello"}]
+TOKEN = hmac.new(ADMIN.encode(), b"dashboard", hashlib.sha256).hexdigest()
+ODD_KEY = "<b>ops</b> & co"  # a key name that must be shown literally
+
+
+def teams() -> dict:
+    return {
+        "research": {"budget": {"tokens": 10_000, "cost_usd": 0.04, "period": "day"},
+                     "keys": {"alpha": {"key": ALPHA_KEY, "budget": {"tokens": 1_000, "steps": 10}},
+                              ODD_KEY: {"key": BETA_KEY}}},
+        "support": {"budget": {"steps": 20, "period": "week"},
+                    "keys": {"gamma": {"key": GAMMA_KEY, "budget": {"output_tokens": 2_000, "wall_clock": "2h"}}}},
+    }
+
+
+@pytest.fixture
+def admin_proxy(start):
+    return start(teams=teams(), admin_key=ADMIN)
+
+
+def call(proxy, key: str, max_tokens: int = 50):
+    return anthropic.Anthropic(base_url=proxy.url, api_key=key, max_retries=0).messages.create(
+        model="claude-haiku-4-5", max_tokens=max_tokens, messages=MSG)
+
+
+def traffic(proxy, sim) -> None:
+    """alpha 700 + 120 tokens (2 steps), the odd key 5000, gamma 1920 (1900 output)."""
+    sim.queue(Reply(input_tokens=500, output_tokens=200), Reply(input_tokens=100, output_tokens=20),
+              Reply(input_tokens=4000, output_tokens=1000), Reply(input_tokens=20, output_tokens=1900))
+    call(proxy, ALPHA_KEY, 200)
+    call(proxy, ALPHA_KEY, 50)
+    call(proxy, BETA_KEY, 1000)
+    call(proxy, GAMMA_KEY, 1900)
+
+
+def rows(html: str) -> dict[tuple[str, str], dict[str, str]]:
+    """{(scope label, dimension): {"used", "limit", "held"}} from the data attributes."""
+    out = {}
+    for m in re.finditer(r'<div class="dim[^"]*" data-scope="([^"]*)" data-dim="(\w+)" data-used="([^"]*)" '
+                         r'data-limit="([^"]*)" data-held="([^"]*)"', html):
+        out[(m[1], m[2])] = {"used": m[3], "limit": m[4], "held": m[5]}
+    return out
+
+
+# --- auth rules ----------------------------------------------------------------------------------
+
+def test_everything_is_404_without_an_admin_key(proxy):
+    for method, path in (("GET", "/admin/dashboard"), ("GET", "/admin/login"), ("POST", "/admin/login")):
+        r = httpx.request(method, proxy.url + path, headers={"x-api-key": ALPHA_KEY}, data={"key": "x"})
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_without_auth_redirects_to_the_login_form(admin_proxy):
+    r = httpx.get(admin_proxy.url + "/admin/dashboard")
+    assert r.status_code == 303 and r.headers["location"] == "login"
+    r = httpx.get(admin_proxy.url + "/admin/dashboard", follow_redirects=True)
+    assert r.status_code == 200 and r.url.path == "/admin/login"
+    assert '<form class="login" method="post" action="login">' in r.text and 'type="password"' in r.text
+    # a cookie that is not the session token is no session
+    r = httpx.get(admin_proxy.url + "/admin/dashboard", cookies={"bp_dashboard": ADMIN})
+    assert r.status_code == 303
+
+
+def test_header_auth(admin_proxy):
+    url = admin_proxy.url + "/admin/dashboard"
+    r = httpx.get(url, headers={"x-api-key": ALPHA_KEY})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert httpx.get(url, headers={"x-api-key": "bp-wrong"}).status_code == 401
+    assert httpx.get(url, headers={"x-api-key": ALPHA_KEY}, cookies={"bp_dashboard": TOKEN}).status_code == 403
+    for headers in ({"x-api-key": ADMIN}, {"authorization": f"Bearer {ADMIN}"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert r.headers["cache-control"] == "no-store"
+        assert '<meta http-equiv="refresh" content="5">' in r.text
+
+
+def test_login_sets_a_session_cookie_that_works_and_logout_clears_it(admin_proxy):
+    with httpx.Client(base_url=admin_proxy.url) as browser:
+        r = browser.post("/admin/login", data={"key": ADMIN})
+        assert r.status_code == 303 and r.headers["location"] == "dashboard"
+        cookie = r.headers["set-cookie"]
+        attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
+        assert {"httponly", "samesite", "path"} <= attrs and "samesite=strict" in cookie.lower()
+        assert cookie.startswith(f"bp_dashboard={TOKEN};") and ADMIN not in cookie
+        r = browser.get("/admin/dashboard")
+        assert r.status_code == 200 and "team research" in r.text
+        r = browser.post("/admin/logout")
+        assert r.status_code == 303 and r.headers["location"] == "login"
+        assert "bp_dashboard" not in browser.cookies
+        assert browser.get("/admin/dashboard").status_code == 303
+
+
+def test_a_wrong_key_reshows_the_form_with_401(admin_proxy):
+    for key in ("nope", ALPHA_KEY, ""):
+        r = httpx.post(admin_proxy.url + "/admin/login", data={"key": key})
+        assert r.status_code == 401 and "set-cookie" not in r.headers
+        assert 'role="alert">That is not the admin key.' in r.text and 'name="key"' in r.text
+    r = httpx.post(admin_proxy.url + "/admin/login", content=b"key=" + b"x" * 10_000,
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and "set-cookie" not in r.headers
+
+
+# --- what the page shows -------------------------------------------------------------------------
+
+def test_page_shows_used_against_limits_and_no_secret(admin_proxy, sim):
+    traffic(admin_proxy, sim)
+    html = httpx.get(admin_proxy.url + "/admin/dashboard", headers={"x-api-key": ADMIN}).text
+    got = rows(html)
+    assert got[("research/alpha", "tokens")] == {"used": "820", "limit": "1000", "held": "0"}
+    assert got[("research/alpha", "steps")] == {"used": "2", "limit": "10", "held": "0"}
+    assert got[("research", "tokens")] == {"used": "5820", "limit": "10000", "held": "0"}
+    # haiku-4-5: $1 in, $5 out per million: 4600 in + 1220 out
+    assert (float(got[("research", "cost_usd")]["used"]), float(got[("research", "cost_usd")]["limit"])) == \
+        (pytest.approx(0.0107), 0.04)
+    assert got[("support/gamma", "output_tokens")] == {"used": "1900", "limit": "2000", "held": "0"}
+    assert got[("support", "steps")] == {"used": "1", "limit": "20", "held": "0"}
+    assert ("support/gamma", "wall_clock") in got and ("support", "tokens") not in got
+    assert "820 / 1,000 · 82%" in html and "$0.0107 / $0.04 · 27%" in html
+    assert '<div class="dim over" data-scope="support/gamma" data-dim="output_tokens"' in html
+    assert '<div class="dim warn" data-scope="research/alpha" data-dim="tokens"' in html
+    assert "per day · resets" in html and "per week · resets" in html and "no period, never resets" in html
+    assert "&lt;b&gt;ops&lt;/b&gt; &amp; co" in html and "<b>ops" not in html
+    for secret in (ADMIN, ALPHA_KEY, BETA_KEY, GAMMA_KEY, "sk-upstream-secret", TOKEN):
+        assert secret not in html
+    for external in ("<script", "<link", "src=", "url(", "http://", "https://"):
+        assert external not in html  # inline CSS only: works offline
+
+
+def test_render_escapes_every_value():
+    evil = '"><script>alert(1)</script>'
+    scope = {"period": evil, "resets_at": evil, "limit": {"tokens": 10}, "used": {"tokens": 5, "steps": 2},
+             "held": {"tokens": 1}}
+    html = render_dashboard({"teams": [{"name": evil, "budget": scope, "keys": [{"name": evil, "budget": scope}]}]}, 0)
+    assert "<script" not in html and '"><' + "script" not in html
+    assert html.count("&lt;script&gt;") >= 4
+
+
+def test_store_outage_is_a_503_page_that_retries(admin_proxy):
+    async def broken(scopes, now):
+        raise OSError("disk gone")
+    admin_proxy.state.store.states = broken
+    r = httpx.get(admin_proxy.url + "/admin/dashboard", headers={"x-api-key": ADMIN})
+    assert r.status_code == 503 and "unavailable" in r.text and 'http-equiv="refresh"' in r.text
+
+
+# --- a real browser ------------------------------------------------------------------------------
+
+def chromium_or_skip() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("BUDGET_PROXY_REQUIRE_BROWSER"):
+            pytest.fail("BUDGET_PROXY_REQUIRE_BROWSER is set but chromium is not installed")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+class Chromium:
+    """Headless Chromium and one page, driven over the DevTools protocol (flattened sessions)."""
+
+    def __init__(self, binary: str, profile: Path) -> None:
+        self.binary, self.profile = binary, profile
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.waiters: list[tuple[str, asyncio.Future]] = []
+
+    async def __aenter__(self) -> Chromium:
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={self.profile}", "--remote-debugging-port=0", "--window-size=1200,900",
+            "about:blank", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            ws_url = await asyncio.wait_for(self._devtools_url(), 60)
+        except BaseException:
+            self.proc.kill()
+            await self.proc.wait()
+            raise
+        self.drain = asyncio.ensure_future(self._drain_stderr())
+        self.http = aiohttp.ClientSession()
+        self.reader = None
+        try:
+            await self._connect(ws_url)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _connect(self, ws_url: str) -> None:
+        self.ws = await self.http.ws_connect(ws_url, max_msg_size=0)
+        self.reader = asyncio.ensure_future(self._read())
+        target = await self.send("Target.createTarget", url="about:blank")
+        attached = await self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+        self.session = attached["sessionId"]
+        await self.send("Page.enable", session=True)
+        await self.send("Emulation.setDeviceMetricsOverride", session=True, width=1200, height=900,
+                        deviceScaleFactor=1, mobile=False)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            await self.ws.close()
+        await self.http.close()
+        self.proc.kill()
+        await self.proc.wait()
+        self.drain.cancel()
+
+    async def _devtools_url(self) -> str:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            if m := re.search(rb"DevTools listening on (ws://\S+)", line):
+                return m[1].decode()
+        raise RuntimeError("chromium exited before its DevTools endpoint was up")
+
+    async def _drain_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while await self.proc.stderr.read(65536):
+            pass
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data and data["id"] in self.pending:
+                self.pending.pop(data["id"]).set_result(data)
+            for name, fut in list(self.waiters):
+                if data.get("method") == name and not fut.done():
+                    fut.set_result(data.get("params"))
+                    self.waiters.remove((name, fut))
+
+    async def send(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
+        msg_id = next(self.ids)
+        fut = self.pending[msg_id] = asyncio.get_running_loop().create_future()
+        msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = self.session
+        await self.ws.send_str(json.dumps(msg))
+        reply = await asyncio.wait_for(fut, 30)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def expect(self, event: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append((event, fut))
+        return fut
+
+    async def load(self, action: Any, timeout: float = 30) -> None:
+        """Run `action` (a coroutine) and wait for the page load it causes."""
+        loaded = self.expect("Page.loadEventFired")
+        await action
+        await asyncio.wait_for(loaded, timeout)
+
+    async def js(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def screenshot(self) -> bytes:
+        """The page down to the end of its content (at most the window's height)."""
+        height = await self.js("Math.ceil(document.querySelector('body > :last-child').getBoundingClientRect().bottom)")
+        clip = {"x": 0, "y": 0, "width": 1200, "height": min(900, height + 16), "scale": 1}
+        shot = await self.send("Page.captureScreenshot", session=True, format="png", clip=clip)
+        return base64.b64decode(shot["data"])
+
+
+READ_DOM = """JSON.stringify({
+  path: location.pathname, cookie: document.cookie,
+  teams: [...document.querySelectorAll("section.team h2")].map(e => e.textContent),
+  keys: [...document.querySelectorAll("section.team h3")].map(e => e.textContent),
+  bold: document.querySelectorAll("main b").length,
+  rows: [...document.querySelectorAll(".dim")].map(d => {
+    const bar = d.querySelector(".bar").getBoundingClientRect();
+    return {scope: d.dataset.scope, dim: d.dataset.dim, used: +d.dataset.used, limit: +d.dataset.limit,
+            held: +d.dataset.held, fig: d.querySelector(".fig").textContent,
+            usedFrac: d.querySelector(".used").getBoundingClientRect().width / bar.width,
+            heldFrac: d.querySelector(".held").getBoundingClientRect().width / bar.width};
+  })})"""
+
+
+async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path):
+    browser_bin = chromium_or_skip()
+    traffic(admin_proxy, sim)
+    # One request of the odd key held upstream: its reservation shows as held.
+    sim.queue(Reply(input_tokens=40, output_tokens=8, gate="held"))
+    in_flight = threading.Thread(target=call, args=(admin_proxy, BETA_KEY, 2000))
+    in_flight.start()
+    try:
+        assert await asyncio.to_thread(sim.wait_at_gate, "held")
+        async with Chromium(browser_bin, tmp_path / "profile") as page:
+            base = admin_proxy.url + "/admin/"
+            await page.load(page.send("Page.navigate", session=True, url=base + "dashboard"))
+            assert await page.js("location.pathname") == "/admin/login"  # redirected: no session yet
+            await page.load(page.js(f"document.querySelector('#key').value = {json.dumps(ADMIN)};"
+                                    "document.querySelector('form.login button').click()"))
+            dom = json.loads(await page.js(READ_DOM))
+            assert dom["path"] == "/admin/dashboard"
+            assert dom["cookie"] == ""  # HttpOnly: page scripts cannot read the session
+            cookies = (await page.send("Network.getCookies", session=True, urls=[base]))["cookies"]
+            assert [(c["name"], c["value"], c["httpOnly"], c["sameSite"]) for c in cookies] == \
+                [("bp_dashboard", TOKEN, True, "Strict")]
+            assert dom["teams"] == ["team research", "team support"]
+            assert dom["keys"] == ["key alpha", f"key {ODD_KEY}", "key gamma"] and dom["bold"] == 0
+            by = {(r["scope"], r["dim"]): r for r in dom["rows"]}
+            usage = httpx.get(admin_proxy.url + "/admin/usage", headers={"x-api-key": ADMIN}).json()
+            team_held = usage["teams"][0]["budget"]["held"]["tokens"]
+            assert team_held > 0
+            expected = {("research/alpha", "tokens"): (820, 1000, 0), ("research/alpha", "steps"): (2, 10, 0),
+                        ("research", "tokens"): (5820, 10000, team_held),
+                        ("support/gamma", "output_tokens"): (1900, 2000, 0), ("support", "steps"): (1, 20, 0)}
+            for key, (used, limit, held) in expected.items():
+                row = by[key]
+                assert (row["used"], row["limit"], row["held"]) == (used, limit, held), key
+                assert row["usedFrac"] == pytest.approx(used / limit, abs=0.01), key  # the bar as drawn
+                assert row["heldFrac"] == pytest.approx(held / limit, abs=0.01), key
+            assert by[("research/alpha", "tokens")]["fig"] == "820 / 1,000 · 82%"
+            assert f"{team_held:,} held" in by[("research", "tokens")]["fig"]
+            png = await page.screenshot()
+            # The held request finishes; the page refreshes itself and shows it charged. (A refresh
+            # already under way when the request settled may show the old figures; the next cannot.)
+            sim.open_gate("held")
+            await asyncio.to_thread(in_flight.join, 10)
+            for _ in range(2):
+                await asyncio.wait_for(page.expect("Page.loadEventFired"), 30)
+                dom = json.loads(await page.js(READ_DOM))
+                research = next(r for r in dom["rows"] if (r["scope"], r["dim"]) == ("research", "tokens"))
+                if research["held"] == 0:
+                    break
+            assert (research["used"], research["held"]) == (5868, 0)
+    finally:
+        sim.open_gate("held")
+        in_flight.join(10)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    (tmp_path / "dashboard.png").write_bytes(png)
+    if target := os.environ.get("BUDGET_PROXY_SCREENSHOT"):
+        Path(target).write_bytes(png)
