@@ -8,7 +8,7 @@ import httpx
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable, new_request_id
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.relay import ClientGone, Receive, Send, read_body, send_error
+from proxy.asgi import ClientGone, Receive, Send, read_body, send_error
 
 
 class Passthrough:

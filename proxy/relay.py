@@ -10,15 +10,16 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 
 from proxy import pricing as pricing_mod
 from proxy.auth import Caller, presented_secret
-from proxy.errors import (AuthenticationError, BudgetExceeded, InvalidRequest, NotFound, PermissionDenied,
-                          ProxyError, RequestTooLarge, StoreUnavailable, UpstreamTimeout, UpstreamUnavailable,
-                          new_request_id)
+from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
+from proxy.denials import budget_error, cut_message
+from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
+                          StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import Amounts, Ask, Denied
 from proxy.meter import REPORTED
@@ -29,18 +30,10 @@ from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 # A stream pushes its running charge to the store at least every this many estimated tokens
 # (so /budget shows streams in flight); any growth past its hold is checked at the very event.
 PUSH_INTERVAL_TOKENS = 16
 LARGE_BODY_BYTES = 256 * 1024
-
-
-class ClientGone(Exception):
-    pass
 
 
 @dataclass(slots=True, eq=False)
@@ -65,40 +58,8 @@ class Call:
     upstream: Any = None           # the upstream response while a stream is relayed
 
 
-async def read_body(receive: Receive, limit: int, headers: dict[bytes, bytes]) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    body = b""
-    more = True
-    chunks: list[bytes] = []
-    size = 0
-    while more:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ClientGone
-        part = msg.get("body", b"")
-        size += len(part)
-        if size > limit:
-            raise RequestTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-        chunks.append(part)
-        more = msg.get("more_body", False)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return body
-
-
-async def send_error(send: Send, err: ProxyError, request_id: str, provider: str = "anthropic") -> None:
-    status, headers, payload = err.render(provider, request_id)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
 def usd(nanos: int | float) -> float:
     return round(nanos / 1e9, 9)
-
-
-def dim_value(dim: str, v: int | float) -> int | float:
-    return usd(v) if dim == "cost_usd" else v
 
 
 class Relay:
@@ -161,36 +122,6 @@ class Relay:
         return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), max_tokens,
                    pricing_mod.output_nanos_per_token(price, input_tokens))
 
-    def budget_error(self, denied: Denied, caller: Caller, now: float) -> BudgetExceeded:
-        from proxy.periods import iso, period_bounds
-
-        scope = denied.scope
-        _, resets = period_bounds(scope.period, now)
-        who = (f"key '{caller.key}' of team '{caller.team}'" if scope.kind == "key"
-               else f"team '{caller.team}' (called with key '{caller.key}')")
-        dim = denied.dimension
-        limit, used, held, needed = (dim_value(dim, v) for v in (denied.limit, denied.used, denied.held, denied.needed))
-        unit = {"cost_usd": " USD", "wall_clock": " s"}.get(dim, "")
-        if dim == "wall_clock":
-            what = f"wall-clock budget of {who} is spent: {used:.1f}{unit} of {limit}{unit} elapsed"
-        elif dim == "steps":
-            what = f"step budget of {who} is spent: {used} of {limit} steps used" + (f", {held} in flight" if held else "")
-        else:
-            left = max(0, limit - used - held)
-            what = (f"{dim} budget of {who} cannot cover this request: used {used} of {limit}{unit}"
-                    + (f" (+{held} held by requests in flight)" if held else "")
-                    + f", {left:g}{unit} left, at least {needed}{unit} needed")
-        when = f"; it resets at {iso(resets)}" if resets is not None else "; it has no reset period"
-        headers = {"x-should-retry": "false", "x-budget-exceeded": dim}
-        if resets is not None:
-            headers["x-budget-resets-at"] = iso(resets) or ""
-            wait = resets - now
-            if wait <= 60:
-                headers["retry-after"] = str(max(1, int(wait + 0.999)))
-        budget = {"scope": scope.kind, "name": scope.name, "dimension": dim, "limit": limit, "used": used,
-                  "resets_at": iso(resets)}
-        return BudgetExceeded(f"Budget exceeded: {what}{when}.", budget=budget, headers=headers)
-
     # --- the route ---------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
@@ -235,7 +166,7 @@ class Relay:
             raise StoreUnavailable("The budget ledger is unavailable; nothing was forwarded.") from None
         if isinstance(res, Denied):
             self.state.observe_denial(caller, res.dimension)
-            raise self.budget_error(res, caller, now)
+            raise budget_error(res, caller, now)
         clamped_to = None
         if facts.max_tokens is None or (res.admitted.clamped and rt.config.admission.clamp_max_tokens):
             clamped_to = res.admitted.output_tokens
@@ -353,7 +284,7 @@ class Relay:
                             call.outcome = "store_unavailable"
                             break
                         if denied is not None:
-                            out.append(self.adapter.cut_event(self.cut_message(call, denied)))
+                            out.append(self.adapter.cut_event(cut_message(denied, call.caller)))
                             call.outcome = "cut"
                             self.state.observe_cut(call.caller, denied.dimension)
                             break
@@ -429,11 +360,6 @@ class Relay:
     def wall_clock_denial(self, call: Call) -> Denied:
         scope = next(s for s in call.res.scopes if s.limits.wall_clock is not None)
         return Denied(scope, "wall_clock", scope.limits.wall_clock or 0, scope.limits.wall_clock or 0, 0, 0)
-
-    def cut_message(self, call: Call, denied: Denied) -> str:
-        who = (f"key '{call.caller.key}' of team '{call.caller.team}'" if denied.scope.kind == "key"
-               else f"team '{call.caller.team}' (called with key '{call.caller.key}')")
-        return f"budget exceeded mid-stream: the {denied.dimension} budget of {who} ran out"
 
     def cost(self, call: Call, usage: Usage) -> int:
         return 0 if call.price is None else pricing_mod.cost_nanos(call.price, usage)
