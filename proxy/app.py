@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,11 @@ from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
 access_log = logging.getLogger("budget_proxy.access")
-SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
+def shipped_pricing_path() -> Path:
+    """config/pricing.yaml of a source checkout, else the copy an installed package carries."""
+    candidates = [Path(__file__).resolve().parent.parent / "config" / "pricing.yaml",
+                  Path(sys.prefix) / "share" / "budget-proxy" / "pricing.yaml"]
+    return next((p for p in candidates if p.exists()), candidates[0])
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class Runtime:
 
 def load_pricing(loaded: LoadedConfig) -> PriceTable:
     """The user's pricing file or the shipped one; problems are reported as config problems."""
-    path = loaded.resolve(loaded.proxy.pricing) if loaded.proxy.pricing else SHIPPED_PRICING
+    path = loaded.resolve(loaded.proxy.pricing) if loaded.proxy.pricing else shipped_pricing_path()
     try:
         return parse_price_table(yaml.safe_load(path.read_text()))
     except OSError as exc:

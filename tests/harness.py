@@ -71,3 +71,32 @@ class ProxyServer:
 
 def start_proxy(loaded: LoadedConfig, **kwargs: Any) -> ProxyServer:
     return ProxyServer(create_app(loaded, **kwargs)).start()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: Any, timeout: float = 30.0, path: str = "/healthz") -> bool:
+    """Poll `url + path` until it answers 200 (bounded); False if `proc` exits first or time runs out."""
+    import subprocess
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        try:
+            proc.wait(0.05)  # a bounded pause that also notices an early exit
+        except subprocess.TimeoutExpired:
+            pass
+    return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALPHA_KEY, BETA_KEY
+from tests.harness import free_port
 from tests.simulator import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +34,6 @@ HAIKU = "claude-haiku-4-5"
 ZERO_HELD = {"tokens": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "steps": 0}
 # claude-haiku-4-5 in nano-dollars per token (config/pricing.yaml: $1 in, $5 out, $1.25 5m, $2 1h, $0.10 read)
 H_IN, H_OUT, H_W5M, H_W1H, H_READ = 1_000, 5_000, 1_250, 2_000, 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProxyProcess:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.harness import free_port
 from tests.simulator import AnthropicSimulator, Reply
 from tests.test_store_contract import REDIS_DB, Namespace, rns  # noqa: F401 (rns: the fixture)
 
@@ -37,12 +37,6 @@ STREAM_CHUNKS = [f"w{i:02d} " + "abcd " * 14 for i in range(12)]  # 12 deltas of
 OUT = math.ceil(len("".join(STREAM_CHUNKS)) / 3)                  # reported = the relay's bytes/3 estimate
 EVENT_TOKENS = math.ceil(len(STREAM_CHUNKS[0]) / 3)                # the largest growth one event brings
 INPUT = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Replica:
