@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone
 
 UTC = timezone.utc
@@ -12,8 +13,14 @@ def period_bounds(period: str, now: float) -> tuple[float, float | None]:
     if period == "none":
         return 0.0, None
     # Boundaries are whole seconds: flooring first keeps an instant just before one in its period
-    # (fromtimestamp would round to the nearest microsecond).
-    t = datetime.fromtimestamp(math.floor(now), UTC)
+    # (fromtimestamp would round to the nearest microsecond). Every request asks this for each of
+    # its scopes, so the answer is remembered per second.
+    return _bounds(period, math.floor(now))
+
+
+@lru_cache(maxsize=256)
+def _bounds(period: str, second: int) -> tuple[float, float | None]:
+    t = datetime.fromtimestamp(second, UTC)
     if period == "hour":
         start = t.replace(minute=0, second=0, microsecond=0)
         end = start + timedelta(hours=1)

@@ -30,9 +30,11 @@ from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
 
-# A stream pushes its running charge to the store at least every this many estimated tokens
-# (so /budget shows streams in flight); any growth past its hold is checked at the very event.
-PUSH_INTERVAL_TOKENS = 16
+# A stream pushes its running charge to the store at least every this many estimated tokens, so
+# /budget shows streams in flight. This only bounds how stale that view is: growth past the hold
+# is checked at the very event, and reported usage is pushed when it comes. Each push prices the
+# usage and updates every scope, so pushing per event cost ~40% of the SSE relay (bench/RESULTS.md).
+PUSH_INTERVAL_TOKENS = 256
 LARGE_BODY_BYTES = 256 * 1024
 
 

@@ -34,6 +34,7 @@ import pytest
 
 from proxy.estimate import estimate_input_tokens
 from proxy.ledger import ZERO, Amounts
+from proxy.relay import PUSH_INTERVAL_TOKENS
 from proxy.sse import SSEDecoder
 from tests.conftest import ALPHA_KEY, BETA_KEY
 from tests.simulator import Reply
@@ -283,7 +284,7 @@ def test_cut_at_a_running_usage_delta_settles_that_reported_total(start, sim):
 
 def test_running_charge_is_pushed_while_the_stream_flows(start, sim):
     """In flight, the store's `used` trails the live usage by less than one push interval
-    (PUSH_INTERVAL_TOKENS = 16) and used + held covers the hold."""
+    (PUSH_INTERVAL_TOKENS) and used + held covers the hold."""
     proxy = start(teams=teams(key_budget={"tokens": 10**6}))
     sim.queue(Reply(chunks=[CHUNK] * 20, input_tokens=25, gate="mid", gate_after=10))
     with client(proxy).messages.stream(model=MODEL, max_tokens=500, messages=MSG) as s:
@@ -293,7 +294,7 @@ def test_running_charge_is_pushed_while_the_stream_flows(start, sim):
         assert sim.wait_at_gate("mid", 1)
         live = 25 + 10 * PER_DELTA
         st = key_state(proxy)
-        assert live - 16 < st.used.tokens <= live
+        assert live - PUSH_INTERVAL_TOKENS < st.used.tokens <= live
         assert st.used.steps == 1 and st.used.input_tokens == 25
         assert st.used.tokens + st.held.tokens == EST + 500   # the footprint is the hold
         sim.open_gate("mid")

@@ -46,7 +46,7 @@ def choices(body: dict[str, Any]) -> int:
 def parse_request(raw: bytes) -> RequestFacts:
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -83,7 +83,10 @@ def upstream_body(facts: RequestFacts, raw: bytes, max_tokens: int | None) -> by
                 changes[name] = value
     if not changes:
         return raw
-    return json.dumps({**body, **changes}, separators=(",", ":")).encode()
+    try:
+        return json.dumps({**body, **changes}, separators=(",", ":")).encode()
+    except RecursionError:  # parsed at the very edge of the recursion limit
+        raise InvalidRequest("The request body is nested too deeply.") from None
 
 
 def usage_from(u: Any) -> Usage:
@@ -102,17 +105,17 @@ def usage_from(u: Any) -> Usage:
 def usage_from_response(raw: bytes) -> Usage | None:
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return None
     return usage_from(obj["usage"])
 
 
-def cut_event(message: str) -> bytes:
-    """The error chunk the openai SDK raises APIError on (PROTOCOL §6), then [DONE] for other clients."""
-    payload = {"error": {"message": message, "type": "insufficient_quota", "param": None,
-                         "code": "budget_exceeded"}}
+def cut_event(message: str, error_type: str = "insufficient_quota", error_code: str = "budget_exceeded") -> bytes:
+    """The error chunk the openai SDK raises APIError on (PROTOCOL §6), then [DONE] for other
+    clients. A budget cut by default: the type and code of OpenAI's own out-of-credit 429."""
+    payload = {"error": {"message": message, "type": error_type, "param": None, "code": error_code}}
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
 
 
@@ -122,7 +125,7 @@ def is_usage_chunk(data: str) -> bool:
         return False
     try:
         chunk = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(chunk, dict) and chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 
@@ -147,9 +150,10 @@ def _delta_texts(delta: dict[str, Any]) -> list[Any]:
 class OpenAIStreamMeter:
     """Running usage of one Chat Completions stream.
 
-    Output is estimated from the deltas as they flow; input is the admission estimate until the
-    provider reports. The include_usage chunk is the whole request's usage and the final truth.
-    A stream cut (or dropped) before it settles at the live figure."""
+    Output is estimated from the deltas as they flow (the relay caps that estimate at the limit
+    it forwarded); input is the admission estimate until the provider reports. The include_usage
+    chunk is the whole request's usage and the final truth. A stream cut (or dropped) before it
+    settles at the live figure."""
 
     __slots__ = ("started", "finished", "upstream_error", "_body", "_input_estimate", "_reported",
                  "_final", "_estimate")
@@ -171,7 +175,7 @@ class OpenAIStreamMeter:
             return UNCHANGED
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return UNCHANGED
         if not isinstance(chunk, dict):
             return UNCHANGED
@@ -213,6 +217,10 @@ class OpenAIStreamMeter:
         out = max(r.output_tokens, self._estimate.tokens)
         return r if out == r.output_tokens else Usage(r.input_tokens, r.cache_write_5m_tokens,
                                                       r.cache_write_1h_tokens, r.cache_read_tokens, out)
+
+    @property
+    def usage_reported(self) -> bool:
+        return self._reported is not None
 
     def final_usage(self) -> Usage:
         return self._reported if self._reported is not None else self.live_usage()

@@ -1,8 +1,9 @@
 """The store protocol and the value types that cross it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, Protocol, Sequence
 
 from proxy.ledger import Admitted, Amounts, Ask, Denied, Scope, ScopeState
 
@@ -43,6 +44,12 @@ class UsageRow:
     duration_s: float
     outcome: str
     request_id: str
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return _ROW_FIELDS(self)
+
+
+_ROW_FIELDS = attrgetter(*(f.name for f in fields(UsageRow)))
 
 
 class LedgerStore(Protocol):

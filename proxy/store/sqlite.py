@@ -7,7 +7,6 @@ import asyncio
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -60,6 +59,8 @@ class SqliteStore(MemoryStore):
         self.path = Path(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-ledger")
         self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[list[tuple[str, tuple[Any, ...]]], asyncio.Future[None]]] = []
+        self._flushing = False
 
     # --- the worker thread -------------------------------------------------------------
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -109,6 +110,34 @@ class SqliteStore(MemoryStore):
             db.execute("ROLLBACK")
             raise
 
+    async def _commit(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Group commit: settlements that arrive while a write is running go into the next
+        transaction together, so the thread hop and the commit are paid once per batch. Each
+        caller returns only once its own statements are committed."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((statements, done))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        await asyncio.shield(done)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._run(self._write, [st for stmts, _ in batch for st in stmts])
+                except StoreUnavailable as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            self._flushing = False
+
     def _ping(self) -> None:
         self._db_or_raise().execute("SELECT 1").fetchone()
 
@@ -156,8 +185,8 @@ class SqliteStore(MemoryStore):
             statements.append((
                 "INSERT INTO usage_log (time, team, key, model, route, input_tokens, cache_write_5m_tokens, "
                 "cache_write_1h_tokens, cache_read_tokens, output_tokens, web_search_requests, cost_nanos, steps, "
-                "duration_s, outcome, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", astuple(row)))
-        await self._run(self._write, statements)
+                "duration_s, outcome, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row.as_tuple()))
+        await self._commit(statements)
 
     async def states(self, scopes: Sequence[Scope], now: float):  # type: ignore[override]
         await self._ensure_loaded(scopes, now)
@@ -168,7 +197,7 @@ class SqliteStore(MemoryStore):
         self.book.reset(scope, now)
         key = self.book.period_key(scope, now)
         t = self.book.totals[key]
-        await self._run(self._write, [(UPSERT_SET, (key[0], key[1], *t.settled.as_tuple(), None))])
+        await self._commit([(UPSERT_SET, (key[0], key[1], *t.settled.as_tuple(), None))])
 
     async def usage_log(self, limit: int = 100) -> list[UsageRow]:
         return await self._run(self._read_log, limit)
