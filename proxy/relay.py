@@ -21,7 +21,7 @@ from proxy.denials import budget_error, cut_message
 from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.ledger import Amounts, Ask, Denied
+from proxy.ledger import ZERO, Amounts, Ask, Denied
 from proxy.meter import REPORTED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError
@@ -172,7 +172,11 @@ class Relay:
         clamped_to = None
         if facts.max_tokens is None or (res.admitted.clamped and rt.config.admission.clamp_max_tokens):
             clamped_to = res.admitted.output_tokens
-        raw = self.adapter.upstream_body(facts, raw, clamped_to)
+        try:
+            raw = self.adapter.upstream_body(facts, raw, clamped_to)
+        except Exception:  # (a body at the edge of what json can nest) never leave the hold behind
+            await self.state.store.settle(res, ZERO, None)
+            raise InvalidRequest("The request body could not be rewritten to fit the budget.") from None
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
                     output_cap=clamped_to if clamped_to is not None else facts.max_tokens,
                     generation=self.state.generation)
@@ -250,7 +254,7 @@ class Relay:
                    receive: Receive, send: Send, facts: RequestFacts) -> None:
         """Relay a stream event by event, metering each; cut it in place of the next event when a
         budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
-        meter = self.adapter.new_meter(facts)
+        meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens)
         decoder = SSEDecoder()
         call.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -285,7 +289,9 @@ class Relay:
                                 error_code="store_unavailable"))
                             call.outcome = "store_unavailable"
                             break
-                        if denied is not None:
+                        if denied is not None and not meter.finished:
+                            # (a message already finished is not cut: nothing is left to stop, and
+                            # its reported usage settles as reported)
                             out.append(self.adapter.cut_event(cut_message(denied, call.caller)))
                             call.outcome = "cut"
                             self.state.observe_cut(call.caller, denied.dimension)
@@ -300,7 +306,7 @@ class Relay:
                 rest = decoder.flush()
                 for ev in rest:
                     meter.feed(ev)
-                tail = b"".join(ev.raw for ev in rest) + decoder.pending
+                tail = b"".join(ev.raw for ev in rest if self.adapter.forwardable(ev, facts)) + decoder.pending
                 call.outcome = ("completed" if meter.finished else
                                 "upstream_error" if meter.upstream_error else "upstream_dropped")
             except (httpx.HTTPError, SSEError):

@@ -109,7 +109,7 @@ def test_text_only_example_step_by_step():
     assert m.feed(events[6]) == REPORTED
     assert m.final_usage() == Usage(input_tokens=25, output_tokens=15)
     assert m.live_usage() == Usage(input_tokens=25, output_tokens=15)
-    assert not m.finished
+    assert m.finished  # the final delta (stop_reason set): the message is complete
     assert m.feed(events[7]) == UNCHANGED
     assert m.finished and m.upstream_error is None
     assert m.final_usage() == Usage(input_tokens=25, output_tokens=15)

@@ -34,7 +34,8 @@ class Provider(Protocol):
         """The body to forward: `raw` byte for byte unless max_tokens must be set or lowered."""
 
     def usage_from_response(self, raw: bytes) -> Usage | None: ...
-    def new_meter(self, facts: RequestFacts) -> StreamMeter: ...
+    def new_meter(self, facts: RequestFacts, input_estimate: int) -> StreamMeter:
+        """A meter for one stream; `input_estimate` is what admission reserved for input."""
     def forwardable(self, event: SSEEvent, facts: RequestFacts) -> bool: ...
     def cut_event(self, message: str, error_type: str = "rate_limit_error",
                   error_code: str = "budget_exceeded") -> bytes:

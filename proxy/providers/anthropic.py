@@ -94,6 +94,14 @@ def cut_event(message: str, error_type: str = "rate_limit_error", error_code: st
     return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _stop_reason(data: str) -> bool:
+    try:
+        delta = json.loads(data).get("delta")
+        return isinstance(delta, dict) and delta.get("stop_reason") is not None
+    except (ValueError, AttributeError, RecursionError):
+        return False
+
+
 _CONTENT_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
@@ -138,6 +146,8 @@ class AnthropicStreamMeter:
                 return UNCHANGED
             self._reported = usage_from(usage, previous=self._reported)
             self._delta_seen = self._delta_seen or isinstance(usage, dict)
+            if _stop_reason(event.data):
+                self.finished = True  # the final delta: the message is complete, nothing left to cut
             return REPORTED
         if name == "message_stop":
             self.finished = True
@@ -186,7 +196,7 @@ class AnthropicAdapter:
         return raw if max_tokens is None else with_max_tokens(facts, max_tokens)
 
     @staticmethod
-    def new_meter(facts: RequestFacts) -> AnthropicStreamMeter:
+    def new_meter(facts: RequestFacts, input_estimate: int) -> AnthropicStreamMeter:
         return AnthropicStreamMeter()
 
     @staticmethod

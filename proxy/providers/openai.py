@@ -155,15 +155,13 @@ class OpenAIStreamMeter:
     chunk is the whole request's usage and the final truth. A stream cut (or dropped) before it
     settles at the live figure."""
 
-    __slots__ = ("started", "finished", "upstream_error", "_body", "_input_estimate", "_reported",
-                 "_final", "_estimate")
+    __slots__ = ("started", "finished", "upstream_error", "_input_estimate", "_reported", "_final", "_estimate")
 
-    def __init__(self, body: dict[str, Any]) -> None:
+    def __init__(self, input_estimate: int) -> None:
         self.started = False
         self.finished = False
         self.upstream_error: str | None = None
-        self._body = body
-        self._input_estimate: int | None = None  # worked out when first needed
+        self._input_estimate = input_estimate  # what admission estimated
         self._reported: Usage | None = None
         self._final = False
         self._estimate = OutputEstimate()
@@ -211,8 +209,6 @@ class OpenAIStreamMeter:
         if self._final and r is not None:
             return r
         if r is None:
-            if self._input_estimate is None:
-                self._input_estimate = estimate_openai_input_tokens(self._body)
             r = Usage(input_tokens=self._input_estimate)
         out = max(r.output_tokens, self._estimate.tokens)
         return r if out == r.output_tokens else Usage(r.input_tokens, r.cache_write_5m_tokens,
@@ -248,5 +244,5 @@ class OpenAIAdapter:
         return None  # Chat Completions has no token-counting endpoint: the heuristic it is
 
     @staticmethod
-    def new_meter(facts: RequestFacts) -> OpenAIStreamMeter:
-        return OpenAIStreamMeter(facts.body)
+    def new_meter(facts: RequestFacts, input_estimate: int) -> OpenAIStreamMeter:
+        return OpenAIStreamMeter(input_estimate)
