@@ -27,6 +27,9 @@ class StreamMeter(Protocol):
     def feed(self, event: SSEEvent) -> int:
         """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
 
+    def live_output_tokens(self) -> int:
+        """live_usage().output_tokens, cheaply: the relay asks it at every content event."""
+
     def live_usage(self) -> Usage:
         """Best current figure: reported where known, the running estimate for output otherwise."""
 

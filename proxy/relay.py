@@ -50,7 +50,7 @@ class Call:
     price: Any
     res: Reservation
     clamped_to: int | None
-    pushed_tokens: int = 0
+    output_room: int = -1          # live output within the hold and the push interval (see enforce)
     client_gone: bool = False
     outcome: str = "completed"
     status: int = 0
@@ -277,7 +277,10 @@ class Relay:
                     for ev in decoder.feed(chunk):
                         grew = meter.feed(ev)
                         try:
-                            denied = await self.enforce(call, meter, grew == REPORTED) if grew else None
+                            if grew == REPORTED or (grew and meter.live_output_tokens() > call.output_room):
+                                denied = await self.enforce(call, meter)
+                            else:
+                                denied = None
                             if denied is None and deadline is not None and self.state.clock() >= deadline:
                                 denied = self.wall_clock_denial(call)
                             if denied is None and call.generation != self.state.generation:
@@ -354,16 +357,28 @@ class Relay:
         cap = call.output_cap
         return u if cap is None or u.output_tokens <= cap else replace(u, output_tokens=cap)
 
-    async def enforce(self, call: Call, meter: Any, reported: bool) -> Denied | None:
+    async def enforce(self, call: Call, meter: Any) -> Denied | None:
+        """Push the running charge to the store (which may grow the hold or refuse: a cut), then
+        work out how far output may grow before the next push is due. Between pushes the relay
+        only compares one integer per event (see pump)."""
         u = self.capped(call, meter.live_usage())
-        hold = call.res.hold
-        tokens = u.total_tokens
-        if (not reported and tokens - call.pushed_tokens < PUSH_INTERVAL_TOKENS and tokens <= hold.tokens
-                and u.output_tokens <= hold.output_tokens and u.total_input_tokens <= hold.input_tokens):
-            return None
-        call.pushed_tokens = tokens
         amounts = Amounts.of_usage(u, self.cost(call, u), 1)
-        return await self.state.store.charge(call.res, amounts, self.state.clock())
+        denied = await self.state.store.charge(call.res, amounts, self.state.clock())
+        if denied is None:
+            call.output_room = self.output_room(call, u)
+        return denied
+
+    def output_room(self, call: Call, u: Usage) -> int:
+        """The live output figure up to which this stream stays inside its hold in every
+        dimension (and within one push interval of the store's view)."""
+        hold = call.res.hold
+        room = min(hold.output_tokens, hold.tokens - u.total_input_tokens, u.output_tokens + PUSH_INTERVAL_TOKENS)
+        if call.price is not None:
+            rate = pricing_mod.output_nanos_per_token(call.price, u.total_input_tokens)
+            if rate > 0:
+                base = self.cost(call, replace(u, output_tokens=0))
+                room = min(room, int((hold.cost_nanos - base) // rate))
+        return room
 
     def wall_clock_denial(self, call: Call) -> Denied:
         scope = next(s for s in call.res.scopes if s.limits.wall_clock is not None)

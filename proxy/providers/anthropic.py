@@ -158,6 +158,9 @@ class AnthropicStreamMeter:
                 self.upstream_error = "error"
         return UNCHANGED
 
+    def live_output_tokens(self) -> int:
+        return max(self._reported.output_tokens, self._estimate.tokens)
+
     def live_usage(self) -> Usage:
         r = self._reported
         out = max(r.output_tokens, self._estimate.tokens)

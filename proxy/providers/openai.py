@@ -204,6 +204,12 @@ class OpenAIStreamMeter:
                         self._estimate.add(text)
         return self._estimate.bytes > before
 
+    def live_output_tokens(self) -> int:
+        r = self._reported
+        if self._final and r is not None:
+            return r.output_tokens
+        return max(0 if r is None else r.output_tokens, self._estimate.tokens)
+
     def live_usage(self) -> Usage:
         r = self._reported
         if self._final and r is not None:
