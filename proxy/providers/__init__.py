@@ -5,6 +5,7 @@ write the body to forward, read usage from a whole response, meter a stream, and
 mid-stream cut. A new provider is a new adapter, not a fork of the relay."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +21,15 @@ class RequestFacts:
     max_tokens: int | None     # None: the client set no output limit (OpenAI allows that)
     stream: bool
     client_wants_usage: bool = True   # OpenAI: the client asked for stream_options.include_usage
+
+
+def json_object(raw: bytes | str) -> dict[str, Any] | None:
+    """The JSON object in `raw`, or None for anything else (never raises, even on absurd nesting)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 class Provider(Protocol):

@@ -7,7 +7,7 @@ from typing import Any
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
-from proxy.providers import RequestFacts
+from proxy.providers import RequestFacts, json_object
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
 
@@ -79,13 +79,9 @@ def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
 
 
 def usage_from_response(raw: bytes) -> Usage | None:
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
-        return None
-    return usage_from(obj["usage"])
+    obj = json_object(raw)
+    usage = None if obj is None else obj.get("usage")
+    return usage_from(usage) if isinstance(usage, dict) else None
 
 
 def cut_event(message: str, error_type: str = "rate_limit_error", error_code: str = "budget_exceeded") -> bytes:
