@@ -37,3 +37,11 @@ demo: $(VENV)/.installed-dev
 browser: $(VENV)/.installed-dev
 	BUDGET_PROXY_REQUIRE_BROWSER=1 BUDGET_PROXY_SCREENSHOT=docs/dashboard.png \
 		$(BIN)/python -m pytest tests/test_dashboard.py -k browser
+
+.PHONY: bench
+
+# Load benchmark (bench/README.md): installs wrk, nginx and the bench-only tools when missing,
+# runs about 7 minutes, prints the results table and rewrites bench/RESULTS.md.
+bench: $(VENV)/.installed-run
+	bash bench/setup.sh $(BIN)
+	$(BIN)/python -m bench.run

@@ -1,0 +1,1 @@
+"""The load benchmark (`make bench`): fake upstreams, reference pass-throughs, wrk, profiles."""

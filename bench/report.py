@@ -1,0 +1,147 @@
+"""The results as Markdown: the one table, the targets, the transport comparison, the
+profiles and the scale run; the same text is printed and written to bench/RESULTS.md."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench import profile
+from bench.matrix import MODES, PLAN, Cell, Sample
+from bench.phases import ScaleResult
+from bench.targets import LABELS
+
+Cells = dict[tuple[str, str], Cell]
+Samples = dict[tuple[str, str], list[Sample]]
+REF = "aiohttp"  # the pass-through to beat
+
+
+@dataclass(frozen=True)
+class Context:
+    machine: list[tuple[str, str]]
+    versions: list[tuple[str, str]]
+    rounds: int
+    seconds: float
+    elapsed_s: float
+    notes: list[str]  # how busy the machine was, what the proxy logged
+
+
+def f(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main_table(cells: Cells) -> str:
+    head = ("| mode | target | n | req/s (min–max) | p50 ms | p99 ms | p99/p50 | CPU µs/req | CPU µs/event "
+            "| core used | ÷ aiohttp pt, req/s | ÷ aiohttp pt, CPU | added p50 ms | errors |")
+    rows = [head, "|" + "---|" * 14]
+    for mode in MODES.values():
+        for target in PLAN:
+            c = cells.get((mode.key, target))
+            if c is None:
+                continue
+            ref, direct = cells.get((mode.key, REF)), cells.get((mode.key, "direct"))
+            per_event = c.cpu_us / mode.events if mode.events else None
+            # added latency means something where nothing queues: c=1, and paced streams (bound by pacing)
+            quiet = mode.conns == 1 or mode.upstream == "paced"
+            added = c.p50_ms - direct.p50_ms if quiet and direct and target != "direct" else None
+            cpu_ratio = ratio(ref.cpu_us, c.cpu_us) if ref and target != "direct" else None
+            rps_ratio = ratio(c.rps, ref.rps) if ref and target != "direct" else None
+            rows.append(f"| {mode.label} | {LABELS[target]} | {c.n} | {f(c.rps)} ({f(c.rps_min)}–{f(c.rps_max)}) "
+                        f"| {f(c.p50_ms)} | {f(c.p99_ms)} | {f(c.p99_ms / c.p50_ms, 1)} | {f(c.cpu_us)} "
+                        f"| {f(per_event, 1)} | {c.share:.0%} | {f(rps_ratio)} | {f(cpu_ratio)} | {f(added)} "
+                        f"| {c.errors} |")
+    return "\n".join(rows) + "\n"
+
+
+def get(cells: Cells, mode: str, target: str, attr: str) -> float | None:
+    c = cells.get((mode, target))
+    return None if c is None else getattr(c, attr)
+
+
+def per_round(samples: Samples, mode: str, target: str) -> str:
+    """target ÷ the reference within each round (both ran minutes apart at most), by CPU per request."""
+    pairs = zip(samples.get((mode, REF), []), samples.get((mode, target), []))
+    return ", ".join(f(ref.cpu_per_req_us / s.cpu_per_req_us) for ref, s in pairs)
+
+
+def targets_section(cells: Cells, samples: Samples, scale: list[ScaleResult]) -> str:
+    lines = ["| target (reported, never asserted) | measured | goal |", "|---|---|---|"]
+    for mode in ("json16", "sse16"):
+        label = MODES[mode].label
+        r = ratio(get(cells, mode, "proxy", "rps"), get(cells, mode, REF, "rps"))
+        rc = ratio(get(cells, mode, REF, "cpu_us"), get(cells, mode, "proxy", "cpu_us"))
+        lines.append(f"| {label}: proxy ÷ aiohttp pass-through | req/s {f(r)}, CPU-normalised {f(rc)} "
+                     f"(per round: {per_round(samples, mode, 'proxy')}) | ≥ 0.60 |")
+    for mode in ("json1", "sse1"):
+        added = (get(cells, mode, "proxy", "p50_ms") or 0) - (get(cells, mode, "direct", "p50_ms") or 0)
+        lines.append(f"| {MODES[mode].label}: added p50, proxy − direct | {f(added)} ms | ≤ 1 ms |")
+    for mode in ("json16", "sse16"):
+        r = ratio(get(cells, mode, "proxy", "p99_ms"), get(cells, mode, "proxy", "p50_ms"))
+        lines.append(f"| {MODES[mode].label}: proxy p99 ÷ p50 | {f(r, 1)} | ≤ 3 |")
+    for mode in ("json16", "sse16"):
+        r = ratio(get(cells, mode, "direct", "rps"), get(cells, mode, "proxy", "rps"))
+        rc = ratio(get(cells, mode, "proxy", "cpu_us"), get(cells, mode, "direct", "cpu_us"))
+        lines.append(f"| {MODES[mode].label}: fake upstream ÷ proxy (bench validity) | req/s {f(r, 1)}×, "
+                     f"CPU per request {f(rc, 0)}× | ≥ 5× |")
+    for s in scale:
+        lines.append(f"| {s.streams:,} paced streams ({s.label}): errors, peak RSS | {s.errors}, "
+                     f"{s.peak_rss_mib:.0f} MiB | 0, ≤ 300 MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def transport_table(cells: Cells) -> str:
+    rows = ["| upstream client (raw ASGI pass-through) | JSON c=16 req/s | ÷ aiohttp | SSE c=16 req/s | ÷ aiohttp "
+            "| CPU µs/req JSON | CPU µs/req SSE | ÷ aiohttp, CPU (JSON / SSE) | added p50 JSON c=1, ms |",
+            "|" + "---|" * 9]
+    for t in ("aiohttp", "transport", "httpx-aiohttp", "httpx"):
+        j, s = cells.get(("json16", t)), cells.get(("sse16", t))
+        rj, rs = cells.get(("json16", REF)), cells.get(("sse16", REF))
+        if not (j and s and rj and rs):
+            continue
+        added = (get(cells, "json1", t, "p50_ms") or 0) - (get(cells, "json1", "direct", "p50_ms") or 0)
+        rows.append(f"| {LABELS[t].removeprefix('pass-through: ')} | {f(j.rps)} | {f(j.rps / rj.rps)} | {f(s.rps)} "
+                    f"| {f(s.rps / rs.rps)} | {f(j.cpu_us)} | {f(s.cpu_us)} | {f(rj.cpu_us / j.cpu_us)} / "
+                    f"{f(rs.cpu_us / s.cpu_us)} | {f(added)} |")
+    return "\n".join(rows) + "\n"
+
+
+def scale_section(scale: list[ScaleResult]) -> str:
+    rows = ["| run | streams | pacing | ok | errors | peak open at once | headers p50 / p99 ms | stream p50 / max ms "
+            "| proxy CPU s | CPU ms/stream | RSS before → peak (VmHWM) MiB | ledger rows by outcome |",
+            "|" + "---|" * 12]
+    for s in scale:
+        c = s.client
+        h, st = c["headers_ms"], c["stream_ms"]
+        rows.append(f"| {s.label} | {s.streams:,} | 55 events, 1 per {s.interval_ms:g} ms | {c['ok']:,} "
+                    f"| {s.errors}{' ' + str(c['errors']) if c['errors'] else ''} | {c['peak_open']:,} | {h.get('p50')} / {h.get('p99')} "
+                    f"| {st.get('p50')} / {st.get('max')} | {s.cpu_s:.2f} | {s.cpu_s / s.streams * 1000:.2f} "
+                    f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} | {s.outcomes} |")
+    return "\n".join(rows) + "\n"
+
+
+def document(ctx: Context, samples: Samples, profiles: list[tuple[str, profile.Summary]],
+             scale: list[ScaleResult]) -> str:
+    cells = {k: Cell.of(v) for k, v in samples.items()}
+    kv = lambda pairs: "\n".join(f"- {k}: {v}" for k, v in pairs)  # noqa: E731
+    parts = [
+        "# Bench results (the last `make bench`)\n",
+        "Written by `bench/run.py`; bench/README.md says how it measures and how to read it.\n",
+        "## Machine\n", kv(ctx.machine) + "\n",
+        "\n".join(f"- {n}" for n in ctx.notes) + "\n",
+        "## Versions\n", kv(ctx.versions) + "\n",
+        f"## Results ({ctx.rounds} interleaved rounds, {ctx.seconds:g} s per c=16 cell; medians)\n",
+        main_table(cells),
+        "\n## Targets\n", targets_section(cells, samples, scale),
+        "\n## Upstream client\n", transport_table(cells),
+        "\n## Scale: concurrent paced streams through one proxy process\n", scale_section(scale),
+        "\n## Profiles of the proxy (py-spy)\n",
+        *(profile.render(title, s) + "\n" for title, s in profiles),
+        f"\n`make bench` took {ctx.elapsed_s / 60:.1f} min.\n",
+    ]
+    return "\n".join(parts)

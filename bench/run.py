@@ -1,0 +1,153 @@
+"""`make bench`: the fake upstreams on the load core, the interleaved matrix, the profiles,
+the scale run; prints the results and rewrites bench/RESULTS.md.
+
+    .venv/bin/python -m bench.run [--rounds 2] [--seconds 5] [--streams 1000] [--quick]
+
+Only loopback addresses are used; every load is bounded in requests and time."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from bench import matrix, phases, procs, report
+from bench.targets import Workspace
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> None:
+    """1,000 streams need 2,000+ descriptors in the proxy; children inherit the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return ((done.stdout or done.stderr).strip().splitlines() or ["?"])[0]
+
+
+def machine() -> list[tuple[str, str]]:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "?")
+    return [("nproc", str(os.cpu_count())), ("CPU", model), ("kernel", platform.release()),
+            ("load average at start", Path("/proc/loadavg").read_text().split()[0])]
+
+
+def versions() -> list[tuple[str, str]]:
+    out = [("python", platform.python_version())]
+    for dist in ("uvicorn", "aiohttp", "httpx", "httpx-aiohttp", "uvloop", "httptools", "starlette", "py-spy"):
+        try:
+            out.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            out.append((dist, "not installed"))
+    out += [("wrk", first_line(["wrk", "-v"])), ("nginx", first_line(["nginx", "-v"]))]
+    return out
+
+
+class BusyMeter:
+    """CPU used by other processes over an interval, in cores: machine busy time from
+    /proc/stat minus this bench's own (itself and its waited-for children). Approximate:
+    softirq time of loopback traffic is not attributed to any process."""
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.ours0 = time.monotonic(), self.busy(), self.ours()
+
+    @staticmethod
+    def busy() -> float:
+        f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return (sum(f[:8]) - f[3] - f[4]) / procs.TICKS  # all but idle and iowait
+
+    @staticmethod
+    def ours() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def text(self) -> str:
+        wall = time.monotonic() - self.t0
+        others = max(0.0, (self.busy() - self.busy0) - (self.ours() - self.ours0)) / wall
+        verdict = "a quiet machine" if others < 0.1 else "a busy machine: trust the CPU columns over req/s"
+        return (f"≈ {others:.2f} cores on average ({verdict}); load average at the end "
+                f"{Path('/proc/loadavg').read_text().split()[0]}")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=5.0, help="wrk duration of a c=16 cell")
+    p.add_argument("--profile-seconds", type=float, default=6.0)
+    p.add_argument("--streams", type=int, default=1000)
+    p.add_argument("--interval-ms", type=float, default=100.0, help="pacing of the scale run's streams")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s cells, 200 streams: a smoke test")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    args = p.parse_args()
+    if args.quick:
+        args.rounds, args.seconds, args.profile_seconds, args.streams = 1, 2.0, 2.0, 200
+        args.results = OUT / "RESULTS-quick.md"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    raise_nofile()
+    started = time.monotonic()
+    OUT.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="budget-proxy-bench-"))
+    ws = Workspace(root)
+    ups = {}
+    try:
+        ups = {"nginx": ws.start_nginx(), "paced": ws.start_paced(1.0)}
+        say(f"bench: workspace {root}; matrix of {args.rounds} rounds")
+        host, busy = machine(), BusyMeter()
+        samples = matrix.run_rounds(ws, ups, args.rounds, args.seconds, say)
+        busy_text = busy.text()
+        say("bench: profiles")
+        profiles = [(matrix.MODES[m].label, phases.profile_proxy(ws, ups[matrix.MODES[m].upstream], m,
+                                                                 args.profile_seconds, OUT / f"profile-{m}.txt"))
+                    for m in ("json16", "sse16", "paced16")]
+        say("bench: scale runs")
+        scale = [phases.scale_run(ws, "warm ledger", args.streams, args.interval_ms, warm=True),
+                 phases.scale_run(ws, "cold start", args.streams, args.interval_ms, warm=False)]
+    except BaseException:
+        say(f"bench: failed; logs kept in {root / 'logs'}")
+        raise
+    finally:
+        for u in ups.values():
+            u.stop()
+    with open(ws.access_log, "rb") as log:
+        access_lines = sum(1 for line in log if b'"logger":"budget_proxy.access"' in line)
+    notes = [f"other processes during the matrix: {busy_text}",
+             f"the proxy wrote {access_lines:,} access-log lines (JSON, one a request) to a file during the run"]
+    ctx = report.Context(host, versions(), args.rounds, args.seconds, time.monotonic() - started, notes)
+    text = report.document(ctx, samples, profiles, scale)
+    args.results.write_text(text)
+    (OUT / "samples.json").write_text(json.dumps(
+        {f"{m}/{t}": [dataclasses.asdict(s) for s in v] for (m, t), v in samples.items()}, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    print(text)
+    say(f"bench: wrote {args.results}; raw samples, profiles (py-spy raw, opens in speedscope) in {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""What the bench runs: the fake upstreams (load core) and the servers under test (their own
+core), each started fresh from a workspace in a temp dir that holds configs, bodies, the
+SQLite ledger and every log."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import nginx, payloads, procs
+
+LOAD_CORE, SERVER_CORE = 0, 1
+KEY = "bp-bench-load-key-000000000000000"
+LABELS = {
+    "direct": "direct to the fake upstream",
+    "aiohttp": "pass-through: aiohttp session",
+    "transport": "pass-through: AiohttpTransport",
+    "httpx-aiohttp": "pass-through: httpx + httpx-aiohttp",
+    "httpx": "pass-through: httpx stock",
+    "proxy": "proxy, full enforcement",
+    "proxy-memory": "proxy, memory:// store (diagnostic)",
+}
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"PYTHONPATH": str(ROOT)}  # `python -m bench.x` from any working directory
+# `budget-proxy ARGS` with the `proxy` package of another source tree (argv[1]) first on the path.
+FROM_TREE = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from proxy.__main__ import main; "
+             "sys.exit(main(sys.argv[1:]))")
+
+
+@dataclass
+class Server:
+    """A target that is up: where to send load and whose CPU counts (for `direct`, the upstream's)."""
+
+    name: str
+    url: str
+    pid: int
+    proc: procs.Proc | None  # None when this bench did not start it for this target
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def proxy_yaml(upstream_url: str, store: str) -> str:
+    """A key budget and a team budget, both far from running out: everything is metered, nothing denied."""
+    return f"""upstreams:
+  anthropic:
+    base_url: {upstream_url}
+    api_key: bench-upstream-key
+store: {store}
+admission:
+  clamp_max_tokens: true
+server:
+  shutdown_grace_seconds: 2
+teams:
+  bench:
+    budget: {{tokens: 1000000000000, cost_usd: 1000000000, period: month}}
+    keys:
+      load:
+        key: {KEY}
+        budget: {{tokens: 1000000000000, steps: 1000000000, period: day}}
+"""
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.bodies = {"json": root / "request-json.json", "sse": root / "request-sse.json"}
+        self.bodies["json"].write_bytes(payloads.request_body(stream=False))
+        self.bodies["sse"].write_bytes(payloads.request_body(stream=True))
+        self.access_log = self.logs / "proxy-stderr.log"
+        self.ledger = root / "ledger.db"
+
+    # --- fake upstreams, on the load core ------------------------------------------------
+    def start_nginx(self) -> Server:
+        port = procs.free_port()
+        work = self.root / "nginx"
+        work.mkdir(exist_ok=True)
+        proc = procs.start("nginx", nginx.command(work, port), LOAD_CORE, self.logs / "nginx.log")
+        procs.wait_port(proc, port)
+        return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
+
+    def start_paced(self, interval_ms: float) -> Server:
+        port = procs.free_port()
+        cmd = [sys.executable, "-m", "bench.paced", "--port", str(port), "--interval-ms", str(interval_ms)]
+        proc = procs.start("paced", cmd, LOAD_CORE, self.logs / f"paced-{interval_ms:g}ms.log", ENV)
+        procs.wait_port(proc, port)
+        return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
+
+    # --- servers under test, on their own core -------------------------------------------
+    def start(self, name: str, upstream: Server, ledger: Path | None = None, tree: Path | None = None) -> Server:
+        """`tree`: run the proxy from that source tree instead of the installed one (bench.ab)."""
+        if name == "direct":
+            return Server("direct", upstream.url, upstream.pid, None)
+        port = procs.free_port()
+        if name.startswith("proxy"):
+            config = self.root / f"proxy-{port}.yaml"
+            store = "memory://" if name == "proxy-memory" else f"sqlite:///{ledger or self.ledger}"
+            config.write_text(proxy_yaml(upstream.url, store))
+            serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"]
+            cmd = [str(BIN / "budget-proxy"), *serve] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree), *serve]
+            log = self.access_log  # the access log (one JSON line a request) stays on, as in production
+        else:
+            cmd = [sys.executable, "-m", "bench.transport", "--client", name, "--upstream", upstream.url,
+                   "--port", str(port)]
+            log = self.logs / f"{name}.log"
+        proc = procs.start(name, cmd, SERVER_CORE, log, ENV)
+        procs.wait_port(proc, port)
+        return Server(name, f"http://127.0.0.1:{port}", proc.pid, proc)
