@@ -41,7 +41,7 @@ browser: $(VENV)/.installed-dev
 .PHONY: bench
 
 # Load benchmark (bench/README.md): installs wrk, nginx and the bench-only tools when missing,
-# runs about 7 minutes, prints the results table and rewrites bench/RESULTS.md.
+# runs about 6 minutes, prints the results table and rewrites bench/RESULTS.md.
 bench: $(VENV)/.installed-run
 	bash bench/setup.sh $(BIN)
 	$(BIN)/python -m bench.run

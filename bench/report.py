@@ -111,6 +111,18 @@ def transport_table(cells: Cells) -> str:
     return "\n".join(rows) + "\n"
 
 
+def transport_verdict(cells: Cells) -> str:
+    """One sentence from the table: each client's CPU per request as a multiple of raw aiohttp's."""
+    def times(t: str) -> str:
+        return " / ".join(f(ratio(get(cells, m, t, "cpu_us"), get(cells, m, REF, "cpu_us")), 1) + "×"
+                          for m in ("json16", "sse16"))
+
+    return (f"\nThe same raw ASGI pass-through with only the upstream client changed. CPU per request as a "
+            f"multiple of raw aiohttp's (JSON / SSE): the project's AiohttpTransport (httpx's Request/Response "
+            f"types kept as the test seam, no AsyncClient, no cookie jar) {times('transport')}; "
+            f"httpx.AsyncClient on httpx-aiohttp {times('httpx-aiohttp')}; stock httpx {times('httpx')}.\n")
+
+
 def scale_section(scale: list[ScaleResult]) -> str:
     rows = ["| run | streams | pacing | ok | errors | peak open at once | headers p50 / p99 ms | stream p50 / max ms "
             "| proxy CPU s | CPU ms/stream | RSS before → peak (VmHWM) MiB | ledger rows by outcome |",
@@ -121,7 +133,8 @@ def scale_section(scale: list[ScaleResult]) -> str:
         rows.append(f"| {s.label} | {s.streams:,} | 55 events, 1 per {s.interval_ms:g} ms | {c['ok']:,} "
                     f"| {s.errors}{' ' + str(c['errors']) if c['errors'] else ''} | {c['peak_open']:,} | {h.get('p50')} / {h.get('p99')} "
                     f"| {st.get('p50')} / {st.get('max')} | {s.cpu_s:.2f} | {s.cpu_s / s.streams * 1000:.2f} "
-                    f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} | {s.outcomes} |")
+                    f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} "
+                    f"| {', '.join(f'{k} {v:,}' for k, v in s.outcomes.items())} |")
     return "\n".join(rows) + "\n"
 
 
@@ -132,13 +145,12 @@ def document(ctx: Context, samples: Samples, profiles: list[tuple[str, profile.S
     parts = [
         "# Bench results (the last `make bench`)\n",
         "Written by `bench/run.py`; bench/README.md says how it measures and how to read it.\n",
-        "## Machine\n", kv(ctx.machine) + "\n",
-        "\n".join(f"- {n}" for n in ctx.notes) + "\n",
+        "## Machine\n", kv(ctx.machine) + "\n" + "\n".join(f"- {n}" for n in ctx.notes) + "\n",
         "## Versions\n", kv(ctx.versions) + "\n",
         f"## Results ({ctx.rounds} interleaved rounds, {ctx.seconds:g} s per c=16 cell; medians)\n",
         main_table(cells),
         "\n## Targets\n", targets_section(cells, samples, scale),
-        "\n## Upstream client\n", transport_table(cells),
+        "\n## Upstream client\n", transport_table(cells), transport_verdict(cells),
         "\n## Scale: concurrent paced streams through one proxy process\n", scale_section(scale),
         "\n## Profiles of the proxy (py-spy)\n",
         *(profile.render(title, s) + "\n" for title, s in profiles),

@@ -61,7 +61,8 @@ def versions() -> list[tuple[str, str]]:
             out.append((dist, metadata.version(dist)))
         except metadata.PackageNotFoundError:
             out.append((dist, "not installed"))
-    out += [("wrk", first_line(["wrk", "-v"])), ("nginx", first_line(["nginx", "-v"]))]
+    out += [("wrk", first_line(["wrk", "-v"])), ("nginx", first_line(["nginx", "-v"])),
+            ("budget-proxy (git)", first_line(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"]))]
     return out
 
 
@@ -86,7 +87,7 @@ class BusyMeter:
     def text(self) -> str:
         wall = time.monotonic() - self.t0
         others = max(0.0, (self.busy() - self.busy0) - (self.ours() - self.ours0)) / wall
-        verdict = "a quiet machine" if others < 0.1 else "a busy machine: trust the CPU columns over req/s"
+        verdict = "a quiet machine" if others < 0.25 else "a busy machine: trust the CPU columns over req/s"
         return (f"≈ {others:.2f} cores on average ({verdict}); load average at the end "
                 f"{Path('/proc/loadavg').read_text().split()[0]}")
 

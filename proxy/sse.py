@@ -72,6 +72,9 @@ class SSEDecoder:
             raise SSEError(self._failed)
         if not data:
             return []
+        if (not self._buf and self._event is None and self._data is None and len(data) <= self._max
+                and b"\r" not in data):
+            return self._feed_lf(data if type(data) is bytes else bytes(data))
         buf = self._buf
         if buf:
             buf += data
@@ -86,6 +89,42 @@ class SSEDecoder:
         if self._failed is not None and not events:
             raise SSEError(self._failed)
         return events  # a cap overrun behind these events raises on the next call
+
+    def _feed_lf(self, data: bytes) -> list[SSEEvent]:
+        """The common case, same result as _parse: nothing pending and no CR in the chunk, so
+        lines end at LF and events at LF LF; split in C, then read each block's few lines. A
+        chunk no larger than the cap cannot overrun it. The unfinished tail is left for _parse."""
+        events: list[SSEEvent] = []
+        start = pos = 0
+        parts = data.split(b"\n\n")
+        for i in range(len(parts) - 1):
+            part = parts[i]
+            pos += len(part) + 2
+            event: str | None = None
+            values: list[str] | None = None
+            for line in part.split(b"\n"):
+                if line.startswith(b"data:"):
+                    value = (line[6:] if line[5:6] == b" " else line[5:]).decode("utf-8", "replace")
+                    if values is None:
+                        values = [value]
+                    else:
+                        values.append(value)
+                elif line.startswith(b"event:"):
+                    event = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
+                elif line == b"data":
+                    if values is None:
+                        values = [""]
+                    else:
+                        values.append("")
+                elif line == b"event":
+                    event = ""
+            if values is not None or event is not None:
+                events.append(SSEEvent(event, "" if values is None else "\n".join(values), data[start:pos]))
+                start = pos
+        if start < len(data):
+            self._buf += data[start:]
+        self._line = self._search = 0
+        return events
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: a trailing CR ends its line, an unterminated last line counts as a
