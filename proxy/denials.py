@@ -5,14 +5,10 @@ from __future__ import annotations
 
 from proxy.auth import Caller
 from proxy.errors import BudgetExceeded
-from proxy.ledger import Denied
+from proxy.ledger import Denied, in_unit
 from proxy.periods import iso, period_bounds
 
 RETRY_AFTER_MAX_SECONDS = 60  # SDKs sleep for whatever retry-after says: only send it for a near reset
-
-
-def in_unit(dim: str, v: int | float) -> int | float:
-    return round(v / 1e9, 9) if dim == "cost_usd" else v
 
 
 def whose(denied: Denied, caller: Caller) -> str:

@@ -23,6 +23,15 @@ DIMENSIONS = METERED + ("wall_clock",)
 NANOS_PER_USD = 10**9
 
 
+def usd(nanos: int | float) -> float:
+    return round(nanos / NANOS_PER_USD, 9)
+
+
+def in_unit(dim: str, v: int | float) -> int | float:
+    """A dimension's amount as users see it: cost in USD, everything else as stored."""
+    return usd(v) if dim == "cost_usd" else v
+
+
 @dataclass(frozen=True, slots=True)
 class Amounts:
     tokens: int = 0

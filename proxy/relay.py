@@ -21,7 +21,7 @@ from proxy.denials import budget_error, cut_message
 from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.ledger import ZERO, Amounts, Ask, Denied
+from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
 from proxy.meter import REPORTED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError
@@ -58,10 +58,6 @@ class Call:
     generation: int = 0            # the config generation this call was admitted under
     shutting_down: bool = False    # set when the proxy's grace period ends
     upstream: Any = None           # the upstream response while a stream is relayed
-
-
-def usd(nanos: int | float) -> float:
-    return round(nanos / 1e9, 9)
 
 
 class Relay:
@@ -251,11 +247,17 @@ class Relay:
             await self.fail(call, send, "upstream_dropped", UpstreamUnavailable("The upstream connection failed."))
             return
         call.status = resp.status_code
-        usage = self.adapter.usage_from_response(payload) if resp.status_code == 200 else None
-        if usage is None:
-            call.outcome = "completed" if resp.status_code == 200 else f"upstream_{resp.status_code // 100}xx"
+        if resp.status_code != 200:
+            call.outcome = f"upstream_{resp.status_code // 100}xx"
             await self.settle(call, None, Usage())  # an upstream error before any message charges nothing
         else:
+            usage = self.adapter.usage_from_response(payload)
+            if usage is None:
+                # A message came back but says nothing of its usage: charge what was held (the
+                # worst case admission allowed) rather than nothing.
+                call.outcome = "usage_unknown"
+                hold = call.res.admitted.hold
+                usage = Usage(input_tokens=hold.input_tokens, output_tokens=hold.output_tokens)
             await self.settle(call, usage, usage)
         headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})

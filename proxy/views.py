@@ -3,20 +3,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.ledger import METERED, Scope, ScopeState, remaining
+from proxy.ledger import METERED, Scope, ScopeState, in_unit, remaining
 from proxy.periods import iso, period_bounds
-
-
-def _out(dim: str, v: int | float) -> int | float:
-    return round(v / 1e9, 9) if dim == "cost_usd" else v
 
 
 def scope_view(scope: Scope, state: ScopeState, now: float) -> dict[str, Any]:
     lim = scope.limits
-    limit = {d: _out(d, v) for d, v in lim.metered()}
+    limit = {d: in_unit(d, v) for d, v in lim.metered()}
     if lim.wall_clock is not None:
         limit["wall_clock"] = lim.wall_clock
-    used: dict[str, Any] = {d: _out(d, state.used.get(d)) for d in METERED}
+    used: dict[str, Any] = {d: in_unit(d, state.used.get(d)) for d in METERED}
     used["wall_clock"] = round(state.wall_clock_used(now), 3)
     return {
         "scope": scope.kind,
@@ -25,6 +21,6 @@ def scope_view(scope: Scope, state: ScopeState, now: float) -> dict[str, Any]:
         "resets_at": iso(period_bounds(scope.period, now)[1]),
         "limit": limit,
         "used": used,
-        "held": {d: _out(d, state.held.get(d)) for d in METERED},
-        "remaining": {d: _out(d, v) for d, v in remaining(scope, state, now).items()},
+        "held": {d: in_unit(d, state.held.get(d)) for d in METERED},
+        "remaining": {d: in_unit(d, v) for d, v in remaining(scope, state, now).items()},
     }

@@ -204,3 +204,19 @@ async def test_transport_errors_map_to_statuses(exc, status):
     states = await app.state.store.states(app.state.runtime.budgets.scopes_for(
         app.state.runtime.keyring.lookup(ALPHA_KEY)), app.state.clock())
     assert all(s.held.is_zero() and s.used.is_zero() for s in states)  # nothing held, nothing charged
+
+
+async def test_a_message_without_usage_is_charged_its_hold_not_nothing():
+    """A 200 whose body says nothing of its usage must not slip through uncharged."""
+    with respx.MockRouter() as router:
+        router.post(UPSTREAM + "/v1/messages").mock(
+            return_value=httpx.Response(200, json={k: v for k, v in MESSAGE.items() if k != "usage"}))
+        app = _app(router)
+        resp = await _post(app)
+    assert resp.status_code == 200
+    caller = app.state.runtime.keyring.lookup(ALPHA_KEY)
+    key_state, _ = await app.state.store.states(app.state.runtime.budgets.scopes_for(caller), app.state.clock())
+    # the hold: the input estimate plus max_tokens (50)
+    assert key_state.used.output_tokens == 50 and key_state.used.input_tokens > 0 and key_state.used.steps == 1
+    assert key_state.held.is_zero()
+    assert app.state.store.rows[-1].outcome == "usage_unknown"
