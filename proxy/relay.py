@@ -22,10 +22,11 @@ from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
-from proxy.meter import REPORTED
+from proxy.meter import GREW, REPORTED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError
 from proxy.store.base import Reservation, UsageRow
+from proxy.upstream import UpstreamReply, open_upstream
 from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
@@ -36,6 +37,7 @@ log = logging.getLogger("budget_proxy.access")
 # usage and updates every scope, so pushing per event cost ~40% of the SSE relay (bench/RESULTS.md).
 PUSH_INTERVAL_TOKENS = 256
 LARGE_BODY_BYTES = 256 * 1024
+NO_LIMIT = 1 << 62
 
 
 @dataclass(slots=True, eq=False)
@@ -69,7 +71,6 @@ class Relay:
         self.adapter = adapter
         self.provider = adapter.name
         self.route = adapter.path
-        self._urls: dict[str, httpx.URL] = {}
 
     # --- admission ---------------------------------------------------------------------------
     def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
@@ -96,10 +97,10 @@ class Relay:
         if body is None:
             return None
         up = self.state.runtime.upstreams[self.provider]
-        req = httpx.Request("POST", up.base_url + self.adapter.path + "/count_tokens",
-                            headers=upstream_headers(client_headers, self.provider, up.api_key), content=body)
         try:
-            resp = await self.state.transport_for(self.provider).handle_async_request(req)
+            resp = await open_upstream(self.state.transport_for(self.provider),
+                                       up.base_url + self.adapter.path + "/count_tokens",
+                                       upstream_headers(client_headers, self.provider, up.api_key), body)
             raw = await resp.aread()
             await resp.aclose()
             if resp.status_code == 200:
@@ -198,11 +199,10 @@ class Relay:
         up = rt.upstreams[self.provider]
         qs = scope.get("query_string", b"")
         url = up.base_url + self.adapter.path + ("?" + qs.decode("latin-1") if qs else "")
-        req = httpx.Request("POST", self.upstream_url(url),
-                            headers=upstream_headers(scope["headers"], self.provider, up.api_key), content=body)
         t0 = time.perf_counter()
         try:
-            resp = await self.state.transport_for(self.provider).handle_async_request(req)
+            resp = await open_upstream(self.state.transport_for(self.provider), url,
+                                       upstream_headers(scope["headers"], self.provider, up.api_key), body)
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))
             return
@@ -210,9 +210,8 @@ class Relay:
             await self.fail(call, send, "upstream_unreachable", UpstreamUnavailable("The upstream API is unreachable."))
             return
         try:
-            ctype = resp.headers.get("content-type", "")
-            headers = downstream_headers(resp.headers.raw) + self.budget_headers(call)
-            if resp.status_code == 200 and ctype.startswith("text/event-stream"):
+            headers = downstream_headers(resp.headers_raw) + self.budget_headers(call)
+            if resp.status_code == 200 and resp.content_type.startswith("text/event-stream"):
                 await self.pump(call, resp, headers, receive, send, facts)
             else:
                 await self.relay_whole(call, resp, headers, send)
@@ -220,23 +219,13 @@ class Relay:
             await resp.aclose()
             self.state.observe_upstream_seconds(call.route, time.perf_counter() - t0)
 
-    def upstream_url(self, url: str) -> httpx.URL:
-        """httpx parses a URL string in ~40 us; the few upstream URLs are parsed once (bounded:
-        the query string comes from the client)."""
-        u = self._urls.get(url)
-        if u is None:
-            if len(self._urls) >= 64:
-                self._urls.clear()
-            u = self._urls[url] = httpx.URL(url)
-        return u
-
     async def fail(self, call: Call, send: Send, outcome: str, err: ProxyError) -> None:
         """The upstream failed before any message: nothing is charged and the hold is released."""
         call.outcome, call.status = outcome, err.status
         await self.settle(call, None, Usage())
         await send_error(send, err, call.request_id, self.provider)
 
-    async def relay_whole(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
+    async def relay_whole(self, call: Call, resp: UpstreamReply, headers: list[tuple[bytes, bytes]],
                           send: Send) -> None:
         try:
             payload = await resp.aread()
@@ -263,7 +252,7 @@ class Relay:
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def pump(self, call: Call, resp: httpx.Response, headers: list[tuple[bytes, bytes]],
+    async def pump(self, call: Call, resp: UpstreamReply, headers: list[tuple[bytes, bytes]],
                    receive: Receive, send: Send, facts: RequestFacts) -> None:
         """Relay a stream event by event, metering each; cut it in place of the next event when a
         budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
@@ -282,6 +271,8 @@ class Relay:
         call.upstream = resp
         self.state.active_streams.add(call)
         deadline = call.res.deadline
+        state = self.state
+        filters = self.adapter.filters_events
         tail = b""
         try:
             try:
@@ -290,13 +281,15 @@ class Relay:
                     for ev in decoder.feed(chunk):
                         grew = meter.feed(ev)
                         try:
-                            if grew == REPORTED or (grew and meter.live_output_tokens() > call.output_room):
+                            # (the final usage report needs no push: settle follows at once)
+                            if ((grew == REPORTED and not meter.finished)
+                                    or (grew == GREW and meter.live_output_tokens() > call.output_room)):
                                 denied = await self.enforce(call, meter)
                             else:
                                 denied = None
-                            if denied is None and deadline is not None and self.state.clock() >= deadline:
+                            if denied is None and deadline is not None and state.clock() >= deadline:
                                 denied = self.wall_clock_denial(call)
-                            if denied is None and call.generation != self.state.generation:
+                            if denied is None and call.generation != state.generation:
                                 denied = await self.recheck_limits(call)
                         except StoreUnavailable:
                             # Fail closed: a stream the ledger cannot follow is not metered blind.
@@ -312,7 +305,7 @@ class Relay:
                             call.outcome = "cut"
                             self.state.observe_cut(call.caller, denied.dimension)
                             break
-                        if self.adapter.forwardable(ev, facts):
+                        if not filters or self.adapter.forwardable(ev, facts):
                             out.append(ev.raw)
                     if call.outcome in ("cut", "store_unavailable"):
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
@@ -391,6 +384,11 @@ class Relay:
             if rate > 0:
                 base = self.cost(call, replace(u, output_tokens=0))
                 room = min(room, int((hold.cost_nanos - base) // rate))
+        cap = call.output_cap
+        if cap is not None and room >= cap:
+            # The charged output never counts past the cap (capped()), so it can never outgrow
+            # this hold: no more pushes, however far the raw estimate runs past the cap.
+            return NO_LIMIT
         return room
 
     def wall_clock_denial(self, call: Call) -> Denied:

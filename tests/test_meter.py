@@ -456,3 +456,51 @@ def test_pings_and_unknown_events_anywhere_change_nothing(texts, kinds, totals, 
     counted = [t for t, k in zip(texts, kinds) if k != "signature_delta"]
     expected_out = totals[-1] if totals else max(1, est(*counted))
     assert m.final_usage().output_tokens == expected_out
+
+
+# --- the text-delta fast path (read without a JSON parse) ------------------------------------
+
+from proxy.providers.anthropic import _plain_text_delta  # noqa: E402
+
+
+def compact_text_delta(text: str, index: int = 0, ensure_ascii: bool = True) -> str:
+    return json.dumps({"type": "content_block_delta", "index": index,
+                       "delta": {"type": "text_delta", "text": text}},
+                      separators=(",", ":"), ensure_ascii=ensure_ascii)
+
+
+@given(st.text(max_size=80), st.integers(0, 10_000), st.booleans())
+@settings(max_examples=600)
+def test_fast_text_delta_is_the_parsed_text_or_declines(text, index, ensure_ascii):
+    data = compact_text_delta(text, index, ensure_ascii)
+    got = _plain_text_delta(data)
+    if got is not None:
+        assert got == json.loads(data)["delta"]["text"] == text
+    # It declines only where the JSON string has escapes.
+    if "\\" not in data:
+        assert got == text
+
+
+@given(st.text(alphabet=st.sampled_from('ab"\\}{,:x0 '), max_size=40))
+@settings(max_examples=600)
+def test_fast_text_delta_never_reads_a_different_text_than_the_parser(tail):
+    """Any data with the canonical head: where the fast path answers and the JSON is valid,
+    the parser finds the same text; where the JSON is invalid, counting it errs high, never low."""
+    data = '{"type":"content_block_delta","index":' + tail
+    got = _plain_text_delta(data)
+    if got is None:
+        return
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return
+    assert parsed["delta"]["text"] == got
+
+
+def test_meter_counts_the_same_with_and_without_the_fast_path():
+    texts = ["Hello", " wörld ✓", 'say "hi"', "line\nbreak", "", "x" * 50]
+    compact = [SSEEvent("content_block_delta", compact_text_delta(t, ensure_ascii=False), b"") for t in texts]
+    assert sum(_plain_text_delta(e.data) is not None for e in compact) == 4  # the quote and the newline decline
+    fast, _ = feed_all(compact)
+    parsed, _ = feed_all([delta_ev("text_delta", t) for t in texts])
+    assert fast.live_output_tokens() == parsed.live_output_tokens() == est(*texts)

@@ -36,6 +36,7 @@ class Provider(Protocol):
     name: str          # the upstream's name in the config, and the error shape
     path: str          # the upstream path this adapter forwards to
     default_max_tokens: int   # the output hold when the client set no limit
+    filters_events: bool      # False: every stream event is relayed, forwardable() is never asked
 
     def parse_request(self, raw: bytes) -> RequestFacts: ...
     def estimate_input(self, facts: RequestFacts) -> int: ...

@@ -234,6 +234,7 @@ class OpenAIAdapter:
     parse_request = staticmethod(parse_request)
     upstream_body = staticmethod(upstream_body)
     usage_from_response = staticmethod(usage_from_response)
+    filters_events = True  # the usage chunk the proxy asked for is dropped (see forwardable)
     forwardable = staticmethod(forwardable)
     cut_event = staticmethod(cut_event)
 
