@@ -2,9 +2,12 @@
 relay makes them for a JSON request, on a key and its team.
 
     .venv/bin/python bench/store_latency.py [-n 2000] [--redis redis://127.0.0.1:6379/13?prefix=bench:]
+        [--stores memory,sqlite,redis] [--repeat 3]
 
 Prints p50 / p99 of the reserve+settle round trip one request at a time, and the throughput of
-16 concurrent workers. The Redis keys under the prefix are deleted before and after.
+16 concurrent workers with this process's CPU time per request over that run (time.process_time:
+what the store's client costs the proxy; the Redis server's own CPU is not in it). The Redis keys
+under the prefix are deleted before and after.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ async def one(store: Any) -> float:
     return time.perf_counter() - t0
 
 
-async def measure(url: str, n: int, concurrency: int) -> tuple[float, float, float]:
+async def measure(url: str, n: int, concurrency: int) -> tuple[float, float, float, float]:
     store = open_store(url)
     await store.open()
     try:
@@ -53,17 +56,18 @@ async def measure(url: str, n: int, concurrency: int) -> tuple[float, float, flo
             await one(store)
         lat = sorted([await one(store) for _ in range(n)])
         per_worker = n // concurrency
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
 
         async def worker() -> None:
             for _ in range(per_worker):
                 await one(store)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        rate = per_worker * concurrency / (time.perf_counter() - start)
+        done = per_worker * concurrency
+        rate, cpu_us = done / (time.perf_counter() - start), (time.process_time() - cpu0) / done * 1e6
     finally:
         await store.close()
-    return statistics.median(lat) * 1e6, lat[int(len(lat) * 0.99)] * 1e6, rate
+    return statistics.median(lat) * 1e6, lat[int(len(lat) * 0.99)] * 1e6, rate, cpu_us
 
 
 def clear(url: str) -> None:
@@ -87,19 +91,25 @@ def main() -> None:
     p.add_argument("-n", type=int, default=2000)
     p.add_argument("-c", "--concurrency", type=int, default=16)
     p.add_argument("--redis", default="redis://127.0.0.1:6379/13?prefix=bench:")
+    p.add_argument("--stores", default="memory,sqlite,redis", help="comma-separated subset")
+    p.add_argument("--repeat", type=int, default=1, help="measure each store this many times")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        stores = [("memory", "memory://"), ("sqlite (WAL)", f"sqlite:///{tmp}/ledger.db"), ("redis", args.redis)]
+        stores = [("memory", "memory://"), ("sqlite", f"sqlite:///{tmp}/ledger.db"), ("redis", args.redis)]
+        stores = [s for s in stores if s[0] in args.stores.split(",")]
         loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-        print(f"reserve + settle, n={args.n}, {loop}; throughput with {args.concurrency} concurrent workers\n")
-        print(f"{'store':<14}{'p50 µs':>10}{'p99 µs':>10}{'req/s c=' + str(args.concurrency):>14}")
+        parser = "hiredis" if importlib.util.find_spec("hiredis") else "pure Python"
+        print(f"reserve + settle, n={args.n}, {loop}, redis-py parser: {parser}; throughput and CPU per request "
+              f"with {args.concurrency} concurrent workers\n")
+        print(f"{'store':<14}{'p50 µs':>10}{'p99 µs':>10}{'req/s c=' + str(args.concurrency):>14}{'CPU µs/req':>12}")
         for name, url in stores:
-            if url.startswith("redis"):
-                clear(url)
-            p50, p99, rate = run(measure(url, args.n, args.concurrency))
-            if url.startswith("redis"):
-                clear(url)
-            print(f"{name:<14}{p50:>10.0f}{p99:>10.0f}{rate:>14.0f}")
+            for _ in range(args.repeat):
+                if url.startswith("redis"):
+                    clear(url)
+                p50, p99, rate, cpu_us = run(measure(url, args.n, args.concurrency))
+                if url.startswith("redis"):
+                    clear(url)
+                print(f"{name:<14}{p50:>10.0f}{p99:>10.0f}{rate:>14.0f}{cpu_us:>12.0f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ SETTLED_TOMBSTONE_MS = 600_000  # a second settle of one reservation id within t
 
 _PRELUDE = r"""
 local P, HOLD_TTL_MS, LOG_MAX = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+-- ARGV[4] is a JSON array of strings (one argument instead of dozens: cheaper for the client to
+-- send); ARG is ARGV with it spread out, so the scripts below index ARG[4..] as separate arguments
+local ARG = {ARGV[1], ARGV[2], ARGV[3]}
+if ARGV[4] then for i, v in ipairs(cjson.decode(ARGV[4])) do ARG[3 + i] = v end end
 local EXPIRED_KEEP_MS = 86400000
 local TOTALS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2','h3','h4','h5','f'}
 
@@ -82,6 +86,13 @@ local function drop(id, r)
     expire_at(tk, r['x' .. j])
     redis.call('ZREM', P .. 'x:' .. r['t' .. j], id)
   end
+end
+
+local function joined(t) return table.concat(t, ',') end  -- one bulk string: cheap to parse
+local function ints(v)   -- numbers as exact integer strings (tostring would give '1e+15')
+  local t = {}
+  for d = 1, #v do t[d] = I(v[d]) end
+  return t
 end
 
 local function secs(ms) return string.format('%d.%03d', math.floor(ms / 1000), ms % 1000) end
@@ -167,22 +178,22 @@ local function out_cost(out, num, den)
 end
 """
 
-# ARGV[4] id, [5] now, [6] input tokens, [7] input cost, [8] max_tokens, [9]/[10] output rate
+# ARG[4] id, [5] now, [6] input tokens, [7] input cost, [8] max_tokens, [9]/[10] output rate
 # num/den, [11] team, [12] key, [13] n; per scope 8: totals key, keep ms, 6 limits ('' = none)
 _RESERVE = r"""
-local id, now_s = ARGV[4], ARGV[5]
-local now, input, input_cost, max_tokens = tonumber(now_s), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local num, den, n = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[13])
+local id, now_s = ARG[4], ARG[5]
+local now, input, input_cost, max_tokens = tonumber(now_s), tonumber(ARG[6]), tonumber(ARG[7]), tonumber(ARG[8])
+local num, den, n = tonumber(ARG[9]), tonumber(ARG[10]), tonumber(ARG[13])
 local ts, xs, lims = {}, {}, {}
 for j = 1, n do
   local b = 13 + (j - 1) * 8
-  ts[j], xs[j], lims[j] = ARGV[b + 1], ARGV[b + 2], {}
-  for d = 1, 6 do lims[j][d] = opt(ARGV[b + 2 + d]) end
+  ts[j], xs[j], lims[j] = ARG[b + 1], ARG[b + 2], {}
+  for d = 1, 6 do lims[j][d] = opt(ARG[b + 2 + d]) end
 end
 local rk = P .. 'r:' .. id
 local r = hgetall(rk)
 if r.st == 'live' then
-  return flat_states(push({'A', r.out}, unpack(vec(r, 'h'))), read_states(ts))
+  return joined(flat_states(push({'A', r.out}, unpack(ints(vec(r, 'h')))), read_states(ts)))
 elseif r.st or redis.call('EXISTS', P .. 'd:' .. id) == 1 then
   return redis.error_reply('ERR reservation id already used')
 end
@@ -212,15 +223,15 @@ for j = 1, n do
         fits = cap == nil or cap >= need_out
         if cap ~= nil and cap < out then out = cap end
       end
-      if not fits then return flat_states({'D', I(j), I(d)}, states) end
+      if not fits then return joined(flat_states({'D', I(j), I(d)}, states)) end
     end
   end
-  if L[6] and wall_clock_spent(st, L[6], now) then return flat_states({'D', I(j), '6'}, states) end
+  if L[6] and wall_clock_spent(st, L[6], now) then return joined(flat_states({'D', I(j), '6'}, states)) end
 end
 out = math.max(out, 0)
 local hold = {input + out, input, out, input_cost + out_cost(out, num, den), 1}
 local e = I(now_ms + HOLD_TTL_MS)
-local rec = {'st', 'live', 'n', I(n), 'out', I(out), 'e', e, 'at', I(now_ms), 'team', ARGV[11], 'key', ARGV[12]}
+local rec = {'st', 'live', 'n', I(n), 'out', I(out), 'e', e, 'at', I(now_ms), 'team', ARG[11], 'key', ARG[12]}
 local keep = 0
 for j = 1, n do
   local tk, xk = P .. 't:' .. ts[j], P .. 'x:' .. ts[j]
@@ -237,20 +248,20 @@ end
 for d = 1, 5 do push(rec, 'h' .. d, I(hold[d]), 'c' .. d, '0') end
 redis.call('HSET', rk, unpack(rec))
 if keep and keep > 0 then redis.call('PEXPIREAT', rk, I(keep)) end
-return flat_states(push({'A', I(out)}, unpack(hold)), states)
+return joined(flat_states(push({'A', I(out)}, unpack(ints(hold))), states))
 """
 
-# ARGV[4] id, [5] now, [6..10] charged so far (>= 0), [11] n; per scope 6 limits ('' = none)
+# ARG[4] id, [5] now, [6..10] charged so far (>= 0), [11] n; per scope 6 limits ('' = none)
 _CHARGE = r"""
-local id, now = ARGV[4], tonumber(ARGV[5])
+local id, now = ARG[4], tonumber(ARG[5])
 local rk = P .. 'r:' .. id
 local r = hgetall(rk)
-if not r.st then return {'G'} end
+if not r.st then return 'G' end
 local n, ts, now_ms = tonumber(r.n), {}, server_ms()
 for j = 1, n do ts[j] = r['t' .. j] end
 if r.st ~= 'live' then
   purge_all(ts, now_ms)
-  return flat_states({'X'}, read_states(ts))
+  return joined(flat_states({'X'}, read_states(ts)))
 end
 local e = I(now_ms + HOLD_TTL_MS)   -- renew first: the purge below must not expire a request that is alive
 redis.call('HSET', rk, 'e', e)
@@ -259,7 +270,7 @@ purge_all(ts, now_ms)
 local states = read_states(ts)
 local hold, old, charged, new_hold, growth, grows = vec(r, 'h'), vec(r, 'c'), {}, {}, {}, false
 for d = 1, 5 do
-  charged[d] = tonumber(ARGV[5 + d])
+  charged[d] = tonumber(ARG[5 + d])
   new_hold[d] = math.max(hold[d], charged[d])
   growth[d] = new_hold[d] - hold[d]
   if growth[d] ~= 0 then grows = true end
@@ -268,13 +279,13 @@ if grows then
   for j = 1, n do
     local b, st = 11 + (j - 1) * 6, states[j]
     for d = 1, 5 do
-      local limit = opt(ARGV[b + d])
+      local limit = opt(ARG[b + d])
       if limit and growth[d] > 0 and st.used[d] + st.held[d] + growth[d] > limit then
-        return flat_states({'D', I(j), I(d)}, states)
+        return joined(flat_states({'D', I(j), I(d)}, states))
       end
     end
-    local wc = opt(ARGV[b + 6])
-    if wc and wall_clock_spent(st, wc, now) then return flat_states({'D', I(j), '6'}, states) end
+    local wc = opt(ARG[b + 6])
+    if wc and wall_clock_spent(st, wc, now) then return joined(flat_states({'D', I(j), '6'}, states)) end
   end
 end
 local old_free, new_free, dc, dh = free_of(hold, old), free_of(new_hold, charged), {}, {}
@@ -290,18 +301,18 @@ for d = 1, 5 do push(rec, 'h' .. d, I(new_hold[d]), 'c' .. d, I(charged[d])) end
 redis.call('HSET', rk, unpack(rec))
 local reply = {'OK'}
 for d = 1, 5 do reply[#reply + 1] = I(new_hold[d]) end
-return reply
+return joined(reply)
 """
 
-# ARGV[4] id, [5..9] actual, [10] n; per scope 2: totals key, keep ms (used only if the
+# ARG[4] id, [5..9] actual, [10] n; per scope 2: totals key, keep ms (used only if the
 # reservation is unknown); then usage-row field/value pairs
 _SETTLE = r"""
-local id = ARGV[4]
+local id = ARG[4]
 if redis.call('EXISTS', P .. 'd:' .. id) == 1 then return 'already' end
 local rk = P .. 'r:' .. id
 local r = hgetall(rk)
 local actual = {}
-for d = 1, 5 do actual[d] = tonumber(ARGV[4 + d]) end
+for d = 1, 5 do actual[d] = tonumber(ARG[4 + d]) end
 local outcome, ts = 'settled', {}
 if r.st == 'live' then
   local hold, charged = vec(r, 'h'), vec(r, 'c')
@@ -325,8 +336,8 @@ elseif r.st == 'expired' then   -- its charges at expiry were settled then: add 
   end
   outcome = 'late'
 else                             -- unknown here (its tombstone aged out): count it, never lose it
-  for j = 1, tonumber(ARGV[10]) do
-    local t, x = ARGV[9 + 2 * j], ARGV[10 + 2 * j]
+  for j = 1, tonumber(ARG[10]) do
+    local t, x = ARG[9 + 2 * j], ARG[10 + 2 * j]
     hincr(P .. 't:' .. t, 's', actual, 1)
     expire_at(P .. 't:' .. t, keep_until(x, server_ms()))
     ts[j] = t
@@ -335,15 +346,15 @@ else                             -- unknown here (its tombstone aged out): count
 end
 redis.call('DEL', rk)
 redis.call('SET', P .. 'd:' .. id, '1', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) + r"""')
-local row = 11 + 2 * tonumber(ARGV[10])
-if #ARGV >= row then redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(ARGV, row)) end
+local row = 11 + 2 * tonumber(ARG[10])
+if #ARG >= row then redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(ARG, row)) end
 purge_all(ts, server_ms())
 return outcome
 """
 
-# ARGV[4] id
+# ARG[4] id
 _RELEASE = r"""
-local id = ARGV[4]
+local id = ARG[4]
 if redis.call('EXISTS', P .. 'd:' .. id) == 1 then return 'already' end
 local rk = P .. 'r:' .. id
 local r = hgetall(rk)
@@ -354,11 +365,11 @@ redis.call('SET', P .. 'd:' .. id, '1', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) +
 return 'released'
 """
 
-# ARGV[4..] ids; answers the ids that are no longer live
+# ARG[4..] ids; answers the ids that are no longer live
 _RENEW = r"""
 local e, lost = I(server_ms() + HOLD_TTL_MS), {}
-for i = 4, #ARGV do
-  local id = ARGV[i]
+for i = 4, #ARG do
+  local id = ARG[i]
   local rk = P .. 'r:' .. id
   local v = redis.call('HMGET', rk, 'st', 'n', 't1', 't2')
   if v[1] == 'live' then
@@ -373,22 +384,22 @@ end
 return lost
 """
 
-# ARGV[4] n, then n totals keys
+# ARG[4] n, then n totals keys
 _STATES = r"""
 local ts = {}
-for j = 1, tonumber(ARGV[4]) do ts[j] = ARGV[4 + j] end
+for j = 1, tonumber(ARG[4]) do ts[j] = ARG[4 + j] end
 purge_all(ts, server_ms())
-return flat_states({}, read_states(ts))
+return joined(flat_states({}, read_states(ts)))
 """
 
-# ARGV[4] totals key, [5] keep ms: settled := 0 and the wall clock restarts; requests in flight keep
+# ARG[4] totals key, [5] keep ms: settled := 0 and the wall clock restarts; requests in flight keep
 # their holds and running charges (they are still spending) and settle normally
 _RESET = r"""
-local t, now_ms = ARGV[4], server_ms()
+local t, now_ms = ARG[4], server_ms()
 local tk = P .. 't:' .. t
 purge(t, now_ms)
 redis.call('HDEL', tk, 's1', 's2', 's3', 's4', 's5', 'f')
-expire_at(tk, keep_until(ARGV[5], now_ms))
+expire_at(tk, keep_until(ARG[5], now_ms))
 return 'ok'
 """
 
