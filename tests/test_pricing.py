@@ -430,3 +430,27 @@ def test_pricing_is_pure():
     imported |= {n.module.split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
     assert imported <= {"__future__", "sys", "collections", "dataclasses", "datetime", "decimal", "typing", "pydantic"}
+
+
+# --- cost_nanos in integers against an exact rational reference ------------------------------
+
+_rate = st.decimals(min_value=0, max_value=10**6, places=12, allow_nan=False, allow_infinity=False)
+
+
+@given(st.tuples(_rate, _rate, _rate, _rate, _rate), _rate,
+       st.tuples(*[st.integers(0, 10**9)] * 5), st.integers(0, 10**4))
+def test_cost_nanos_is_the_exact_rational_cost_rounded_up(rates, search_rate, tokens, searches):
+    from fractions import Fraction
+    from proxy.usage import Usage
+
+    price = pricing.ModelPrice(pricing.Rates(*rates), web_search_per_1k=search_rate)
+    u = Usage(tokens[0], tokens[1], tokens[2], tokens[3], tokens[4], searches)
+    r = pricing.Rates(*rates)
+    exact = (Fraction(u.input_tokens) * Fraction(r.input) + Fraction(u.cache_write_5m_tokens) * Fraction(r.cache_write_5m)
+             + Fraction(u.cache_write_1h_tokens) * Fraction(r.cache_write_1h)
+             + Fraction(u.cache_read_tokens) * Fraction(r.cache_read)
+             + Fraction(u.output_tokens) * Fraction(r.output)) * 1000 + Fraction(searches) * Fraction(search_rate) * 10**6
+    assert pricing.cost_nanos(price, u) == math.ceil(exact)
+    for i, kind in enumerate(pricing.INPUT_KINDS):
+        rate = (r.input, r.cache_write_5m, r.cache_write_1h, r.cache_read)[i]
+        assert pricing.input_cost_nanos(price, tokens[0], kind) == math.ceil(Fraction(tokens[0]) * Fraction(rate) * 1000)
