@@ -8,8 +8,18 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
+    _second = -1
+    _stamp = ""
+
+    def _time(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:  # one strftime a second, not one a request
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "Z"
+            self._second = second
+        return self._stamp
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+        out = {"time": self._time(record.created),
                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
