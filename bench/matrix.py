@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from bench import payloads, procs, wrk
-from bench.targets import KEY, Server, Workspace
+from bench.targets import KEY, Server, Workspace, redis_up
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ PLAN = {  # target -> modes, in the order each round runs them
     "httpx-aiohttp": ("json16", "sse16", "json1"),
     "httpx": ("json16", "sse16", "json1"),
     "proxy-memory": ("json16", "sse16"),
+    "proxy-redis": ("json16", "sse16"),  # the local Redis (bench.targets.REDIS_URL); skipped when it is down
 }
 
 
@@ -114,6 +115,9 @@ def run_rounds(ws: Workspace, upstreams: dict[str, Server], rounds: int, seconds
                say: Callable[[str], None]) -> dict[tuple[str, str], list[Sample]]:
     samples: dict[tuple[str, str], list[Sample]] = defaultdict(list)
     order = list(PLAN)
+    if "proxy-redis" in order and not redis_up():
+        say("  no Redis at 127.0.0.1:6379: proxy-redis skipped")
+        order.remove("proxy-redis")
     for rnd in range(rounds):
         for target in (order if rnd % 2 == 0 else order[::-1]):  # alternate to spread drift evenly
             for kind in ("nginx", "paced"):

@@ -64,9 +64,9 @@ def get(cells: Cells, mode: str, target: str, attr: str) -> float | None:
     return None if c is None else getattr(c, attr)
 
 
-def per_round(samples: Samples, mode: str, target: str) -> str:
+def per_round(samples: Samples, mode: str, target: str, ref: str = REF) -> str:
     """target ÷ the reference within each round (both ran minutes apart at most), by CPU per request."""
-    pairs = zip(samples.get((mode, REF), []), samples.get((mode, target), []))
+    pairs = zip(samples.get((mode, ref), []), samples.get((mode, target), []))
     return ", ".join(f(ref.cpu_per_req_us / s.cpu_per_req_us) for ref, s in pairs)
 
 
@@ -78,6 +78,12 @@ def targets_section(cells: Cells, samples: Samples, scale: list[ScaleResult]) ->
         rc = ratio(get(cells, mode, REF, "cpu_us"), get(cells, mode, "proxy", "cpu_us"))
         lines.append(f"| {label}: proxy ÷ aiohttp pass-through | req/s {f(r)}, CPU-normalised {f(rc)} "
                      f"(per round: {per_round(samples, mode, 'proxy')}) | ≥ 0.60 |")
+    for mode in ("json16", "sse16"):
+        r = ratio(get(cells, mode, "proxy-redis", "rps"), get(cells, mode, "proxy", "rps"))
+        rc = ratio(get(cells, mode, "proxy", "cpu_us"), get(cells, mode, "proxy-redis", "cpu_us"))
+        lines.append(f"| {MODES[mode].label}: Redis store: proxy on redis ÷ proxy on SQLite | req/s {f(r)}, "
+                     f"CPU-normalised {f(rc)} (per round: {per_round(samples, mode, 'proxy-redis', 'proxy')}) "
+                     f"| ≥ 0.80 |")
     for mode in ("json1", "sse1"):
         added = (get(cells, mode, "proxy", "p50_ms") or 0) - (get(cells, mode, "direct", "p50_ms") or 0)
         lines.append(f"| {MODES[mode].label}: added p50, proxy − direct | {f(added)} ms | ≤ 1 ms |")

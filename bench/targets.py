@@ -3,6 +3,7 @@ core), each started fresh from a workspace in a temp dir that holds configs, bod
 SQLite ledger and every log."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,11 @@ LABELS = {
     "httpx": "pass-through: httpx stock",
     "proxy": "proxy, full enforcement",
     "proxy-memory": "proxy, memory:// store (diagnostic)",
+    "proxy-redis": "proxy, redis:// store",
 }
+# proxy-redis: the local Redis, a DB the tests do not use (they use 13), and a key prefix of its own
+# per start (bench-PID-PORT:), deleted when that proxy stops; nothing else on the server is touched.
+REDIS_URL, REDIS_DB = "redis://127.0.0.1:6379", 12
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PYTHONPATH": str(ROOT)}  # `python -m bench.x` from any working directory
@@ -36,10 +41,35 @@ class Server:
     url: str
     pid: int
     proc: procs.Proc | None  # None when this bench did not start it for this target
+    redis_prefix: str | None = None  # proxy-redis: its keys, deleted once it has stopped
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+        if self.redis_prefix is not None:
+            clear_redis(self.redis_prefix)
+
+
+def redis_up() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}", socket_connect_timeout=1.0).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def clear_redis(prefix: str) -> None:
+    """Delete the keys under `prefix` (one proxy-redis start's), never anything else."""
+    import redis
+
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}", socket_connect_timeout=1.0)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i:i + 1000])
+    finally:
+        client.close()
 
 
 def proxy_yaml(upstream_url: str, store: str) -> str:
@@ -48,7 +78,7 @@ def proxy_yaml(upstream_url: str, store: str) -> str:
   anthropic:
     base_url: {upstream_url}
     api_key: bench-upstream-key
-store: {store}
+store: "{store}"
 admission:
   clamp_max_tokens: true
 server:
@@ -96,9 +126,14 @@ class Workspace:
         if name == "direct":
             return Server("direct", upstream.url, upstream.pid, None)
         port = procs.free_port()
+        prefix = None
         if name.startswith("proxy"):
             config = self.root / f"proxy-{port}.yaml"
             store = "memory://" if name == "proxy-memory" else f"sqlite:///{ledger or self.ledger}"
+            if name == "proxy-redis":
+                prefix = f"bench-{os.getpid()}-{port}:"
+                clear_redis(prefix)
+                store = f"{REDIS_URL}/{REDIS_DB}?prefix={prefix}"
             config.write_text(proxy_yaml(upstream.url, store))
             serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"]
             cmd = [str(BIN / "budget-proxy"), *serve] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree), *serve]
@@ -108,5 +143,10 @@ class Workspace:
                    "--port", str(port)]
             log = self.logs / f"{name}.log"
         proc = procs.start(name, cmd, SERVER_CORE, log, ENV)
-        procs.wait_port(proc, port)
-        return Server(name, f"http://127.0.0.1:{port}", proc.pid, proc)
+        server = Server(name, f"http://127.0.0.1:{port}", proc.pid, proc, prefix)
+        try:
+            procs.wait_port(proc, port)
+        except BaseException:
+            server.stop()
+            raise
+        return server
