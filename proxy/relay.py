@@ -31,11 +31,13 @@ from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
 
-# A stream pushes its running charge to the store at least every this many estimated tokens, so
-# /budget shows streams in flight. This only bounds how stale that view is: growth past the hold
-# is checked at the very event, and reported usage is pushed when it comes. Each push prices the
-# usage and updates every scope, so pushing per event cost ~40% of the SSE relay (bench/RESULTS.md).
+# A stream pushes its running charge to the store every this many estimated tokens, but no more
+# than once per PUSH_INTERVAL_SECONDS, so /budget shows streams in flight. This only bounds how
+# stale that view is: the hold already covers the stream, growth past the hold is checked at the
+# very event, and reported usage is pushed when it comes. Each push prices the usage and updates
+# every scope (on Redis, a round trip), so pushing per event cost ~40% of the SSE relay.
 PUSH_INTERVAL_TOKENS = 256
+PUSH_INTERVAL_SECONDS = 1.0
 LARGE_BODY_BYTES = 256 * 1024
 NO_LIMIT = 1 << 62
 
@@ -53,6 +55,8 @@ class Call:
     res: Reservation
     clamped_to: int | None
     output_room: int = -1          # live output within the hold and the push interval (see enforce)
+    hold_room: int = -1            # live output within the hold (NO_LIMIT: the cap fits in it)
+    pushed_at: float = 0.0         # when the running charge was last pushed to the store
     client_gone: bool = False
     outcome: str = "completed"
     status: int = 0
@@ -282,11 +286,15 @@ class Relay:
                         grew = meter.feed(ev)
                         try:
                             # (the final usage report needs no push: settle follows at once)
-                            if ((grew == REPORTED and not meter.finished)
-                                    or (grew == GREW and meter.live_output_tokens() > call.output_room)):
-                                denied = await self.enforce(call, meter)
-                            else:
-                                denied = None
+                            denied = None
+                            if grew == REPORTED:
+                                if not meter.finished:
+                                    denied = await self.enforce(call, meter)
+                            elif grew == GREW and (live := meter.live_output_tokens()) > call.output_room:
+                                if live > call.hold_room or state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS:
+                                    denied = await self.enforce(call, meter)
+                                else:  # inside the hold, and pushed less than a second ago
+                                    call.output_room = min(call.hold_room, live + PUSH_INTERVAL_TOKENS)
                             if denied is None and deadline is not None and state.clock() >= deadline:
                                 denied = self.wall_clock_denial(call)
                             if denied is None and call.generation != state.generation:
@@ -369,16 +377,18 @@ class Relay:
         only compares one integer per event (see pump)."""
         u = self.capped(call, meter.live_usage())
         amounts = Amounts.of_usage(u, self.cost(call, u), 1)
-        denied = await self.state.store.charge(call.res, amounts, self.state.clock())
+        now = self.state.clock()
+        denied = await self.state.store.charge(call.res, amounts, now)
         if denied is None:
-            call.output_room = self.output_room(call, u)
+            call.hold_room = self.hold_room(call, u)
+            call.output_room = min(call.hold_room, u.output_tokens + PUSH_INTERVAL_TOKENS)
+            call.pushed_at = now
         return denied
 
-    def output_room(self, call: Call, u: Usage) -> int:
-        """The live output figure up to which this stream stays inside its hold in every
-        dimension (and within one push interval of the store's view)."""
+    def hold_room(self, call: Call, u: Usage) -> int:
+        """The live output figure up to which this stream stays inside its hold in every dimension."""
         hold = call.res.hold
-        room = min(hold.output_tokens, hold.tokens - u.total_input_tokens, u.output_tokens + PUSH_INTERVAL_TOKENS)
+        room = min(hold.output_tokens, hold.tokens - u.total_input_tokens)
         if call.price is not None:
             rate = pricing_mod.output_nanos_per_token(call.price, u.total_input_tokens)
             if rate > 0:
@@ -387,7 +397,7 @@ class Relay:
         cap = call.output_cap
         if cap is not None and room >= cap:
             # The charged output never counts past the cap (capped()), so it can never outgrow
-            # this hold: no more pushes, however far the raw estimate runs past the cap.
+            # this hold, however far the raw estimate runs past the cap.
             return NO_LIMIT
         return room
 
