@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from decimal import Decimal
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from proxy.usage import Usage
 
@@ -32,8 +32,10 @@ def in_unit(dim: str, v: int | float) -> int | float:
     return usd(v) if dim == "cost_usd" else v
 
 
-@dataclass(frozen=True, slots=True)
-class Amounts:
+class Amounts(NamedTuple):
+    """Per metered dimension, in tokens, nanos and steps. Immutable; a tuple underneath because a
+    frozen dataclass costs ~1 µs to build and every request builds a dozen of these."""
+
     tokens: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -41,37 +43,45 @@ class Amounts:
     steps: int = 0
 
     def get(self, dim: str) -> int:
-        return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
+        return self[_DIM_INDEX[dim]]
 
-    def __add__(self, o: Amounts) -> Amounts:
-        return Amounts(self.tokens + o.tokens, self.input_tokens + o.input_tokens,
-                       self.output_tokens + o.output_tokens, self.cost_nanos + o.cost_nanos,
-                       self.steps + o.steps)
+    # Arithmetic builds the result with tuple.__new__ directly: no per-field keyword handling.
+    def __add__(self, o: Amounts) -> Amounts:  # type: ignore[override]
+        a, b, c, d, e = self
+        f, g, h, i, j = o
+        return _new(Amounts, (a + f, b + g, c + h, d + i, e + j))
 
     def __sub__(self, o: Amounts) -> Amounts:
-        return Amounts(self.tokens - o.tokens, self.input_tokens - o.input_tokens,
-                       self.output_tokens - o.output_tokens, self.cost_nanos - o.cost_nanos,
-                       self.steps - o.steps)
+        a, b, c, d, e = self
+        f, g, h, i, j = o
+        return _new(Amounts, (a - f, b - g, c - h, d - i, e - j))
 
     def max(self, o: Amounts) -> Amounts:
-        return Amounts(max(self.tokens, o.tokens), max(self.input_tokens, o.input_tokens),
-                       max(self.output_tokens, o.output_tokens), max(self.cost_nanos, o.cost_nanos),
-                       max(self.steps, o.steps))
+        a, b, c, d, e = self
+        f, g, h, i, j = o
+        return _new(Amounts, (a if a >= f else f, b if b >= g else g, c if c >= h else h, d if d >= i else i,
+                              e if e >= j else j))
 
     def nonneg(self) -> Amounts:
-        return self.max(ZERO)
+        a, b, c, d, e = self
+        if a >= 0 and b >= 0 and c >= 0 and d >= 0 and e >= 0:
+            return self
+        return _new(Amounts, (a if a > 0 else 0, b if b > 0 else 0, c if c > 0 else 0, d if d > 0 else 0,
+                              e if e > 0 else 0))
 
     def is_zero(self) -> bool:
         return self == ZERO
 
     def as_tuple(self) -> tuple[int, int, int, int, int]:
-        return (self.tokens, self.input_tokens, self.output_tokens, self.cost_nanos, self.steps)
+        return tuple(self)  # type: ignore[return-value]
 
     @classmethod
     def of_usage(cls, usage: Usage, cost_nanos: int, steps: int) -> Amounts:
-        return cls(usage.total_tokens, usage.total_input_tokens, usage.output_tokens, cost_nanos, steps)
+        return _new(cls, (usage.total_tokens, usage.total_input_tokens, usage.output_tokens, cost_nanos, steps))
 
 
+_new = tuple.__new__
+_DIM_INDEX = {"tokens": 0, "input_tokens": 1, "output_tokens": 2, "cost_usd": 3, "cost_nanos": 3, "steps": 4}
 ZERO = Amounts()
 
 
@@ -88,7 +98,19 @@ class Limits:
         return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
 
     def metered(self) -> list[tuple[str, int]]:
-        return [(d, v) for d in METERED if (v := self.get(d)) is not None]  # type: ignore[misc]
+        """(dimension, limit) for every limited metered dimension, in METERED order."""
+        out: list[tuple[str, int]] = []
+        if self.tokens is not None:
+            out.append(("tokens", self.tokens))
+        if self.input_tokens is not None:
+            out.append(("input_tokens", self.input_tokens))
+        if self.output_tokens is not None:
+            out.append(("output_tokens", self.output_tokens))
+        if self.cost_nanos is not None:
+            out.append(("cost_usd", self.cost_nanos))
+        if self.steps is not None:
+            out.append(("steps", self.steps))
+        return out
 
     def any(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
@@ -103,8 +125,7 @@ class Scope:
     period: str    # none | hour | day | week | month
 
 
-@dataclass(frozen=True, slots=True)
-class ScopeState:
+class ScopeState(NamedTuple):
     used: Amounts = ZERO
     held: Amounts = ZERO
     first_request_at: float | None = None
@@ -123,8 +144,7 @@ class Ask:
     output_nanos_per_token: Decimal    # at the rate that applies to this request; 0 when unpriced
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     hold: Amounts
     output_tokens: int   # output tokens the hold covers (<= max_tokens)
     clamped: bool        # the hold covers less than the client's max_tokens

@@ -12,10 +12,18 @@ def period_bounds(period: str, now: float) -> tuple[float, float | None]:
     """(start, end) of the period containing `now`, as epoch seconds; `none` is (0, None)."""
     if period == "none":
         return 0.0, None
-    # Boundaries are whole seconds: flooring first keeps an instant just before one in its period
-    # (fromtimestamp would round to the nearest microsecond). Every request asks this for each of
-    # its scopes, so the answer is remembered per second.
-    return _bounds(period, math.floor(now))
+    # Every request asks this for each of its scopes: the period last answered is reused while `now`
+    # is inside it. Boundaries are whole seconds, so start <= now < end is exactly floor(now) in it.
+    current = _current.get(period)
+    if current is not None and current[0] <= now < current[1]:  # type: ignore[operator]
+        return current
+    # Flooring first keeps an instant just before a boundary in its period (fromtimestamp would
+    # round to the nearest microsecond).
+    current = _current[period] = _bounds(period, math.floor(now))
+    return current
+
+
+_current: dict[str, tuple[float, float | None]] = {}
 
 
 @lru_cache(maxsize=256)

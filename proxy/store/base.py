@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any, Protocol, Sequence
 
-from proxy.ledger import Admitted, Amounts, Ask, Denied, Scope, ScopeState
+from proxy.ledger import ZERO, Admitted, Amounts, Ask, Denied, Scope, ScopeState
 
 
 @dataclass(slots=True)
@@ -17,7 +17,7 @@ class Reservation:
     period_starts: tuple[float, ...]
     admitted: Admitted
     hold: Amounts
-    charged: Amounts = field(default_factory=Amounts)
+    charged: Amounts = ZERO
     deadline: float | None = None      # wall-clock budget deadline (epoch seconds)
     settled: bool = False
     # tightest limit - used - held across scopes right after admission, for x-budget-remaining-*

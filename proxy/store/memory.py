@@ -36,6 +36,10 @@ class Book:
     def period_key(scope: Scope, now: float) -> PeriodKey:
         return scope.id, period_bounds(scope.period, now)[0]
 
+    @staticmethod
+    def period_keys(scopes: Sequence[Scope], now: float) -> list[PeriodKey]:
+        return [(s.id, period_bounds(s.period, now)[0]) for s in scopes]
+
     def has(self, key: PeriodKey) -> bool:
         return key in self.totals
 
@@ -53,24 +57,32 @@ class Book:
         return self._totals(self.period_key(scope, now)).state()
 
     def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
-        keys = [self.period_key(s, now) for s in scopes]
+        return self.reserve_in(scopes, self.period_keys(scopes, now), ask, now, request_id)
+
+    def reserve_in(self, scopes: Sequence[Scope], keys: list[PeriodKey], ask: Ask, now: float,
+                   request_id: str) -> Reservation | Denied:
+        """reserve() in the periods `keys` (Book.period_keys(scopes, now)), for a caller that has them."""
         totals = [self._totals(k) for k in keys]
-        pairs = [(s, t.state()) for s, t in zip(scopes, totals)]
+        states = [t.state() for t in totals]
+        pairs = list(zip(scopes, states))
         decision = admit(ask, pairs, now)
         if isinstance(decision, Denied):
             return decision
+        hold = decision.hold
         for t in totals:
-            t.held = t.held + decision.hold
+            t.held = t.held + hold
             if t.first_request_at is None:
                 t.first_request_at = now
+        # a reservation changes no scope's used: only held needs reading again
+        after = [ScopeState(st.used, t.held) for t, st in zip(totals, states)]
         res = Reservation(
             id=request_id,
             scopes=tuple(scopes),
-            period_starts=tuple(k[1] for k in keys),
+            period_starts=tuple([k[1] for k in keys]),
             admitted=decision,
-            hold=decision.hold,
+            hold=hold,
             deadline=wall_clock_deadline(pairs, now),
-            remaining=tightest_remaining(scopes, [t.state() for t in totals]),
+            remaining=tightest_remaining(scopes, after),
         )
         self.in_flight[request_id] = res
         return res
@@ -85,15 +97,15 @@ class Book:
         new_hold = res.hold.max(charged)
         growth = new_hold - res.hold
         totals = self._reserved_totals(res)
-        if not growth.is_zero():
+        if growth != ZERO:
             denied = check_growth(growth, [(s, t.state()) for s, t in zip(res.scopes, totals)], now)
             if denied is not None:
                 return denied
-        old_free = (res.hold - res.charged).nonneg()
-        new_free = (new_hold - charged).nonneg()
+        charged_delta = charged - res.charged
+        free_delta = (new_hold - charged).nonneg() - (res.hold - res.charged).nonneg()
         for t in totals:
-            t.charged = t.charged + (charged - res.charged)
-            t.held = t.held + (new_free - old_free)
+            t.charged = t.charged + charged_delta
+            t.held = t.held + free_delta
         res.hold, res.charged = new_hold, charged
         return None
 
@@ -103,12 +115,19 @@ class Book:
         if res.settled or res.id not in self.in_flight:
             return False
         res.settled = True
-        free = (res.hold - res.charged).nonneg()
-        for t in self._reserved_totals(res):
-            t.charged = t.charged - res.charged
-            t.held = t.held - free
-            t.settled = t.settled + actual
-        self.in_flight.pop(res.id, None)
+        charged = res.charged
+        if charged == ZERO:  # nothing charged while in flight (every non-streamed request)
+            free = res.hold.nonneg()
+            for t in self._reserved_totals(res):
+                t.held = t.held - free
+                t.settled = t.settled + actual
+        else:
+            free = (res.hold - charged).nonneg()
+            for t in self._reserved_totals(res):
+                t.charged = t.charged - charged
+                t.held = t.held - free
+                t.settled = t.settled + actual
+        del self.in_flight[res.id]
         return True
 
     def reset(self, scope: Scope, now: float) -> None:
@@ -120,13 +139,21 @@ class Book:
 
 
 def tightest_remaining(scopes: Sequence[Scope], states: Sequence[ScopeState]) -> dict[str, int]:
+    """Per reported dimension (x-budget-remaining-*), the least limit - used - held across scopes, never below 0."""
     out: dict[str, int] = {}
     for scope, state in zip(scopes, states):
+        used, held = state.used, state.held
         for dim, limit in scope.limits.metered():
-            if dim in ("tokens", "cost_usd", "steps"):
-                room = max(0, limit - state.used.get(dim) - state.held.get(dim))
-                out[dim] = min(out.get(dim, room), room)
+            if dim in _REPORTED:
+                room = limit - used.get(dim) - held.get(dim)
+                if room < 0:
+                    room = 0
+                if dim not in out or room < out[dim]:
+                    out[dim] = room
     return out
+
+
+_REPORTED = frozenset(("tokens", "cost_usd", "steps"))
 
 
 class MemoryStore:
