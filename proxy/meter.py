@@ -8,7 +8,7 @@ max_tokens is the hard bound.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
@@ -27,14 +27,28 @@ class StreamMeter(Protocol):
     def feed(self, event: SSEEvent) -> int:
         """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
 
+    def feed_events(self, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
+        """Feed events[start:] until one REPORTED usage or took the live output past `room`;
+        return (the index after that event, REPORTED or GREW), or (len(events), UNCHANGED).
+        The relay decides only at those events, so this loop is the per-event cost."""
+
     def live_output_tokens(self) -> int:
-        """live_usage().output_tokens, cheaply: the relay asks it at every content event."""
+        """live_usage().output_tokens, cheaply."""
 
     def live_usage(self) -> Usage:
         """Best current figure: reported where known, the running estimate for output otherwise."""
 
     def final_usage(self) -> Usage:
         """What to settle: the reported usage when the provider reported it, else the live figure."""
+
+
+def feed_events(meter: StreamMeter, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
+    """StreamMeter.feed_events for any meter, one feed() at a time."""
+    for i in range(start, len(events)):
+        grew = meter.feed(events[i])
+        if grew == REPORTED or (grew == GREW and meter.live_output_tokens() > room):
+            return i + 1, grew
+    return len(events), UNCHANGED
 
 
 class OutputEstimate:

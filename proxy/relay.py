@@ -281,45 +281,40 @@ class Relay:
         try:
             try:
                 async for chunk in resp.aiter_raw():
-                    out: list[bytes] = []
-                    for ev in decoder.feed(chunk):
-                        grew = meter.feed(ev)
+                    events = decoder.feed(chunk)
+                    n = len(events)
+                    done = 0  # events[:done] are metered and will be relayed
+                    cut: bytes | None = None
+                    while done < n:
+                        # The meter runs through the chunk's events until one needs a decision.
+                        done, grew = meter.feed_events(events, done, call.output_room)
                         try:
-                            # (the final usage report needs no push: settle follows at once)
-                            denied = None
-                            if grew == REPORTED:
-                                if not meter.finished:
-                                    denied = await self.enforce(call, meter)
-                            elif grew == GREW and (live := meter.live_output_tokens()) > call.output_room:
-                                if live > call.hold_room or state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS:
-                                    denied = await self.enforce(call, meter)
-                                else:  # inside the hold, and pushed less than a second ago
-                                    call.output_room = min(call.hold_room, live + PUSH_INTERVAL_TOKENS)
-                            if denied is None and deadline is not None and state.clock() >= deadline:
-                                denied = self.wall_clock_denial(call)
-                            if denied is None and call.generation != state.generation:
-                                denied = await self.recheck_limits(call)
+                            denied = await self.check(call, meter, grew, deadline)
                         except StoreUnavailable:
                             # Fail closed: a stream the ledger cannot follow is not metered blind.
-                            out.append(self.adapter.cut_event(
-                                "the budget ledger is unavailable; the stream was cut", error_type="api_error",
-                                error_code="store_unavailable"))
+                            cut = self.adapter.cut_event("the budget ledger is unavailable; the stream was cut",
+                                                         error_type="api_error", error_code="store_unavailable")
                             call.outcome = "store_unavailable"
+                        else:
+                            if denied is not None and not meter.finished:
+                                # (a message already finished is not cut: nothing is left to stop, and
+                                # its reported usage settles as reported)
+                                cut = self.adapter.cut_event(cut_message(denied, call.caller))
+                                call.outcome = "cut"
+                                state.observe_cut(call.caller, denied.dimension)
+                        if cut is not None:
+                            done -= 1  # the cut takes the place of the event that ran the budget out
                             break
-                        if denied is not None and not meter.finished:
-                            # (a message already finished is not cut: nothing is left to stop, and
-                            # its reported usage settles as reported)
-                            out.append(self.adapter.cut_event(cut_message(denied, call.caller)))
-                            call.outcome = "cut"
-                            self.state.observe_cut(call.caller, denied.dimension)
-                            break
-                        if not filters or self.adapter.forwardable(ev, facts):
-                            out.append(ev.raw)
-                    if call.outcome in ("cut", "store_unavailable"):
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
+                    relayed = events[:done] if done < n else events
+                    if filters:
+                        out = b"".join([ev.raw for ev in relayed if self.adapter.forwardable(ev, facts)])
+                    else:
+                        out = b"".join([ev.raw for ev in relayed])
+                    if cut is not None:
+                        await send({"type": "http.response.body", "body": out + cut, "more_body": False})
                         return
                     if out:
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
                 rest = decoder.flush()
                 for ev in rest:
                     meter.feed(ev)
@@ -348,6 +343,26 @@ class Relay:
             if not meter.usage_reported:
                 usage = self.capped(call, usage)
             await asyncio.shield(self.settle(call, usage if meter.started else None, usage))
+
+    async def check(self, call: Call, meter: Any, grew: int, deadline: float | None) -> Denied | None:
+        """After the meter stopped at an event (or ran out of events): push, and decide whether
+        the stream may go on. Raises StoreUnavailable when the store cannot be reached."""
+        state = self.state
+        denied = None
+        if grew == REPORTED:
+            if not meter.finished:  # (the final usage report needs no push: settle follows at once)
+                denied = await self.enforce(call, meter)
+        elif grew == GREW:  # the live output passed call.output_room
+            live = meter.live_output_tokens()
+            if live > call.hold_room or state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS:
+                denied = await self.enforce(call, meter)
+            else:  # inside the hold, and pushed less than a second ago
+                call.output_room = min(call.hold_room, live + PUSH_INTERVAL_TOKENS)
+        if denied is None and deadline is not None and state.clock() >= deadline:
+            denied = self.wall_clock_denial(call)
+        if denied is None and call.generation != state.generation:
+            denied = await self.recheck_limits(call)
+        return denied
 
     async def recheck_limits(self, call: Call) -> Denied | None:
         """After a reload: adopt the new limits for this call, and cut it if a scope is now overspent."""

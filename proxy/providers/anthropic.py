@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
@@ -177,6 +177,27 @@ class AnthropicStreamMeter:
             except (ValueError, KeyError, TypeError, RecursionError):
                 self.upstream_error = "error"
         return UNCHANGED
+
+    def feed_events(self, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
+        # feed() inlined for the text deltas that make up most of a stream: the live output
+        # passes `room` exactly when the reported figure or ceil(bytes / 3) does.
+        limit_bytes = -1 if self._reported.output_tokens > room else 3 * room
+        estimate = self._estimate
+        for i in range(start, len(events)):
+            ev = events[i]
+            if ev[0] == "content_block_delta":
+                text = _plain_text_delta(ev[1])
+                if text is not None:
+                    if text:
+                        estimate.bytes += (len(text) if text.isascii()
+                                           else len(text.encode("utf-8", "surrogatepass")))
+                        if estimate.bytes > limit_bytes:
+                            return i + 1, GREW
+                    continue
+            grew = self.feed(ev)
+            if grew == REPORTED or (grew == GREW and self.live_output_tokens() > room):
+                return i + 1, grew
+        return len(events), UNCHANGED
 
     def live_output_tokens(self) -> int:
         return max(self._reported.output_tokens, self._estimate.tokens)

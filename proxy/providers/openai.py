@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_openai_input_tokens
-from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
+from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate, feed_events
 from proxy.providers import RequestFacts, json_object
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
@@ -199,6 +199,9 @@ class OpenAIStreamMeter:
                     if isinstance(text, str) and text:
                         self._estimate.add(text)
         return self._estimate.bytes > before
+
+    def feed_events(self, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
+        return feed_events(self, events, start, room)
 
     def live_output_tokens(self) -> int:
         r = self._reported
