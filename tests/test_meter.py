@@ -504,3 +504,36 @@ def test_meter_counts_the_same_with_and_without_the_fast_path():
     fast, _ = feed_all(compact)
     parsed, _ = feed_all([delta_ev("text_delta", t) for t in texts])
     assert fast.live_output_tokens() == parsed.live_output_tokens() == est(*texts)
+
+
+# --- feed_events: the batch loop the relay drives -------------------------------------------
+
+from proxy.meter import feed_events as feed_events_one_by_one  # noqa: E402
+
+_event_st = st.one_of(
+    st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t, ensure_ascii=False), b""),
+              st.text(max_size=30)),
+    st.builds(lambda t: delta_ev("text_delta", t), st.text(max_size=30)),
+    st.builds(lambda t: delta_ev("input_json_delta", t), st.text(max_size=30)),
+    st.builds(lambda n: start_ev(input_tokens=10, output_tokens=n), st.integers(0, 40)),
+    st.builds(lambda n: msg_delta_ev(output_tokens=n), st.integers(0, 80)),
+    st.just(SSEEvent("ping", '{"type":"ping"}', b"")),
+    st.just(SSEEvent("content_block_delta", "not json", b"")),
+)
+
+
+@given(st.lists(_event_st, max_size=25), st.lists(st.integers(-1, 60), min_size=1, max_size=25))
+@settings(max_examples=500)
+def test_anthropic_feed_events_stops_where_feeding_one_by_one_does(events, rooms):
+    fast, slow = AnthropicStreamMeter(), AnthropicStreamMeter()
+    i = j = 0
+    for room in rooms * (len(events) + 1):
+        if i >= len(events):
+            break
+        i, a = fast.feed_events(events, i, room)
+        j, b = feed_events_one_by_one(slow, events, j, room)
+        assert (i, a) == (j, b)
+        assert fast.live_usage() == slow.live_usage()
+        if a == GREW:
+            assert fast.live_output_tokens() > room
+    assert fast.final_usage() == slow.final_usage() and fast.finished == slow.finished
