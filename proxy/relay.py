@@ -181,7 +181,7 @@ class Relay:
             raise InvalidRequest("The request body could not be rewritten to fit the budget.") from None
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
                     output_cap=clamped_to if clamped_to is not None else facts.max_tokens,
-                    generation=self.state.generation)
+                    generation=self.state.generation, pushed_at=now)  # (the reserve told the store)
         return call, raw, facts
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -387,17 +387,21 @@ class Relay:
         return u if cap is None or u.output_tokens <= cap else replace(u, output_tokens=cap)
 
     async def enforce(self, call: Call, meter: Any) -> Denied | None:
-        """Push the running charge to the store (which may grow the hold or refuse: a cut), then
-        work out how far output may grow before the next push is due. Between pushes the relay
-        only compares one integer per event (see pump)."""
+        """Push the running charge to the store when it outgrows the hold (the store may grow
+        the hold or refuse: a cut) or the last push is a second old, then work out how far
+        output may grow before the next decision. Between decisions the meter compares one
+        integer per event (see pump)."""
         u = self.capped(call, meter.live_usage())
         amounts = Amounts.of_usage(u, self.cost(call, u), 1)
         now = self.state.clock()
-        denied = await self.state.store.charge(call.res, amounts, now)
+        if now - call.pushed_at < PUSH_INTERVAL_SECONDS and call.res.hold.max(amounts) == call.res.hold:
+            denied = None  # inside the hold, and the store heard from this call less than a second ago
+        else:
+            denied = await self.state.store.charge(call.res, amounts, now)
+            call.pushed_at = now
         if denied is None:
             call.hold_room = self.hold_room(call, u)
             call.output_room = min(call.hold_room, u.output_tokens + PUSH_INTERVAL_TOKENS)
-            call.pushed_at = now
         return denied
 
     def hold_room(self, call: Call, u: Usage) -> int:
