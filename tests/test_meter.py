@@ -537,3 +537,32 @@ def test_anthropic_feed_events_stops_where_feeding_one_by_one_does(events, rooms
         if a == GREW:
             assert fast.live_output_tokens() > room
     assert fast.final_usage() == slow.final_usage() and fast.finished == slow.finished
+
+
+# --- the usage of a whole (non-streamed) reply ----------------------------------------------
+
+from proxy.providers.anthropic import usage_from_response  # noqa: E402
+
+_json_leaf = st.one_of(st.integers(0, 10**6), st.text(max_size=12), st.none(), st.booleans())
+_json_value = st.recursive(_json_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4),
+    st.dictionaries(st.sampled_from(["usage", "text", "input_tokens", "output_tokens", "a"]), inner, max_size=4)),
+    max_leaves=12)
+_usage_obj = st.fixed_dictionaries({}, optional={"input_tokens": st.integers(0, 10**6),
+                                                 "output_tokens": st.integers(0, 10**6),
+                                                 "cache_read_input_tokens": st.integers(0, 10**6)})
+
+
+@given(st.dictionaries(st.sampled_from(["id", "content", "usage", "model", "stop_reason", "x"]), _json_value,
+                       max_size=5),
+       st.one_of(st.none(), _usage_obj), st.booleans(), st.sampled_from([(",", ":"), (", ", ": ")]))
+@settings(max_examples=600)
+def test_reply_usage_is_what_a_full_parse_finds(members, usage, usage_last, separators):
+    body = dict(members)
+    if usage is not None:
+        body.pop("usage", None)
+        body = {**body, "usage": usage} if usage_last else {"usage": usage, **body}
+    raw = json.dumps(body, separators=separators, ensure_ascii=False).encode()
+    full = body.get("usage")
+    expected = usage_from(full) if isinstance(full, dict) else None
+    assert usage_from_response(raw) == expected

@@ -78,9 +78,32 @@ def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
     )
 
 
+_USAGE_KEY = b'"usage":'
+_decode_at = json.JSONDecoder().raw_decode
+
+
+def _trailing_usage(raw: bytes) -> Any:
+    """The reply's usage object when it is the last member of the top-level object (the API's
+    own order), read without parsing the content before it; None otherwise. Sound: the bytes
+    '"usage":' cannot occur inside a JSON string (its quotes would be escaped), and an object
+    followed by nothing but '}' closes the document, so it is a top-level member, and the last
+    one, which is the one a parser keeps."""
+    at = raw.rfind(_USAGE_KEY)
+    if at == -1:
+        return None
+    try:
+        text = raw[at + len(_USAGE_KEY):].decode()
+        usage, end = _decode_at(text, len(text) - len(text.lstrip()))
+    except (ValueError, RecursionError):
+        return None
+    return usage if isinstance(usage, dict) and text[end:].strip() == "}" else None
+
+
 def usage_from_response(raw: bytes) -> Usage | None:
-    obj = json_object(raw)
-    usage = None if obj is None else obj.get("usage")
+    usage = _trailing_usage(raw)
+    if usage is None:
+        obj = json_object(raw)
+        usage = None if obj is None else obj.get("usage")
     return usage_from(usage) if isinstance(usage, dict) else None
 
 
