@@ -401,7 +401,10 @@ class Relay:
             call.pushed_at = now
         if denied is None:
             call.hold_room = self.hold_room(call, u)
-            call.output_room = min(call.hold_room, u.output_tokens + PUSH_INTERVAL_TOKENS)
+            if call.output_cap is not None and u.output_tokens >= call.output_cap:
+                call.output_room = call.hold_room  # the charged output is at its cap: nothing left to push
+            else:
+                call.output_room = min(call.hold_room, u.output_tokens + PUSH_INTERVAL_TOKENS)
         return denied
 
     def hold_room(self, call: Call, u: Usage) -> int:

@@ -282,24 +282,41 @@ def test_cut_at_a_running_usage_delta_settles_that_reported_total(start, sim):
     assert_no_holds(proxy)
 
 
-def test_running_charge_is_pushed_while_the_stream_flows(start, sim):
+class TickingClock:
+    """A fake clock: each reading is `step` seconds after the last."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 1_700_000_000.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("step", [1.0, 0.0])
+def test_running_charge_is_pushed_while_the_stream_flows_at_most_once_a_second(start, sim, step):
     """In flight, the store's `used` trails the live usage by less than one push interval
-    (PUSH_INTERVAL_TOKENS) and used + held covers the hold."""
-    proxy = start(teams=teams(key_budget={"tokens": 10**6}))
-    sim.queue(Reply(chunks=[CHUNK] * 20, input_tokens=25, gate="mid", gate_after=10))
-    with client(proxy).messages.stream(model=MODEL, max_tokens=500, messages=MSG) as s:
+    (PUSH_INTERVAL_TOKENS) once a second has passed since the last push (step=1: every clock
+    reading is a second later); within the second (step=0: the clock stands still) only growth
+    past the hold is pushed. Either way used + held is the hold."""
+    proxy = start(teams=teams(key_budget={"tokens": 10**6}), clock=TickingClock(step))
+    sim.queue(Reply(chunks=[CHUNK] * 100, input_tokens=25, gate="mid", gate_after=80))
+    with client(proxy).messages.stream(model=MODEL, max_tokens=5000, messages=MSG) as s:
         it = iter(s.text_stream)
-        for _ in range(10):
+        for _ in range(80):
             next(it)
         assert sim.wait_at_gate("mid", 1)
-        live = 25 + 10 * PER_DELTA
+        live = 25 + 80 * PER_DELTA
         st = key_state(proxy)
-        assert live - PUSH_INTERVAL_TOKENS < st.used.tokens <= live
+        if step:
+            assert live - PUSH_INTERVAL_TOKENS < st.used.tokens <= live
+        else:  # only message_start reached the store (its input, 25 > the estimate, grew the hold)
+            assert EST < 25 and st.used.output_tokens == 1 and st.used.tokens == 26
         assert st.used.steps == 1 and st.used.input_tokens == 25
-        assert st.used.tokens + st.held.tokens == EST + 500   # the footprint is the hold
+        assert st.used.tokens + st.held.tokens == EST + 5000   # the footprint is the hold
         sim.open_gate("mid")
         rest = "".join(it)
-    assert rest == CHUNK * 10
+    assert rest == CHUNK * 20
     [row] = wait_rows(proxy, 1)
     assert row.outcome == "completed"
     assert_no_holds(proxy)
