@@ -174,6 +174,20 @@ def _row(entry: dict[str, str]) -> UsageRow:
     return UsageRow(**{k: conv(entry.get(k, "0" if conv is not str else "")) for k, conv in _ROW_TYPES.items()})
 
 
+MAX_BATCH = 64  # items per batch script call: Redis serves nobody else while one runs
+
+
+class _Item:
+    """One reserve / charge / settle / release waiting for its batch. A settle (res set) is finished by
+    the flusher itself, whatever becomes of its caller: landed, or handed to the background retry."""
+
+    __slots__ = ("call", "args", "fut", "res", "row")
+
+    def __init__(self, op: str, args: list[str], fut: asyncio.Future[str],
+                 res: Reservation | None = None, row: UsageRow | None = None) -> None:
+        self.call, self.args, self.fut, self.res, self.row = [op, *args], args, fut, res, row
+
+
 class RedisStore:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "budget-proxy:",
                  hold_ttl: float = 15.0, renew_every: float = 5.0, log_max: int = 100_000,
@@ -187,6 +201,9 @@ class RedisStore:
         self._live: dict[str, Reservation] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._retries: set[asyncio.Task[None]] = set()
+        # reserve / charge / settle / release calls waiting for the next batch, and the task sending them
+        self._queue: list[_Item] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisStore:
@@ -220,6 +237,7 @@ class RedisStore:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
             self._renewer = None
+        await self._drain()  # the settlements already accepted land first
         if self._retries:
             await asyncio.wait(self._retries, timeout=5.0)
             for task in self._retries:
@@ -227,10 +245,11 @@ class RedisStore:
             await asyncio.gather(*self._retries, return_exceptions=True)
         for res in [r for r in self._live.values() if not r.settled]:
             try:
-                await self._call("release", [res.id])
+                await self.release(res)
                 log.warning("redis store closed with request %s in flight: hold released, charges kept", res.id)
             except StoreUnavailable:
                 pass  # its hold expires on its own
+        await self._drain()
         self._live.clear()
         if self._client is not None:
             await self._client.aclose()
@@ -244,7 +263,7 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(UNAVAILABLE) from exc
 
-    async def _call(self, name: str, args: Sequence[str]) -> Any:
+    async def _call(self, name: str, args: Sequence[Any]) -> Any:
         if self._client is None:
             raise StoreUnavailable(UNAVAILABLE)
         payload = _payload(args)  # one argument: redis-py packs each argument in Python
@@ -258,6 +277,83 @@ class RedisStore:
             log.error("redis store: %s failed: %s", name, exc.__class__.__name__)
             raise StoreUnavailable(UNAVAILABLE) from exc
 
+    # --- batching ------------------------------------------------------------------------
+    # As SqliteStore's group commit: a call made while nothing is in flight is sent at once (no timer);
+    # calls made while a batch is in flight wait and go together in the next one, one script call
+    # running them in arrival order. One batch is in flight at a time.
+    def _submit(self, op: str, args: list[str], res: Reservation | None = None,
+                row: UsageRow | None = None) -> asyncio.Future[str]:
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(op, args, fut, res, row))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return fut
+
+    async def _one(self, op: str, args: list[str]) -> str:
+        """The reply of one reserve / charge / release; StoreUnavailable if its batch or the item failed."""
+        reply = await self._submit(op, args)
+        if reply[:1] == "!":
+            log.error("redis store: %s failed: %s", op, reply[1:])
+            raise StoreUnavailable(UNAVAILABLE)
+        return reply
+
+    async def _flush(self) -> None:
+        batch: list[_Item] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                # a reserve or charge whose caller has gone (cancelled) is not sent; settles and releases are
+                batch = [it for it in batch if it.call[0] in ("s", "l") or not it.fut.done()]
+                if batch:
+                    try:
+                        replies = await self._call_batch([it.call for it in batch])
+                    except StoreUnavailable as exc:
+                        for it in batch:
+                            self._answer(it, None, exc)
+                    else:
+                        for it, reply in zip(batch, replies):
+                            self._answer(it, reply, None)
+                    batch = []
+                # one loop turn: the callers just answered queue their next call (a reserve's settle)
+                # into the next batch instead of each starting one; nothing waits on a timer
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the loop is going away: fail what has not been answered
+            for it in batch + self._queue:
+                self._answer(it, None, StoreUnavailable(UNAVAILABLE), retry=False)
+            self._queue = []
+            raise
+        finally:
+            self._flusher = None
+
+    def _answer(self, it: _Item, reply: str | None, error: StoreUnavailable | None, retry: bool = True) -> None:
+        if it.res is not None:  # a settle: finished here
+            if reply is not None and reply[:1] != "!":
+                self._settled(it.res, reply)
+            elif retry:
+                if reply is not None:
+                    log.error("redis store: settle failed: %s", reply[1:])
+                self._defer_settle(it.res, it.args, it.row)
+            else:
+                self._unsettled(it.res, it.args, it.row)
+            if not it.fut.done():
+                it.fut.set_result("")
+        elif not it.fut.done():
+            if reply is not None:
+                it.fut.set_result(reply)
+            else:
+                it.fut.set_exception(error or StoreUnavailable(UNAVAILABLE))
+
+    async def _drain(self) -> None:
+        while self._flusher is not None:
+            await asyncio.wait([self._flusher])
+
+    async def _call_batch(self, calls: list[list[str]]) -> list[str]:
+        replies = (await self._call("batch", calls)).split(";")
+        if len(replies) != len(calls):
+            log.error("redis store: batch of %d answered %d replies", len(calls), len(replies))
+            raise StoreUnavailable(UNAVAILABLE)
+        return replies
+
     # --- the protocol --------------------------------------------------------------------
     async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
         starts = [period_bounds(s.period, now)[0] for s in scopes]
@@ -268,7 +364,7 @@ class RedisStore:
                 _num(ask.max_tokens), str(num), str(den), team, key, str(len(scopes))]
         for s, start in zip(scopes, starts):
             args += [_totals_key(s, start), _keep_ms(s, now), *_limits(s)]
-        reply = _split(await self._call("reserve", args))
+        reply = _split(await self._one("r", args))
         if reply[0] == "D":
             j, dim = int(reply[1]) - 1, DIMENSIONS[int(reply[2]) - 1]
             return _denied(scopes[j], _states(reply[3:])[j], dim, _admit_needed(dim, ask), now)
@@ -289,7 +385,7 @@ class RedisStore:
         args = [res.id, repr(float(now)), *(_num(v) for v in charged.as_tuple()), str(len(res.scopes))]
         for s in res.scopes:
             args += _limits(s)
-        reply = _split(await self._call("charge", args))
+        reply = _split(await self._one("c", args))
         if reply[0] == "OK":
             res.hold, res.charged = Amounts(*(int(x) for x in reply[1:6])), charged
             return None
@@ -314,15 +410,14 @@ class RedisStore:
         for s, start in zip(res.scopes, res.period_starts):
             args += [_totals_key(s, start), _keep_ms(s, start)]
         args += _row_args(row)
-        try:
-            outcome = await self._call("settle", args)
-        except StoreUnavailable:
-            log.warning("redis store: settle of %s deferred; retrying in the background", res.id)
-            task = asyncio.ensure_future(self._retry_settle(res, args, row))
-            self._retries.add(task)
-            task.add_done_callback(self._retries.discard)
-            return
-        self._settled(res, outcome)
+        # landed or deferred by the flusher, even if this caller is cancelled meanwhile
+        await self._submit("s", args, res, row)
+
+    def _defer_settle(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
+        log.warning("redis store: settle of %s deferred; retrying in the background", res.id)
+        task = asyncio.ensure_future(self._retry_settle(res, args, row))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     def _settled(self, res: Reservation, outcome: str) -> None:
         self._live.pop(res.id, None)
@@ -338,14 +433,20 @@ class RedisStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 8.0)
                 try:
-                    outcome = await self._call("settle", args)
+                    outcome = (await self._call_batch([["s", *args]]))[0]
                 except StoreUnavailable:
+                    continue
+                if outcome[:1] == "!":
+                    log.error("redis store: settle failed: %s", outcome[1:])
                     continue
                 log.info("redis store: deferred settle of %s landed (attempt %d)", res.id, attempt)
                 self._settled(res, outcome)
                 return
         except asyncio.CancelledError:
             pass
+        self._unsettled(res, args, row)
+
+    def _unsettled(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
         self._live.pop(res.id, None)
         log.error("redis store: UNSETTLED request %s (its charges so far count when its hold expires): %s",
                   res.id, json.dumps({"actual": _actual_of(args), "row": asdict(row) if row else None}))
@@ -356,7 +457,7 @@ class RedisStore:
         if res.settled:
             return
         res.settled = True
-        await self._call("release", [res.id])
+        await self._one("l", [res.id])
         self._live.pop(res.id, None)
 
     async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]:

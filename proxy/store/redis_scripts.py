@@ -1,14 +1,11 @@
 """The Lua scripts of the Redis store (see redis.py for the key layout and the semantics).
-Each runs atomically inside Redis: `ledger.admit` / `ledger.check_growth` transcribed."""
+Each runs atomically inside Redis: `ledger.admit` / `ledger.check_growth` transcribed. Reserve,
+charge, settle and release are functions of one script, "batch", that runs a list of them in order."""
 
 SETTLED_TOMBSTONE_MS = 600_000  # a second settle of one reservation id within this is a no-op
 
 _PRELUDE = r"""
 local P, HOLD_TTL_MS, LOG_MAX = ARGV[1], tonumber(ARGV[2]), ARGV[3]
--- ARGV[4] is a JSON array of strings (one argument instead of dozens: cheaper for the client to
--- send); ARG is ARGV with it spread out, so the scripts below index ARG[4..] as separate arguments
-local ARG = {ARGV[1], ARGV[2], ARGV[3]}
-if ARGV[4] then for i, v in ipairs(cjson.decode(ARGV[4])) do ARG[3 + i] = v end end
 local EXPIRED_KEEP_MS = 86400000
 local TOTALS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2','h3','h4','h5','f'}
 
@@ -126,6 +123,13 @@ local function purge_all(ts, now_ms)
 end
 """
 
+# ARGV[4] is a JSON array of strings (one argument instead of dozens: cheaper for the client to
+# send); ARG is ARGV with it spread out, so the scripts below index ARG[4..] as separate arguments
+_FLAT = r"""
+local ARG = {ARGV[1], ARGV[2], ARGV[3]}
+if ARGV[4] then for i, v in ipairs(cjson.decode(ARGV[4])) do ARG[3 + i] = v end end
+"""
+
 # Exact integer arithmetic for the output rate num/den: products of two integers < 2^53 as
 # base-10^7 limbs (column sums stay below 2^53), compared exactly; float estimates corrected.
 _EXACT = r"""
@@ -195,7 +199,7 @@ local r = hgetall(rk)
 if r.st == 'live' then
   return joined(flat_states(push({'A', r.out}, unpack(ints(vec(r, 'h')))), read_states(ts)))
 elseif r.st or redis.call('EXISTS', P .. 'd:' .. id) == 1 then
-  return redis.error_reply('ERR reservation id already used')
+  return '!ERR reservation id already used'
 end
 local now_ms = server_ms()
 for j = 1, n do xs[j] = keep_until(xs[j], now_ms) end
@@ -403,6 +407,34 @@ expire_at(tk, keep_until(ARG[5], now_ms))
 return 'ok'
 """
 
-SCRIPTS = {name: _PRELUDE + body for name, body in (
-    ("reserve", _EXACT + _RESERVE), ("charge", _CHARGE), ("settle", _SETTLE), ("release", _RELEASE),
-    ("renew", _RENEW), ("states", _STATES), ("reset", _RESET))}
+
+def _op(name: str, body: str) -> str:
+    """One operation as a Lua function of its own ARG (ARGV[1..3], then the item's arguments)."""
+    return f"local function {name}(ARG)\n{body}\nend\n"
+
+
+# ARGV[4] is a JSON array of items [op, arguments...] (op r reserve, c charge, s settle, l release),
+# run one after the other in this order, each exactly as it would run alone: item k sees what items
+# 1..k-1 wrote. Answers the items' replies joined by ';' (none contains one); an item that fails
+# answers '!' and the error (its own: the items after it still run; the reserve of a used id is one).
+_BATCH = r"""
+local OPS = {r = reserve, c = charge, s = settle, l = release}
+local out = {}
+for i, item in ipairs(cjson.decode(ARGV[4])) do
+  local A = {ARGV[1], ARGV[2], ARGV[3]}
+  for k = 2, #item do A[k + 2] = item[k] end
+  local ok, reply = pcall(OPS[item[1]], A)
+  if not ok then
+    if type(reply) == 'table' then reply = reply.err end
+    reply = '!' .. string.gsub(tostring(reply), ';', ',')
+  end
+  out[i] = reply
+end
+return table.concat(out, ';')
+"""
+
+SCRIPTS = {
+    "batch": _PRELUDE + _EXACT + _op("reserve", _RESERVE) + _op("charge", _CHARGE) + _op("settle", _SETTLE)
+    + _op("release", _RELEASE) + _BATCH,
+    **{name: _PRELUDE + _FLAT + body for name, body in (("renew", _RENEW), ("states", _STATES), ("reset", _RESET))},
+}
