@@ -1,0 +1,277 @@
+"""The Redis store's batching: calls made while a batch is in flight go to Redis together, as one
+script call that runs them in arrival order. Each item must answer exactly what it would have
+answered alone, in that order (the reference: MemoryStore fed the same calls one by one).
+
+Every test records the batches the store sends, and asserts they really held several items: a
+test that passes because nothing was batched proves nothing. Real Redis (DB 13, fresh prefix).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from proxy.errors import StoreUnavailable
+from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
+from proxy.store.base import Reservation
+from proxy.store.memory import MemoryStore
+from proxy.store.redis import RedisStore
+from tests.test_store_contract import (T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
+                                       rns, scope, state, team, until)
+
+
+class Sent(list):  # type: ignore[type-arg]
+    """Every batch a store sends: a list of calls [op, arguments...] (r reserve, c charge, s settle, l release)."""
+
+    def ops(self) -> list[list[str]]:
+        return [[c[0] for c in batch] for batch in self]
+
+
+def record_batches(s: RedisStore) -> Sent:
+    sent = Sent()
+    inner = s._call_batch
+
+    async def spy(calls: list[list[str]]) -> list[str]:
+        sent.append([list(c) for c in calls])
+        return await inner(calls)
+
+    s._call_batch = spy  # type: ignore[method-assign]
+    return sent
+
+
+async def test_a_lone_call_is_sent_at_once_as_a_batch_of_one(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    sent = record_batches(s)
+    try:
+        res = await reserve_one(s, [key(tokens=1_000)], ask(10, 10))
+        await s.settle(res, amounts(10, 5), row(res.id))
+        assert sent.ops() == [["r"], ["s"]]
+    finally:
+        await s.close()
+
+
+async def reserve_one(s: Any, scopes: list[Scope], a: Ask) -> Reservation:
+    res = await s.reserve(scopes, a, T0, next(ids))
+    assert isinstance(res, Reservation), res
+    return res
+
+
+async def test_one_batch_admits_in_arrival_order_and_a_denied_item_changes_nothing(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    sent = record_batches(s)
+    k, t = key(input_tokens=100), team(steps=4)
+    try:
+        # input 40, 50 fit the key's 100; 20 does not (90 held); 10 does; the 5th request is past the team's 4 steps
+        asks = [ask(40, 1), ask(50, 1), ask(20, 1), ask(10, 1), ask(0, 1), ask(0, 1)]
+        got = await asyncio.gather(*(s.reserve([k, t], a, T0, f"arrival-{i}") for i, a in enumerate(asks)))
+        assert sent.ops() == [["r"] * 6]
+        assert [isinstance(r, Reservation) for r in got] == [True, True, False, True, True, False]
+        assert isinstance(got[2], Denied) and (got[2].scope, got[2].dimension, got[2].held) == (k, "input_tokens", 90)
+        assert isinstance(got[5], Denied) and (got[5].scope, got[5].dimension, got[5].held) == (t, "steps", 4)
+        held = Amounts(104, 100, 4, 0, 4)
+        assert await s.states([k, t], T0) == [ScopeState(ZERO, held, T0)] * 2  # both scopes or neither
+    finally:
+        await s.close()
+
+
+async def test_a_settle_batch_with_a_duplicate_id_counts_it_once(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    k = key(tokens=10_000)
+    try:
+        flights = [await reserve_one(s, [k], ask(100, 100)) for _ in range(3)]
+        sent = record_batches(s)
+        twin = replace(flights[1], settled=False)  # another copy of the same reservation (a retry)
+        await asyncio.gather(s.settle(flights[0], amounts(100, 10), row(flights[0].id)),
+                             s.settle(flights[1], amounts(100, 20), row(flights[1].id)),
+                             s.settle(twin, amounts(100, 20), row(flights[1].id)),
+                             s.settle(flights[2], amounts(100, 30), row(flights[2].id)))
+        assert sent.ops() == [["s"] * 4]
+        assert await state(s, k) == ScopeState(Amounts(360, 300, 60, 0, 3), ZERO, T0)
+        assert [r.request_id for r in await s.usage_log()] == [f.id for f in flights]
+        assert not s._live
+    finally:
+        await s.close()
+
+
+async def test_a_used_id_fails_only_its_own_item(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    k = key(tokens=10_000)
+    try:
+        old = await reserve_one(s, [k], ask(10, 10))
+        await s.settle(old, amounts(10, 10), None)
+        sent = record_batches(s)
+        got = await asyncio.gather(s.reserve([k], ask(10, 10), T0, "fresh-1"),
+                                   s.reserve([k], ask(10, 10), T0, old.id),
+                                   s.reserve([k], ask(10, 10), T0, "fresh-2"), return_exceptions=True)
+        assert sent.ops() == [["r"] * 3]
+        assert isinstance(got[0], Reservation) and isinstance(got[2], Reservation)
+        assert isinstance(got[1], StoreUnavailable)
+        assert (await state(s, k)).held == Amounts(40, 20, 20, 0, 2)
+    finally:
+        await s.close()
+
+
+RATES = [Decimal(0), Decimal("0.3"), Decimal("3.75"), Decimal("0.000000123")]
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_concurrent_calls_answer_exactly_what_one_by_one_calls_answer(rns: Namespace, seed: int) -> None:
+    """Rounds of concurrent reserves, charges, settles (some duplicated) on shared scopes with binding
+    limits, against MemoryStore fed the same calls one by one in the same order."""
+    rng = random.Random(seed)
+    s, ref = await opened(rns.url), MemoryStore()
+    sent = record_batches(s)
+    keys = [Scope("key", f"k{i}", f"key:t/k{i}", Limits(rng.randint(2_000, 20_000), None, None,
+                                                       rng.randint(10**5, 10**6), rng.randint(10, 60)), "none")
+            for i in range(3)]
+    t = Scope("team", "t", "team:t", Limits(30_000, None, 20_000, 2 * 10**6, 100), "day")
+    flights: list[tuple[Reservation, Reservation]] = []
+    try:
+        for rnd in range(12):
+            calls: list[tuple[Any, Any]] = []  # (redis call, reference call), issued in this order
+            busy: set[str] = set()
+            for i in range(rng.randint(8, 30)):  # with duplicated settles at most 60: one batch (MAX_BATCH 64)
+                op = rng.random()
+                free = [f for f in flights if f[0].id not in busy]
+                if op < 0.5 or not free:
+                    a = Ask(rng.randint(0, 400), rng.randint(0, 10**4), rng.randint(1, 1_500), rng.choice(RATES))
+                    scopes, rid = [rng.choice(keys), t], f"b{seed}_{rnd}_{i}"
+                    calls.append((s.reserve(scopes, a, T0, rid), ref.reserve(scopes, a, T0, rid)))
+                    continue
+                got, want = free[rng.randrange(len(free))]
+                busy.add(got.id)
+                if op < 0.7:
+                    c = Amounts(*(max(0, x + rng.randint(-x // 2 - 1, x // 3 + 5)) for x in want.hold.as_tuple()))
+                    calls.append((s.charge(got, c, T0), ref.charge(want, c, T0)))
+                else:
+                    actual = Amounts(*(max(0, x + rng.randint(-5, 5)) for x in want.charged.as_tuple()))
+                    calls.append((s.settle(got, actual, row(got.id)), ref.settle(want, actual, row(got.id))))
+                    if op > 0.9:  # the same settle again from another copy, in the same batch
+                        calls.append((s.settle(replace(got, settled=False), actual, row(got.id)), _nothing()))
+                    flights.remove((got, want))
+            before = len(sent)
+            got_all = await asyncio.gather(*(c[0] for c in calls))
+            want_all = [await c[1] for c in calls]
+            assert [len(b) for b in sent[before:]] == [len(calls)], rnd
+            for i, (got, want) in enumerate(zip(got_all, want_all)):
+                assert type(got) is type(want), (rnd, i)
+                if isinstance(want, Reservation):
+                    assert (got.admitted, got.hold, got.deadline, got.remaining) == (
+                        want.admitted, want.hold, want.deadline, want.remaining), (rnd, i)
+                    flights.append((got, want))
+                else:
+                    assert got == want, (rnd, i)
+            scopes = keys + [t]
+            assert await s.states(scopes, T0) == await ref.states(scopes, T0), rnd
+        assert [r.request_id for r in await s.usage_log(1_000)] == [r.request_id for r in await ref.usage_log(1_000)]
+    finally:
+        await s.close()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_a_settle_whose_caller_is_cancelled_still_lands(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    k = key(tokens=10_000)
+    try:
+        flights = [await reserve_one(s, [k], ask(100, 100)) for _ in range(4)]
+        sent = record_batches(s)
+        tasks = [asyncio.ensure_future(s.settle(f, amounts(100, 50), row(f.id))) for f in flights]
+        await asyncio.sleep(0)  # each task has queued its settle
+        for task in tasks[1:3]:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await s._drain()
+        assert sent.ops() == [["s"] * 4]
+        assert (await state(s, k)).used == Amounts(600, 400, 200, 0, 4)
+    finally:
+        await s.close()
+
+
+async def test_a_reserve_whose_caller_is_cancelled_before_its_batch_is_not_sent(rns: Namespace) -> None:
+    s = await opened(rns.url)
+    k = key(tokens=10_000)
+    try:
+        sent = record_batches(s)
+        first = asyncio.ensure_future(s.reserve([k], ask(10, 10), T0, "in-flight"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the flusher has sent the first reserve; the next ones wait for it
+        assert sent.ops() == [["r"]]
+        waiting = [asyncio.ensure_future(s.reserve([k], ask(10, 10), T0, f"waiting-{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        waiting[1].cancel()
+        await asyncio.gather(first, *waiting, return_exceptions=True)
+        await s._drain()
+        assert sent.ops() == [["r"], ["r", "r"]]
+        assert (await state(s, k)).held == Amounts(60, 30, 30, 0, 3)
+    finally:
+        await s.close()
+
+
+async def test_a_failed_batch_defers_each_settle_and_each_lands_once(rns: Namespace) -> None:
+    relay = Cuttable()
+    await relay.start()
+    s = await opened(relay.url(rns.prefix), settle_backoff=0.05)
+    k = key(tokens=100_000)
+    try:
+        flights = [await reserve_one(s, [k], ask(100, 100)) for _ in range(5)]
+        await relay.cut()
+        sent = record_batches(s)
+        await asyncio.gather(*(s.settle(f, amounts(100, 10 * i), row(f.id)) for i, f in enumerate(flights)))
+        assert sent.ops()[0] == ["s"] * 5 and all(f.settled for f in flights)
+        assert len(s._retries) == 5
+        await relay.start()
+        await until(lambda: _used_is(s, k, Amounts(600, 500, 100, 0, 5)))
+    finally:
+        await s.close()  # waits for the retries
+        await relay.cut()
+    assert sorted(r.request_id for r in await _log(rns)) == sorted(f.id for f in flights)
+    assert (await _final_state(rns, k)) == ScopeState(Amounts(600, 500, 100, 0, 5), ZERO, T0)
+
+
+async def _used_is(s: RedisStore, k: Scope, used: Amounts) -> bool:
+    return (await state(s, k)).used == used
+
+
+async def _log(rns: Namespace) -> list[Any]:
+    fresh = await opened(rns.url)
+    try:
+        return await fresh.usage_log(100)
+    finally:
+        await fresh.close()
+
+
+async def _final_state(rns: Namespace, k: Scope) -> ScopeState:
+    fresh = await opened(rns.url)
+    try:
+        return await state(fresh, k)
+    finally:
+        await fresh.close()
+
+
+async def test_a_whole_batch_replayed_after_a_lost_reply_changes_nothing(rns: Namespace) -> None:
+    """redis-py resends a call once when its connection dropped: the batch may run twice."""
+    s = await opened(rns.url)
+    k, t = key(tokens=10_000), team(tokens=10_000)
+    try:
+        old = await reserve_one(s, [k, t], ask(100, 100))
+        await s.charge(old, amounts(100, 20), T0)
+        sent = record_batches(s)
+        calls = await asyncio.gather(s.reserve([k, t], ask(10, 10), T0, "replayed"),
+                                     s.settle(old, amounts(100, 30), row(old.id)))
+        fresh = calls[0]
+        assert isinstance(fresh, Reservation) and sent.ops() == [["r", "s"]]
+        before = await s.states([k, t], T0)
+        log_before = await s.usage_log()
+        replies = await s._call_batch(sent[0])  # the same script call again
+        assert replies[0].startswith("A,10,") and replies[1] == "already"
+        assert await s.states([k, t], T0) == before and await s.usage_log() == log_before
+        assert before == [ScopeState(amounts(100, 30), fresh.hold, T0)] * 2
+    finally:
+        await s.close()
