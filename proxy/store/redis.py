@@ -9,9 +9,24 @@ fraction (numerator / denominator) so that floor (the cost clamp) and ceil (the 
 cost) equal Python's. Exactness needs every amount and limit below 2**53 (Lua numbers are
 doubles): limits above that are treated as 2**53-1 (9e15 tokens; $9,007,199 per scope and period).
 A call is EVALSHA with four arguments (prefix, hold TTL, log cap, then every other argument as one
-JSON array the script decodes with cjson) and reserve / charge / states answer one comma-joined
-string: redis-py packs each argument and parses each reply element in Python, which cost more CPU
+JSON array the script decodes with cjson) and answers one string (reserve / charge / states: comma-
+joined): redis-py packs each argument and parses each reply element in Python, which cost more CPU
 per request than the rest of the store.
+
+Batching (group commit, as SqliteStore's). Reserve, charge, settle and release are functions of one
+script, "batch", whose JSON argument is a list of calls [op, arguments...] run one after the other
+in that order; it answers their replies joined by ';'. A call made while no batch is in flight is
+sent at once (nothing waits on a timer: alone, a request pays one round trip per call as before);
+calls made while one is in flight queue and go together in the next (at most 64), in arrival order.
+One batch is in flight at a time, so under concurrency a request costs about 2 / batch-size round
+trips instead of 2. Each call runs exactly as it would alone: the script is atomic, and call k reads
+what calls 1..k-1 wrote (a reserve is decided on the state after every earlier call, never on a
+stale one; a second settle of an id in the same batch finds the first one's tombstone). A call that
+fails inside the script answers '!' and its error and fails alone (StoreUnavailable; e.g. a reserve
+of a used id); a batch that fails as a whole fails every call in it, each as it would have failed
+alone. Settles are finished by the batch, not by their callers: a settle lands (or goes to the
+background retry, per item) even if its caller is cancelled; a reserve or charge whose caller has
+gone before its batch is sent is dropped. close() lets the queued calls land first.
 
 Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch s>"):
   P t:T   hash   per scope and period: s1..s5 settled, c1..c5 charged by requests in flight,
@@ -45,15 +60,17 @@ log is a stream capped near log_max rows. Scripts touch keys they compute (anoth
 reservation spans other scopes), so this store needs a single Redis (or a primary with replicas /
 Sentinel), not Redis Cluster.
 
-Failures. Socket timeouts are short (0.5 s connect, 1 s read) and a failed call is retried once
-(a pooled connection may be stale after Redis restarted); then StoreUnavailable: ping() -> /readyz
-503, reserve -> 503 with nothing forwarded, charge -> raised to the relay. The client reconnects by
-itself when Redis returns and scripts are reloaded on NOSCRIPT. Every script is idempotent (reserve
-answers a replay with the same reservation; charge sets a running total; settle leaves a
-tombstone), so a retry after a lost reply never counts twice. A settle that fails is retried in the
-background (10 attempts, backoff 0.25 s doubling to 8 s: about 50 s) until it lands; if it never
-does, the full row is logged as unsettled (ERROR), and the reservation's charges so far still count
-when its hold expires. Tested with Redis 7.0 (needs >= 5: scripts read TIME before writing).
+Failures. Socket timeouts are short (0.5 s connect, 1 s read) and a failed call is retried once (a
+pooled connection may be stale after Redis restarted; for a batch: the whole batch); then
+StoreUnavailable: ping() -> /readyz 503, reserve -> 503 with nothing forwarded, charge -> raised to
+the relay. The client reconnects by itself when Redis returns and scripts are reloaded on NOSCRIPT.
+Every script is idempotent (reserve answers a replay with the same reservation; charge sets a
+running total; settle and release leave a tombstone), so a retry after a lost reply, a whole batch
+run twice included, never counts twice. A settle that fails (its batch, or its own item) is retried
+alone in the background (10 attempts, backoff 0.25 s doubling to 8 s: about 50 s) until it lands; if
+it never does, the full row is logged as unsettled (ERROR), and the reservation's charges so far
+still count when its hold expires. Tested with Redis 7.0 (needs >= 5: scripts read TIME before
+writing).
 """
 from __future__ import annotations
 
