@@ -25,6 +25,7 @@ from proxy.dashboard import build_dashboard_routes
 from proxy.auth import Caller, KeyRing, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
+from proxy.logs import log_request
 from proxy.metrics import Metrics
 from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
 from proxy.passthrough import Passthrough
@@ -144,9 +145,9 @@ class AppState:
             label = self.metrics.model_label(model or "", self.runtime.pricing)
             outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
             self.metrics.requests.labels(caller.team, caller.key, label, route, outcome).inc()
-        access_log.info("request", extra={"fields": {
+        log_request(access_log, {
             "team": caller.team if caller else None, "key": caller.key if caller else None, "model": model,
-            "route": route, "status": err.status, "outcome": "rejected", "error": err.anthropic_type}})
+            "route": route, "status": err.status, "outcome": "rejected", "error": err.anthropic_type})
 
     def observe_denial(self, caller: Caller, dimension: str) -> None:
         self.metrics.denials.labels(caller.team, caller.key, dimension).inc()
@@ -157,15 +158,15 @@ class AppState:
     def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None:
         model = self.metrics.model_label(call.model, self.runtime.pricing)
         self.metrics.settled(call.caller.team, call.caller.key, model, call.route, call.outcome, usage, cost_nanos)
-        access_log.info("request", extra={"fields": {
+        log_request(access_log, {
             "request_id": call.request_id, "team": call.caller.team, "key": call.caller.key, "model": call.model,
             "route": call.route, "status": call.status, "outcome": call.outcome,
             "input_tokens": usage.total_input_tokens, "output_tokens": usage.output_tokens,
             "cost_usd": cost_nanos / 1e9, "steps": steps,
-            "duration_ms": round((self.clock() - call.started) * 1000, 1)}})
+            "duration_ms": round((self.clock() - call.started) * 1000, 1)})
 
     def observe_upstream_seconds(self, route: str, seconds: float) -> None:
-        self.metrics.upstream_seconds.labels(route).observe(seconds)
+        self.metrics.upstream_seconds_for(route).observe(seconds)
 
 
 def error_response(err: ProxyError, provider: str = "anthropic") -> Response:

@@ -7,6 +7,18 @@ import sys
 import time
 
 
+# One encoder: json.dumps with any non-default option builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def log_request(logger: logging.Logger, fields: dict) -> None:
+    """One access-log line. Logger.info would also walk the stack for the caller's file and line
+    (findCaller), which no format here prints: a third of the cost of every request's line."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "request", None, None,
+                                        extra={"fields": fields}))
+
+
 class JsonFormatter(logging.Formatter):
     _second = -1
     _stamp = ""
@@ -26,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             out.update(fields)
         if record.exc_info:
             out["exception"] = record.exc_info[0].__name__ if record.exc_info[0] else "unknown"
-        return json.dumps(out, separators=(",", ":"), default=str)
+        return _encode(out)
 
 
 def setup_logging(fmt: str = "json", level: str = "INFO") -> None:

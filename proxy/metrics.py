@@ -30,6 +30,7 @@ class Metrics:
         self.upstream_seconds = Histogram("budget_proxy_upstream_seconds", "Time from forwarding to the end of the "
                                           "upstream response", ["route"], registry=r,
                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+        self._upstream_children: dict[str, Any] = {}
         self._settled_children: dict[tuple[str, ...], list[Any]] = {}
         self.remaining = Gauge("budget_proxy_budget_remaining", "limit - used - held, per scope and dimension",
                                ["scope", "name", "dimension"], registry=r)
@@ -59,6 +60,12 @@ class Metrics:
             if children[2] is None:
                 children[2] = self.cost.labels(team, key, model)
             children[2].inc(cost_nanos / 1e9)
+
+    def upstream_seconds_for(self, route: str) -> Any:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_seconds.labels(route)
+        return child
 
     def set_remaining(self, scopes: Sequence[Scope], states: Sequence[ScopeState], now: float) -> None:
         for scope, state in zip(scopes, states):
