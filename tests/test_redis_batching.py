@@ -275,3 +275,26 @@ async def test_a_whole_batch_replayed_after_a_lost_reply_changes_nothing(rns: Na
         assert before == [ScopeState(amounts(100, 30), fresh.hold, T0)] * 2
     finally:
         await s.close()
+
+
+async def test_an_unexpected_error_in_a_batch_fails_its_calls_instead_of_leaving_them_waiting(rns: Namespace) -> None:
+    s = await opened(rns.url, settle_attempts=1, settle_backoff=0.01)
+    k = key(tokens=10_000)
+    try:
+        res = await reserve_one(s, [k], ask(10, 10))
+        inner = s._call
+
+        async def broken(name: str, args: Any) -> Any:
+            if name == "batch" and args[0][0] == "r":
+                raise RuntimeError("a bug")
+            return await inner(name, args)
+
+        s._call = broken  # type: ignore[method-assign]
+        got = await asyncio.wait_for(asyncio.gather(s.reserve([k], ask(10, 10), T0, "broken-1"),
+                                                    s.reserve([k], ask(10, 10), T0, "broken-2"),
+                                                    return_exceptions=True), 5)
+        assert [type(g) for g in got] == [StoreUnavailable, StoreUnavailable]
+        await s.settle(res, amounts(10, 5), None)  # a batch of its own, which works
+        assert (await state(s, k)) == ScopeState(amounts(10, 5), ZERO, T0)
+    finally:
+        await s.close()

@@ -324,9 +324,11 @@ class RedisStore:
                 if batch:
                     try:
                         replies = await self._call_batch([it.call for it in batch])
-                    except StoreUnavailable as exc:
+                    except Exception as exc:  # anything else too: no caller may be left waiting
+                        if not isinstance(exc, StoreUnavailable):
+                            log.exception("redis store: batch failed")
                         for it in batch:
-                            self._answer(it, None, exc)
+                            self._answer(it, None, StoreUnavailable(UNAVAILABLE))
                     else:
                         for it, reply in zip(batch, replies):
                             self._answer(it, reply, None)
