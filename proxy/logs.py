@@ -1,10 +1,13 @@
 """Logs on stderr: one JSON object a line, or text for humans. Never a key, prompt or completion."""
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 
 # One encoder: json.dumps with any non-default option builds a new JSONEncoder per call.
@@ -12,11 +15,52 @@ _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def log_request(logger: logging.Logger, fields: dict) -> None:
-    """One access-log line. Logger.info would also walk the stack for the caller's file and line
-    (findCaller), which no format here prints: a third of the cost of every request's line."""
-    if logger.isEnabledFor(logging.INFO):
+    """One access-log line. With setup_logging's JSON format the line goes straight to the access
+    sink; otherwise through the logging module (without Logger.info's stack walk for the caller's
+    file and line, which no format here prints)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if _access_sink is not None:
+        _access_sink.write(logger.name, fields)
+    else:
         logger.handle(logger.makeRecord(logger.name, logging.INFO, "", 0, "request", None, None,
                                         extra={"fields": fields}))
+
+
+class AccessSink:
+    """Access-log lines in JsonFormatter's exact shape, without a LogRecord, a handler lock and a
+    formatter per request (~50 us a request here, a sixth of the relay's own CPU on a JSON call),
+    written with one write + flush per event-loop turn instead of per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lines: list[str] = []
+        self._flush_scheduled = False
+        self._clock = JsonFormatter()
+        atexit.register(self.flush)
+
+    def write(self, logger_name: str, fields: dict) -> None:
+        self._lines.append(_encode({"time": self._clock._time(time.time()), "level": "info", "logger": logger_name,
+                                    "message": "request", **fields}) + "\n")
+        if not self._flush_scheduled:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self._flush_scheduled = True
+            except RuntimeError:  # no loop running: write at once
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._lines:
+            text, self._lines = "".join(self._lines), []
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed stderr must not fail a request
+                pass
+
+
+_access_sink: AccessSink | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,6 +86,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
+    global _access_sink
+    _access_sink = AccessSink(sys.stderr) if fmt == "json" else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -42,3 +42,37 @@ def test_values_json_cannot_encode_are_written_as_text():
     logger, out = capture()
     log_request(logger, {"request_id": "req_1", "odd": {1, 2} and object()})
     assert json.loads(out.getvalue())["odd"].startswith("<object object")
+
+
+def test_the_access_sink_writes_what_the_json_formatter_would_once_per_loop_turn():
+    import asyncio
+
+    from proxy.logs import AccessSink
+
+    out = io.StringIO()
+    sink = AccessSink(out)
+    logger, formatted = capture()
+
+    async def two_requests() -> str:
+        sink.write(logger.name, {"request_id": "req_1", "status": 200})
+        sink.write(logger.name, {"request_id": "req_2", "status": 429})
+        before = out.getvalue()  # nothing yet: the lines go out together at the end of this turn
+        await asyncio.sleep(0)
+        return before
+
+    assert asyncio.run(two_requests()) == ""
+    log_request(logger, {"request_id": "req_1", "status": 200})
+    via_sink = [json.loads(line) for line in out.getvalue().splitlines()]
+    via_formatter = json.loads(formatted.getvalue())
+    assert [r["request_id"] for r in via_sink] == ["req_1", "req_2"]
+    assert list(via_sink[0]) == list(via_formatter)  # same keys, same order
+    assert {k: v for k, v in via_sink[0].items() if k != "time"} == \
+        {k: v for k, v in via_formatter.items() if k != "time"}
+
+
+def test_the_access_sink_writes_at_once_without_a_loop():
+    from proxy.logs import AccessSink
+
+    out = io.StringIO()
+    AccessSink(out).write("budget_proxy.access", {"request_id": "req_9"})
+    assert json.loads(out.getvalue())["request_id"] == "req_9"
