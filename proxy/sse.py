@@ -28,6 +28,7 @@ Contract (PROTOCOL.md §3.8, WHATWG "event stream interpretation"):
 """
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 _LF = 0x0A
@@ -43,6 +44,7 @@ class SSEEvent(NamedTuple):
     raw: bytes         # exact upstream bytes, from the end of the previous event through this one's blank line
 
 
+_TWO_LINE_BLOCKS = re.compile(rb"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
 # Event names the providers send, decoded once.
 _NAMES = {n.encode(): n for n in (
     "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
@@ -100,8 +102,31 @@ class SSEDecoder:
 
     def _feed_lf(self, data: bytes) -> list[SSEEvent]:
         """The common case, same result as _parse: nothing pending and no CR in the chunk, so
-        lines end at LF and events at LF LF; split in C, then read each block's few lines. A
-        chunk no larger than the cap cannot overrun it. The unfinished tail is left for _parse."""
+        lines end at LF and events at LF LF. A chunk no larger than the cap cannot overrun it.
+        The unfinished tail is left for _parse."""
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            return self._feed_lf_blocks(data)
+        # Providers send every event as exactly "event: NAME\ndata: VALUE\n\n": one C scan finds
+        # them all. If the matches do not tile the chunk (another block shape somewhere), the
+        # general split below decides.
+        events: list[SSEEvent] = []
+        pos = 0
+        names = _NAMES
+        for name, value in _TWO_LINE_BLOCKS.findall(data, 0, end):
+            n = len(name) + len(value) + 16  # "event: " + "\ndata: " + "\n\n"
+            events.append(SSEEvent(names.get(name) or name.decode("utf-8", "replace"),
+                                   value.decode("utf-8", "replace"), data[pos:pos + n]))
+            pos += n
+        if pos != end:
+            return self._feed_lf_blocks(data)
+        if end < len(data):
+            self._buf += data[end:]
+        self._line = self._search = 0
+        return events
+
+    def _feed_lf_blocks(self, data: bytes) -> list[SSEEvent]:
+        """_feed_lf for any block shape: split at LF LF in C, then read each block's few lines."""
         events: list[SSEEvent] = []
         start = pos = 0
         parts = data.split(b"\n\n")

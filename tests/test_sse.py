@@ -351,7 +351,7 @@ def test_module_is_pure():
             imported.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
-    assert imported <= {"__future__", "typing"}
+    assert imported <= {"__future__", "re", "typing"}
 
 
 # --- hypothesis: generated streams ------------------------------------------------------
@@ -496,3 +496,19 @@ def test_fuzz_bytes(data):
     assert outcome(chunks, DEFAULT_CAP) == whole
     # With a small cap the error trips often; where it trips must not depend on chunking.
     assert outcome(chunks, 64) == outcome([payload], 64)
+
+
+@pytest.mark.parametrize("chunk", [
+    b"event: a\ndata: 1\n\nevent: b\ndata: 2\n\n",                       # all two-line blocks: one scan
+    b"event: a\ndata: 1\n\n: comment\n\nevent: b\ndata: 2\n\n",          # a comment block between
+    b"event: a\ndata: 1\n\nid: 7\nevent: b\ndata: 2\n\nevent: c\ndata: 3",  # an id line inside; a tail
+    b"data: only\n\nevent: a\ndata: 1\ndata: 2\n\nevent: \ndata: \n\n",  # one-line, three-line, empty values
+    b"event: a\ndata: \xff\xfe\n\nevent: \xe2\x82\ndata: x\n\n",           # invalid UTF-8 in value and name
+])
+def test_whole_chunks_decode_as_byte_by_byte_feeding_does(chunk):
+    whole = SSEDecoder()
+    got = whole.feed(chunk) + whole.flush()
+    one = SSEDecoder()
+    expected = [e for i in range(len(chunk)) for e in one.feed(chunk[i:i + 1])] + one.flush()
+    assert got == expected
+    assert b"".join(e.raw for e in got) + whole.pending == chunk
