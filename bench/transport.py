@@ -5,6 +5,7 @@ behind its choice of upstream client (proxy/upstream.py):
 
     aiohttp        one shared aiohttp.ClientSession, used directly (the pass-through to beat)
     transport      the project's proxy.upstream.AiohttpTransport, called as the relay calls it
+                   (open_upstream: no httpx Request/Response on this transport)
     httpx-aiohttp  httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport())
     httpx          httpx.AsyncClient with its stock transport
 
@@ -88,11 +89,10 @@ class HttpxTypesClient:
 
     async def relay(self, url: str, headers: Headers, body: bytes, send: Send) -> None:
         if self.client is None:
-            req = self.httpx.Request("POST", url, headers=headers, content=body)
-            resp = await self.transport.handle_async_request(req)
-        else:
-            req = self.client.build_request("POST", url, headers=headers, content=body)
-            resp = await self.client.send(req, stream=True)
+            await self.relay_as_the_proxy(url, headers, body, send)
+            return
+        req = self.client.build_request("POST", url, headers=headers, content=body)
+        resp = await self.client.send(req, stream=True)
         try:
             out = downstream(resp.headers.raw)
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
@@ -101,6 +101,21 @@ class HttpxTypesClient:
                 await relay_whole(send, resp.status_code, out, await resp.aread())
         finally:
             await resp.aclose()
+
+    async def relay_as_the_proxy(self, url: str, headers: Headers, body: bytes, send: Send) -> None:
+        """proxy.upstream.open_upstream, as the relay calls it (on AiohttpTransport it skips
+        building httpx's Request and Response)."""
+        from proxy.upstream import open_upstream
+
+        reply = await open_upstream(self.transport, url, headers, body)
+        try:
+            out = downstream(reply.headers_raw)
+            if reply.content_type.startswith("text/event-stream"):
+                await relay_stream(send, reply.status_code, out, reply.aiter_raw())
+            else:
+                await relay_whole(send, reply.status_code, out, await reply.aread())
+        finally:
+            await reply.aclose()
 
     async def aclose(self) -> None:
         await (self.client or self.transport).aclose()
