@@ -113,10 +113,11 @@ class SSEDecoder:
         events: list[SSEEvent] = []
         pos = 0
         names = _NAMES
+        new = tuple.__new__  # (SSEEvent(...) goes through a Python-level __new__)
         for name, value in _TWO_LINE_BLOCKS.findall(data, 0, end):
             n = len(name) + len(value) + 16  # "event: " + "\ndata: " + "\n\n"
-            events.append(SSEEvent(names.get(name) or name.decode("utf-8", "replace"),
-                                   value.decode("utf-8", "replace"), data[pos:pos + n]))
+            events.append(new(SSEEvent, (names.get(name) or name.decode("utf-8", "replace"),
+                                         value.decode("utf-8", "replace"), data[pos:pos + n])))
             pos += n
         if pos != end:
             return self._feed_lf_blocks(data)

@@ -114,12 +114,9 @@ def cut_event(message: str, error_type: str = "rate_limit_error", error_code: st
     return b"event: error\ndata: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _stop_reason(data: str) -> bool:
-    try:
-        delta = json.loads(data).get("delta")
-        return isinstance(delta, dict) and delta.get("stop_reason") is not None
-    except (ValueError, AttributeError, RecursionError):
-        return False
+def _stop_reason(body: dict[str, Any]) -> bool:
+    delta = body.get("delta")
+    return isinstance(delta, dict) and delta.get("stop_reason") is not None
 
 
 # A text delta in the API's own compact form, its text with no escape (no backslash) and so no
@@ -182,12 +179,13 @@ class AnthropicStreamMeter:
             return REPORTED
         if name == "message_delta":
             try:
-                usage = json.loads(event.data).get("usage")
+                body = json.loads(event.data)
+                usage = body.get("usage")
             except (ValueError, AttributeError, RecursionError):
                 return UNCHANGED
             self._reported = usage_from(usage, previous=self._reported)
             self._delta_seen = self._delta_seen or isinstance(usage, dict)
-            if _stop_reason(event.data):
+            if _stop_reason(body):
                 self.finished = True  # the final delta: the message is complete, nothing left to cut
             return REPORTED
         if name == "message_stop":
