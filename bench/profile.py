@@ -15,8 +15,8 @@ from pathlib import Path
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 SQLITE_IO = "<SqliteStore I/O>"  # a pseudo-file: the methods that run on, or hop to, the SQLite thread
-_SQLITE_IO_METHODS = {"SqliteStore._run", "SqliteStore._serve", "SqliteStore._write", "SqliteStore._load_rows", "SqliteStore._read_log",
-                      "SqliteStore._ping", "SqliteStore._connect"}
+_SQLITE_IO_METHODS = {"SqliteStore._run", "SqliteStore._serve", "SqliteStore._write", "SqliteStore._load_rows",
+                      "SqliteStore._read_log", "SqliteStore._ping", "SqliteStore._connect"}
 
 # Self time is charged to the first area whose marker is in the frame's file name.
 AREAS = (

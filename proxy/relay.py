@@ -22,7 +22,7 @@ from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
-from proxy.meter import GREW, REPORTED, UNCHANGED
+from proxy.meter import GREW, REPORTED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError
 from proxy.store.base import Reservation, UsageRow
@@ -289,10 +289,7 @@ class Relay:
                         if done == 0 and ((deadline is not None and state.clock() >= deadline)
                                           or call.generation != state.generation):
                             # A wall-clock or reload decision is due at this chunk's first event.
-                            grew = meter.feed(events[0])
-                            if grew == GREW and meter.live_output_tokens() <= call.output_room:
-                                grew = UNCHANGED
-                            done = 1
+                            done, grew = meter.feed_events(events[:1], 0, call.output_room)
                         else:
                             # The meter runs through the chunk's events until one needs a decision.
                             done, grew = meter.feed_events(events, done, call.output_room)
