@@ -13,7 +13,8 @@ AiohttpTransport, `handle_async_request` (the httpx seam) for any other transpor
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Protocol
+import contextlib
+from typing import AsyncIterator, Iterator, Protocol
 
 import aiohttp
 import httpx
@@ -34,6 +35,19 @@ class UpstreamReply(Protocol):
     async def aclose(self) -> None: ...
 
 
+@contextlib.contextmanager
+def _body_errors_as_httpx() -> Iterator[None]:
+    """aiohttp's errors while reading a body, as the httpx errors the relay handles."""
+    try:
+        yield
+    except asyncio.TimeoutError as exc:
+        raise httpx.ReadTimeout("upstream read timed out") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise httpx.RemoteProtocolError("upstream ended the body early") from exc
+    except aiohttp.ClientError as exc:
+        raise httpx.ReadError("upstream connection failed") from exc
+
+
 class AiohttpReply:
     """An aiohttp response behind the UpstreamReply interface, its errors mapped to httpx's."""
 
@@ -46,25 +60,13 @@ class AiohttpReply:
         self.content_type = response.headers.get("Content-Type", "")
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        try:
+        with _body_errors_as_httpx():
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except asyncio.TimeoutError as exc:
-            raise httpx.ReadTimeout("upstream read timed out") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.RemoteProtocolError("upstream ended the body early") from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError("upstream connection failed") from exc
 
     async def aread(self) -> bytes:
-        try:
+        with _body_errors_as_httpx():
             return await self._response.read()
-        except asyncio.TimeoutError as exc:
-            raise httpx.ReadTimeout("upstream read timed out") from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.RemoteProtocolError("upstream ended the body early") from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError("upstream connection failed") from exc
 
     async def aclose(self) -> None:
         # close(), not release(): a body we stop reading early must not go back to the pool,
