@@ -27,10 +27,13 @@ class StreamMeter(Protocol):
     def feed(self, event: SSEEvent) -> int:
         """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
 
-    def feed_events(self, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
+    def feed_events(self, events: list[SSEEvent], start: int, room: int) -> tuple[int, int]:
         """Feed events[start:] until one REPORTED usage or took the live output past `room`;
         return (the index after that event, REPORTED or GREW), or (len(events), UNCHANGED).
-        The relay decides only at those events, so this loop is the per-event cost."""
+        The relay decides only at those events, so this loop is the per-event cost. An SSERun
+        (from a decoder built with the adapter's `event_runs`) is taken whole when no event in it
+        can pass `room`; otherwise the meter splits it in `events`, in place, so that the event
+        that passes stands alone (the list may grow)."""
 
     def live_output_tokens(self) -> int:
         """live_usage().output_tokens, cheaply."""

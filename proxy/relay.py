@@ -24,7 +24,7 @@ from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
 from proxy.meter import GREW, REPORTED
 from proxy.providers import Provider, RequestFacts
-from proxy.sse import SSEDecoder, SSEError
+from proxy.sse import SSEDecoder, SSEError, SSERun, expand
 from proxy.store.base import Reservation, UsageRow
 from proxy.upstream import UpstreamReply, open_upstream
 from proxy.usage import Usage
@@ -261,7 +261,7 @@ class Relay:
         """Relay a stream event by event, metering each; cut it in place of the next event when a
         budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
         meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens)
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(runs=self.adapter.event_runs)
         call.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
@@ -289,10 +289,15 @@ class Relay:
                         if done == 0 and ((deadline is not None and state.clock() >= deadline)
                                           or call.generation != state.generation):
                             # A wall-clock or reload decision is due at this chunk's first event.
+                            if type(events[0]) is SSERun:
+                                events[0:1] = expand(events[0])
+                                n = len(events)
                             done, grew = meter.feed_events(events[:1], 0, call.output_room)
                         else:
-                            # The meter runs through the chunk's events until one needs a decision.
+                            # The meter runs through the chunk's events until one needs a decision
+                            # (splitting a run of text deltas in `events` where one passes the room).
                             done, grew = meter.feed_events(events, done, call.output_room)
+                            n = len(events)
                         try:
                             denied = await self.check(call, meter, grew, deadline)
                         except StoreUnavailable:
@@ -308,9 +313,13 @@ class Relay:
                                 call.outcome = "cut"
                                 state.observe_cut(call.caller, denied.dimension)
                         if cut is not None:
+                            if type(events[done - 1]) is SSERun:  # (decided at the chunk's end)
+                                run = expand(events[done - 1])
+                                events[done - 1:done] = run
+                                done += len(run) - 1
                             done -= 1  # the cut takes the place of the event that ran the budget out
                             break
-                    relayed = events[:done] if done < n else events
+                    relayed = events[:done] if done < len(events) else events
                     if filters:
                         out = b"".join([ev.raw for ev in relayed if self.adapter.forwardable(ev, facts)])
                     else:

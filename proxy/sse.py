@@ -51,6 +51,35 @@ _NAMES = {n.encode(): n for n in (
     "message_stop", "ping", "error")}
 
 
+class SSERun(NamedTuple):
+    """Consecutive events a consumer asked to take in bulk (SSEDecoder(runs=...)): all named
+    `event`, each one's data matching the run pattern. A stream relay meters a run of text deltas
+    in one step instead of building and reading an event per delta; `expand` gives the events."""
+
+    event: str
+    raw: bytes          # exact bytes of all the run's events
+    values: list[bytes]  # per event, the run pattern's first group
+    sizes: list[int]    # per event, its length in raw
+
+
+def expand(run: SSERun) -> list[SSEEvent]:
+    """The run's events, exactly as a decoder without runs emits them (a run is whole LF-only blocks)."""
+    return SSEDecoder()._feed_lf(run.raw)
+
+
+def split(run: SSERun, k: int) -> list[SSEEvent | SSERun]:
+    """The run with its k-th event on its own: [run of the events before it,] event[, run of the rest]."""
+    start = sum(run.sizes[:k])
+    end = start + run.sizes[k]
+    out: list[SSEEvent | SSERun] = []
+    if k:
+        out.append(SSERun(run.event, run.raw[:start], run.values[:k], run.sizes[:k]))
+    out += SSEDecoder()._feed_lf(run.raw[start:end])
+    if k + 1 < len(run.values):
+        out.append(SSERun(run.event, run.raw[end:], run.values[k + 1:], run.sizes[k + 1:]))
+    return out
+
+
 class SSEError(Exception):
     """The upstream sent an event larger than the decoder's cap (or a line that never ends)."""
 
@@ -58,11 +87,18 @@ class SSEError(Exception):
 class SSEDecoder:
     """Feed bytes, get complete SSEEvents. See the module docstring for the contract."""
 
-    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed")
+    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed", "_run_name", "_run_event",
+                 "_run_match")
 
-    def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, max_event_bytes: int = 8 * 1024 * 1024,
+                 runs: tuple[bytes, re.Pattern[bytes]] | None = None) -> None:
+        """`runs`: (event name, data pattern): consecutive events with that name whose data fully
+        matches the pattern come out as one SSERun where a chunk holds them whole. Optional: any
+        event may come out on its own instead (the general paths never group)."""
         if max_event_bytes < 1:
             raise ValueError("max_event_bytes must be positive")
+        self._run_name, self._run_match = (runs[0], runs[1].fullmatch) if runs is not None else (None, None)
+        self._run_event = runs[0].decode("utf-8", "replace") if runs is not None else ""
         self._max = max_event_bytes
         self._buf = bytearray()  # pending bytes: the start of the next event
         self._line = 0           # offset in _buf of the first line not yet parsed
@@ -77,7 +113,8 @@ class SSEDecoder:
         return bytes(self._buf)
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        """Take the next bytes of the stream; return the events they complete."""
+        """Take the next bytes of the stream; return the events they complete (with `runs`,
+        some of them grouped in SSERuns)."""
         if self._failed is not None:
             raise SSEError(self._failed)
         if not data:
@@ -110,15 +147,28 @@ class SSEDecoder:
         # Providers send every event as exactly "event: NAME\ndata: VALUE\n\n": one C scan finds
         # them all. If the matches do not tile the chunk (another block shape somewhere), the
         # general split below decides.
-        events: list[SSEEvent] = []
+        events: list[SSEEvent | SSERun] = []
         pos = 0
         names = _NAMES
         new = tuple.__new__  # (SSEEvent(...) goes through a Python-level __new__)
+        run_name, run_event, run_match = self._run_name, self._run_event, self._run_match
+        run_start, run_values, run_sizes = 0, [], []
         for name, value in _TWO_LINE_BLOCKS.findall(data, 0, end):
             n = len(name) + len(value) + 16  # "event: " + "\ndata: " + "\n\n"
-            events.append(new(SSEEvent, (names.get(name) or name.decode("utf-8", "replace"),
-                                         value.decode("utf-8", "replace"), data[pos:pos + n])))
+            if name == run_name and (m := run_match(value)) is not None:  # type: ignore[misc]
+                if not run_values:
+                    run_start = pos
+                run_values.append(m[1])
+                run_sizes.append(n)
+            else:
+                if run_values:
+                    events.append(new(SSERun, (run_event, data[run_start:pos], run_values, run_sizes)))
+                    run_values, run_sizes = [], []
+                events.append(new(SSEEvent, (names.get(name) or name.decode("utf-8", "replace"),
+                                             value.decode("utf-8", "replace"), data[pos:pos + n])))
             pos += n
+        if run_values:
+            events.append(new(SSERun, (run_event, data[run_start:pos], run_values, run_sizes)))
         if pos != end:
             return self._feed_lf_blocks(data)
         if end < len(data):

@@ -566,3 +566,57 @@ def test_reply_usage_is_what_a_full_parse_finds(members, usage, usage_last, sepa
     full = body.get("usage")
     expected = usage_from(full) if isinstance(full, dict) else None
     assert usage_from_response(raw) == expected
+
+
+# --- runs of text deltas (SSEDecoder(runs=TEXT_DELTA_RUNS)) ----------------------------------
+
+from proxy.providers.anthropic import TEXT_DELTA_RUNS  # noqa: E402
+from proxy.sse import SSERun, expand  # noqa: E402
+
+
+def drive(events: list, rooms: list[int]) -> list[tuple[int, int, int]]:
+    """The relay's loop: meter until a decision (the meter splits runs where one passes the room).
+    Returns each stop as (events metered so far, counted one by one; signal; live output)."""
+    meter, events, done, stops, k = AnthropicStreamMeter(), list(events), 0, [], 0
+    while done < len(events):
+        done, grew = meter.feed_events(events, done, rooms[k % len(rooms)])
+        k += 1
+        metered = sum(len(e.values) if type(e) is SSERun else 1 for e in events[:done])
+        stops.append((metered, grew, meter.live_output_tokens()))
+    return stops
+
+
+def sse_block(ev: SSEEvent) -> bytes:
+    return f"event: {ev.event}\ndata: {ev.data}\n\n".encode()
+
+
+@given(st.lists(st.one_of(
+    st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t, ensure_ascii=False), b""),
+              st.text(max_size=30)),
+    st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t, ensure_ascii=False), b""),
+              st.text(alphabet="abc ", max_size=30)),
+    st.builds(lambda n: start_ev(input_tokens=10, output_tokens=n), st.integers(0, 40)),
+    st.builds(lambda n: msg_delta_ev(output_tokens=n), st.integers(0, 80)),
+    st.just(SSEEvent("ping", '{"type":"ping"}', b"")),
+), max_size=40), st.lists(st.integers(-1, 120), min_size=1, max_size=8))
+@settings(max_examples=400)
+def test_runs_of_text_deltas_meter_and_stop_as_single_events_do(events, rooms):
+    stream = b"".join(sse_block(e) for e in events)
+    singles = SSEDecoder().feed(stream)
+    grouped = SSEDecoder(runs=TEXT_DELTA_RUNS).feed(stream)
+    assert drive(grouped, rooms) == drive(singles, rooms)
+
+
+def test_a_run_with_bytes_that_are_not_utf8_is_counted_event_by_event():
+    """The decoder replaces each invalid byte with U+FFFD (3 bytes): a run's raw byte count would
+    count it as 1. Split multi-byte characters across events likewise."""
+    head = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"'
+    stream = head + b'ab\xffcd"}}\n\n' + head + b'\xe2\x82"}}\n\n' + head + b'\xac ok"}}\n\n'
+    singles = SSEDecoder().feed(stream)
+    grouped = SSEDecoder(runs=TEXT_DELTA_RUNS).feed(stream)
+    assert len(grouped) == 1 and type(grouped[0]) is SSERun
+    for rooms in ([1000], [0], [2, 3]):
+        assert drive(grouped, rooms) == drive(singles, rooms)
+    texts = [json.loads(e.data)["delta"]["text"] for e in singles]
+    raw_text_bytes = 5 + 2 + 4  # what counting the run's bytes would give: ceil(11 / 3) = 4 tokens
+    assert drive(singles, [1000])[-1][2] == est(*texts) == 6 > -(-raw_text_bytes // 3)

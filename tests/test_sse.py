@@ -512,3 +512,56 @@ def test_whole_chunks_decode_as_byte_by_byte_feeding_does(chunk):
     expected = [e for i in range(len(chunk)) for e in one.feed(chunk[i:i + 1])] + one.flush()
     assert got == expected
     assert b"".join(e.raw for e in got) + whole.pending == chunk
+
+
+# --- runs: events a consumer takes in bulk --------------------------------------------------
+
+import json as _json  # noqa: E402
+import re as _re  # noqa: E402
+
+from proxy.sse import SSERun, expand, split  # noqa: E402
+
+_RUNS = (b"delta", _re.compile(rb'\{"text":"([^"\\]*)"\}'))
+
+
+def _delta_block(text: str) -> bytes:
+    return b"event: delta\ndata: " + _json.dumps({"text": text}, ensure_ascii=False).replace(", ", ",").replace(
+        ": ", ":").encode() + b"\n\n"
+
+
+_RUN_BLOCK = st.one_of(
+    st.text(max_size=8).map(_delta_block),                                   # a run member (unless escaped)
+    st.text(max_size=8).map(lambda t: b"event: delta\ndata: " + _json.dumps({"text": t}).encode() + b"\n\n"),
+    st.sampled_from([b"event: other\ndata: {}\n\n", b": ping\n\n", b"data: plain\n\n",
+                     b"event: delta\ndata: {\"text\":1}\n\n", b"event: delta\ndata: a\ndata: b\n\n"]),
+)
+
+
+@given(st.lists(_RUN_BLOCK, max_size=20), st.lists(st.integers(1, 64), max_size=10), st.binary(max_size=6))
+@settings(max_examples=500)
+def test_runs_expand_to_exactly_the_events_a_decoder_without_runs_emits(blocks, cuts, tail):
+    stream = b"".join(blocks) + tail.replace(b"\r", b"")
+    chunks, at = [], 0
+    for c in cuts:
+        chunks.append(stream[at:at + c])
+        at += c
+    chunks.append(stream[at:])
+    plain, grouped = SSEDecoder(), SSEDecoder(runs=_RUNS)
+    want = [e for ch in chunks for e in plain.feed(ch)] + plain.flush()
+    got = [e for ch in chunks for e in grouped.feed(ch)] + grouped.flush()
+    flat = [e for item in got for e in (expand(item) if type(item) is SSERun else [item])]
+    assert flat == want
+    assert grouped.pending == plain.pending
+    for item in got:
+        if type(item) is SSERun:
+            members = expand(item)
+            assert item.event == "delta" and len(members) == len(item.values) == len(item.sizes) >= 1
+            assert [_json.loads(e.data)["text"].encode() for e in members] == item.values
+            assert [len(e.raw) for e in members] == item.sizes
+            for k in range(len(members)):
+                parts = split(item, k)
+                assert [e for p in parts for e in (expand(p) if type(p) is SSERun else [p])] == members
+                assert members[k] in parts and all(type(p) is SSERun or p == members[k] for p in parts)
+    if len(chunks) == 1 and all(b.startswith(b"event: delta\ndata: {\"text\":\"") and b"\\" not in b
+                                 for b in blocks) and blocks and not tail:
+        assert len(got) == 1 and type(got[0]) is SSERun  # a whole chunk of members is one run

@@ -6,6 +6,7 @@ mid-stream cut. A new provider is a new adapter, not a fork of the relay."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ class Provider(Protocol):
     path: str          # the upstream path this adapter forwards to
     default_max_tokens: int   # the output hold when the client set no limit
     filters_events: bool      # False: every stream event is relayed, forwardable() is never asked
+    event_runs: tuple[bytes, re.Pattern[bytes]] | None  # SSEDecoder(runs=...) for this provider's streams
 
     def parse_request(self, raw: bytes) -> RequestFacts: ...
     def estimate_input(self, facts: RequestFacts) -> int: ...

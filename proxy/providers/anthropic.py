@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Any, Sequence
 
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
 from proxy.providers import RequestFacts, json_object
-from proxy.sse import SSEEvent
+from proxy.sse import SSEEvent, SSERun, expand, split
 from proxy.usage import Usage
 
 
@@ -124,6 +126,8 @@ def _stop_reason(body: dict[str, Any]) -> bool:
 _TEXT_DELTA = re.compile(r'\{"type":"content_block_delta","index":[0-9]+,'
                          r'"delta":\{"type":"text_delta","text":"([^"\\]*)"\}\}')
 _match_text_delta = _TEXT_DELTA.fullmatch
+# The same events for SSEDecoder(runs=...): a stream's text deltas are metered a run at a time.
+TEXT_DELTA_RUNS = (b"content_block_delta", re.compile(_TEXT_DELTA.pattern.encode()))
 
 
 def _plain_text_delta(data: str) -> str | None:
@@ -203,18 +207,33 @@ class AnthropicStreamMeter:
         limit_bytes = -1 if self._reported.output_tokens > room else 3 * room
         estimate = self._estimate
         match = _match_text_delta
-        for i in range(start, len(events)):
+        i = start
+        while i < len(events):
             ev = events[i]
+            i += 1
+            if type(ev) is SSERun:  # text deltas in the compact form (TEXT_DELTA_RUNS), no escapes
+                if not ev.raw.isascii():  # ASCII: the bytes are the text's UTF-8; else event by event
+                    events[i - 1:i] = expand(ev)
+                    i -= 1
+                    continue
+                sizes = list(accumulate(map(len, ev.values)))
+                if estimate.bytes + sizes[-1] <= limit_bytes:
+                    estimate.bytes += sizes[-1]
+                    continue
+                # The event that passes the room stands alone; the relay decides at it.
+                events[i - 1:i] = split(ev, bisect_right(sizes, limit_bytes - estimate.bytes))
+                i -= 1
+                continue
             if ev[0] == "content_block_delta" and (m := match(ev[1])) is not None:
                 text = m[1]
                 if text:
                     estimate.bytes += len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
                     if estimate.bytes > limit_bytes:
-                        return i + 1, GREW
+                        return i, GREW
                 continue
             grew = self.feed(ev)
             if grew == REPORTED or (grew == GREW and self.live_output_tokens() > room):
-                return i + 1, grew
+                return i, grew
         return len(events), UNCHANGED
 
     def live_output_tokens(self) -> int:
@@ -241,6 +260,7 @@ class AnthropicAdapter:
     path = "/v1/messages"
     default_max_tokens = 4096  # unused: max_tokens is required by the Messages API
     filters_events = False     # every event is relayed as it came
+    event_runs = TEXT_DELTA_RUNS  # the relay's decoder groups text deltas (see feed_events)
 
     parse_request = staticmethod(parse_request)
     usage_from_response = staticmethod(usage_from_response)

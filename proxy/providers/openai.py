@@ -238,6 +238,7 @@ class OpenAIAdapter:
     upstream_body = staticmethod(upstream_body)
     usage_from_response = staticmethod(usage_from_response)
     filters_events = True  # the usage chunk the proxy asked for is dropped (see forwardable)
+    event_runs = None      # every chunk is metered on its own
     forwardable = staticmethod(forwardable)
     cut_event = staticmethod(cut_event)
 
