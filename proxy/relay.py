@@ -22,9 +22,9 @@ from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
-from proxy.meter import GREW, REPORTED
+from proxy.meter import GREW, REPORTED, UNCHANGED
 from proxy.providers import Provider, RequestFacts
-from proxy.sse import SSEDecoder, SSEError, SSERun, expand
+from proxy.sse import SSEDecoder, SSEError, SSERun, split
 from proxy.store.base import Reservation, UsageRow
 from proxy.upstream import UpstreamReply, open_upstream
 from proxy.usage import Usage
@@ -290,14 +290,16 @@ class Relay:
                                           or call.generation != state.generation):
                             # A wall-clock or reload decision is due at this chunk's first event.
                             if type(events[0]) is SSERun:
-                                events[0:1] = expand(events[0])
+                                events[0:1] = split(events[0], 0)
                                 n = len(events)
                             done, grew = meter.feed_events(events[:1], 0, call.output_room)
+                            at_event = True
                         else:
                             # The meter runs through the chunk's events until one needs a decision
                             # (splitting a run of text deltas in `events` where one passes the room).
                             done, grew = meter.feed_events(events, done, call.output_room)
                             n = len(events)
+                            at_event = grew != UNCHANGED  # else it ran out of events: a cut follows them
                         try:
                             denied = await self.check(call, meter, grew, deadline)
                         except StoreUnavailable:
@@ -313,11 +315,8 @@ class Relay:
                                 call.outcome = "cut"
                                 state.observe_cut(call.caller, denied.dimension)
                         if cut is not None:
-                            if type(events[done - 1]) is SSERun:  # (decided at the chunk's end)
-                                run = expand(events[done - 1])
-                                events[done - 1:done] = run
-                                done += len(run) - 1
-                            done -= 1  # the cut takes the place of the event that ran the budget out
+                            if at_event:
+                                done -= 1  # the cut takes the place of the event that ran the budget out
                             break
                     relayed = events[:done] if done < len(events) else events
                     if filters:
