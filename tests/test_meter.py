@@ -571,7 +571,7 @@ def test_reply_usage_is_what_a_full_parse_finds(members, usage, usage_last, sepa
 # --- runs of text deltas (SSEDecoder(runs=TEXT_DELTA_RUNS)) ----------------------------------
 
 from proxy.providers.anthropic import TEXT_DELTA_RUNS  # noqa: E402
-from proxy.sse import SSERun, expand  # noqa: E402
+from proxy.sse import SSERun  # noqa: E402
 
 
 def drive(events: list, rooms: list[int]) -> list[tuple[int, int, int]]:
