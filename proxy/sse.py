@@ -44,7 +44,7 @@ class SSEEvent(NamedTuple):
     raw: bytes         # exact upstream bytes, from the end of the previous event through this one's blank line
 
 
-_TWO_LINE_BLOCKS = re.compile(rb"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
+_TWO_LINE_BLOCK = re.compile(rb"event: ([^\n]*+)\ndata: ([^\n]*+)\n\n")
 # Event names the providers send, decoded once.
 _NAMES = {n.encode(): n for n in (
     "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
@@ -52,14 +52,15 @@ _NAMES = {n.encode(): n for n in (
 
 
 class SSERun(NamedTuple):
-    """Consecutive events a consumer asked to take in bulk (SSEDecoder(runs=...)): all named
-    `event`, each one's data matching the run pattern. A stream relay meters a run of text deltas
-    in one step instead of building and reading an event per delta; `expand` gives the events."""
+    """Consecutive events a consumer asked to take in bulk (SSEDecoder(runs=...)): LF-only blocks
+    `event: NAME\ndata: VALUE\n\n` that the run pattern matched as a whole, in one C scan. A
+    stream relay meters a run of text deltas in one step instead of building and reading an
+    event per delta; `expand` gives the events."""
 
     event: str
-    raw: bytes          # exact bytes of all the run's events
-    values: list[bytes]  # per event, the run pattern's first group
-    sizes: list[int]    # per event, its length in raw
+    raw: bytes    # exact bytes of all the run's events
+    count: int    # how many events
+    key: bytes    # the run pattern's first group, as matched in the run's first event
 
 
 def expand(run: SSERun) -> list[SSEEvent]:
@@ -67,16 +68,22 @@ def expand(run: SSERun) -> list[SSEEvent]:
     return SSEDecoder()._feed_lf(run.raw)
 
 
+def run_sizes(run: SSERun) -> list[int]:
+    """The length in raw of each of the run's events (no value holds a LF: blocks end at LF LF)."""
+    return [len(b) + 2 for b in run.raw.split(b"\n\n")[:-1]]
+
+
 def split(run: SSERun, k: int) -> list[SSEEvent | SSERun]:
     """The run with its k-th event on its own: [run of the events before it,] event[, run of the rest]."""
-    start = sum(run.sizes[:k])
-    end = start + run.sizes[k]
+    sizes = run_sizes(run)
+    start = sum(sizes[:k])
+    end = start + sizes[k]
     out: list[SSEEvent | SSERun] = []
     if k:
-        out.append(SSERun(run.event, run.raw[:start], run.values[:k], run.sizes[:k]))
+        out.append(SSERun(run.event, run.raw[:start], k, run.key))
     out += SSEDecoder()._feed_lf(run.raw[start:end])
-    if k + 1 < len(run.values):
-        out.append(SSERun(run.event, run.raw[end:], run.values[k + 1:], run.sizes[k + 1:]))
+    if k + 1 < run.count:
+        out.append(SSERun(run.event, run.raw[end:], run.count - k - 1, run.key))
     return out
 
 
@@ -87,18 +94,18 @@ class SSEError(Exception):
 class SSEDecoder:
     """Feed bytes, get complete SSEEvents. See the module docstring for the contract."""
 
-    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed", "_run_name", "_run_event",
-                 "_run_match")
+    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed", "_run_event", "_run_match")
 
     def __init__(self, max_event_bytes: int = 8 * 1024 * 1024,
-                 runs: tuple[bytes, re.Pattern[bytes]] | None = None) -> None:
-        """`runs`: (event name, data pattern): consecutive events with that name whose data fully
-        matches the pattern come out as one SSERun where a chunk holds them whole. Optional: any
-        event may come out on its own instead (the general paths never group)."""
+                 runs: tuple[str, re.Pattern[bytes]] | None = None) -> None:
+        """`runs`: (event name, run pattern): where the pattern matches at an event's start, the
+        events it spans come out as one SSERun. The pattern must match only whole LF-only blocks
+        `event: NAME\ndata: VALUE\n\n` of that name, one or more, and should be possessive (it
+        runs once per run, in C). Optional: any event may come out on its own instead (the general
+        paths never group)."""
         if max_event_bytes < 1:
             raise ValueError("max_event_bytes must be positive")
-        self._run_name, self._run_match = (runs[0], runs[1].fullmatch) if runs is not None else (None, None)
-        self._run_event = runs[0].decode("utf-8", "replace") if runs is not None else ""
+        self._run_event, self._run_match = (runs[0], runs[1].match) if runs is not None else ("", None)
         self._max = max_event_bytes
         self._buf = bytearray()  # pending bytes: the start of the next event
         self._line = 0           # offset in _buf of the first line not yet parsed
@@ -144,33 +151,28 @@ class SSEDecoder:
         end = data.rfind(b"\n\n") + 2
         if end < 2:
             return self._feed_lf_blocks(data)
-        # Providers send every event as exactly "event: NAME\ndata: VALUE\n\n": one C scan finds
-        # them all. If the matches do not tile the chunk (another block shape somewhere), the
+        # Providers send every event as exactly "event: NAME\ndata: VALUE\n\n": a C match per run
+        # or block reads them. If they do not tile the chunk (another block shape somewhere), the
         # general split below decides.
         events: list[SSEEvent | SSERun] = []
         pos = 0
         names = _NAMES
         new = tuple.__new__  # (SSEEvent(...) goes through a Python-level __new__)
-        run_name, run_event, run_match = self._run_name, self._run_event, self._run_match
-        run_start, run_values, run_sizes = 0, [], []
-        for name, value in _TWO_LINE_BLOCKS.findall(data, 0, end):
-            n = len(name) + len(value) + 16  # "event: " + "\ndata: " + "\n\n"
-            if name == run_name and (m := run_match(value)) is not None:  # type: ignore[misc]
-                if not run_values:
-                    run_start = pos
-                run_values.append(m[1])
-                run_sizes.append(n)
-            else:
-                if run_values:
-                    events.append(new(SSERun, (run_event, data[run_start:pos], run_values, run_sizes)))
-                    run_values, run_sizes = [], []
-                events.append(new(SSEEvent, (names.get(name) or name.decode("utf-8", "replace"),
-                                             value.decode("utf-8", "replace"), data[pos:pos + n])))
-            pos += n
-        if run_values:
-            events.append(new(SSERun, (run_event, data[run_start:pos], run_values, run_sizes)))
-        if pos != end:
-            return self._feed_lf_blocks(data)
+        run_event, run_match, block_match = self._run_event, self._run_match, _TWO_LINE_BLOCK.match
+        while pos < end:
+            if run_match is not None and (m := run_match(data, pos, end)) is not None:
+                raw = data[pos:m.end()]
+                events.append(new(SSERun, (run_event, raw, raw.count(b"\n\n"), m[1])))
+                pos += len(raw)
+                continue
+            m = block_match(data, pos, end)
+            if m is None:
+                return self._feed_lf_blocks(data)
+            name = m[1]
+            nxt = m.end()
+            events.append(new(SSEEvent, (names.get(name) or name.decode("utf-8", "replace"),
+                                         m[2].decode("utf-8", "replace"), data[pos:nxt])))
+            pos = nxt
         if end < len(data):
             self._buf += data[end:]
         self._line = self._search = 0

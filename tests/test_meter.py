@@ -581,7 +581,7 @@ def drive(events: list, rooms: list[int]) -> list[tuple[int, int, int]]:
     while done < len(events):
         done, grew = meter.feed_events(events, done, rooms[k % len(rooms)])
         k += 1
-        metered = sum(len(e.values) if type(e) is SSERun else 1 for e in events[:done])
+        metered = sum(e.count if type(e) is SSERun else 1 for e in events[:done])
         stops.append((metered, grew, meter.live_output_tokens()))
     return stops
 
@@ -595,6 +595,8 @@ def sse_block(ev: SSEEvent) -> bytes:
               st.text(max_size=30)),
     st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t, ensure_ascii=False), b""),
               st.text(alphabet="abc ", max_size=30)),
+    st.builds(lambda t, i: SSEEvent("content_block_delta", compact_text_delta(t, i), b""),  # (a run is one index)
+              st.text(alphabet="abc ", max_size=30), st.sampled_from([1, 9, 10, 12345])),
     st.builds(lambda n: start_ev(input_tokens=10, output_tokens=n), st.integers(0, 40)),
     st.builds(lambda n: msg_delta_ev(output_tokens=n), st.integers(0, 80)),
     st.just(SSEEvent("ping", '{"type":"ping"}', b"")),

@@ -519,9 +519,12 @@ def test_whole_chunks_decode_as_byte_by_byte_feeding_does(chunk):
 import json as _json  # noqa: E402
 import re as _re  # noqa: E402
 
-from proxy.sse import SSERun, expand, split  # noqa: E402
+from proxy.sse import SSERun, expand, run_sizes, split  # noqa: E402
 
-_RUNS = (b"delta", _re.compile(rb'\{"text":"([^"\\]*)"\}'))
+# Runs of deltas whose text has no escape, keyed by the first one's first letter (as TEXT_DELTA_RUNS
+# keys a run by its content block's index): a run never mixes keys.
+_RUNS = ("delta", _re.compile(rb'event: delta\ndata: \{"text":"([a-z]?)[^"\\\n]*+"\}\n\n'
+                              rb'(?:event: delta\ndata: \{"text":"\1[^"\\\n]*+"\}\n\n)*+'))
 
 
 def _delta_block(text: str) -> bytes:
@@ -555,13 +558,18 @@ def test_runs_expand_to_exactly_the_events_a_decoder_without_runs_emits(blocks, 
     for item in got:
         if type(item) is SSERun:
             members = expand(item)
-            assert item.event == "delta" and len(members) == len(item.values) == len(item.sizes) >= 1
-            assert [_json.loads(e.data)["text"].encode() for e in members] == item.values
-            assert [len(e.raw) for e in members] == item.sizes
+            assert item.event == "delta" and len(members) == item.count == len(run_sizes(item)) >= 1
+            texts = [_json.loads(e.data)["text"] for e in members]
+            first = texts[0].encode()[:1]
+            assert item.key == (first if first.isalpha() and first.islower() else b"")
+            assert all(t.encode().startswith(item.key) for t in texts)
+            assert [len(e.raw) for e in members] == run_sizes(item)
             for k in range(len(members)):
                 parts = split(item, k)
                 assert [e for p in parts for e in (expand(p) if type(p) is SSERun else [p])] == members
                 assert members[k] in parts and all(type(p) is SSERun or p == members[k] for p in parts)
     if len(chunks) == 1 and all(b.startswith(b"event: delta\ndata: {\"text\":\"") and b"\\" not in b
                                  for b in blocks) and blocks and not tail:
-        assert len(got) == 1 and type(got[0]) is SSERun  # a whole chunk of members is one run
+        keys = {b[len(b'event: delta\ndata: {"text":"'):][:1] for b in blocks}
+        if len(keys) == 1 and keys <= {b'"', *(bytes([c]) for c in range(ord("a"), ord("z") + 1))}:
+            assert len(got) == 1 and type(got[0]) is SSERun  # a whole chunk of one key is one run

@@ -14,8 +14,8 @@ and proxy/store/memory.py (Book.charge / Book.settle):
   estimate of ONE content delta event (ceil(bytes / 3)); here every text delta is CHUNK, 12 ASCII
   bytes, i.e. PER_DELTA = 4 tokens. A scope's used amount is at most limit + PER_DELTA per stream
   cut (<= limit + PER_DELTA x streams in flight). In cost_usd it is that event's output cost when
-  the input was priced as estimated. (PUSH_INTERVAL_TOKENS only bounds how stale the store's view is
-  inside a hold; it does not widen the bound.)
+  the input was priced as estimated. (PUSH_INTERVAL_SECONDS only bounds how stale the store's view
+  is inside a hold; it does not widen the bound.)
 * Reported figures are the provider's truth and can jump further: a message_start whose input far
   exceeds the estimate, or a running-usage message_delta (both tested below, settled as reported).
 """
@@ -34,7 +34,6 @@ import pytest
 
 from proxy.estimate import estimate_input_tokens
 from proxy.ledger import ZERO, Amounts
-from proxy.relay import PUSH_INTERVAL_TOKENS
 from proxy.sse import SSEDecoder
 from tests.conftest import ALPHA_KEY, BETA_KEY
 from tests.simulator import Reply
@@ -295,10 +294,10 @@ class TickingClock:
 
 @pytest.mark.parametrize("step", [1.0, 0.0])
 def test_running_charge_is_pushed_while_the_stream_flows_at_most_once_a_second(start, sim, step):
-    """In flight, the store's `used` trails the live usage by less than one push interval
-    (PUSH_INTERVAL_TOKENS) once a second has passed since the last push (step=1: every clock
-    reading is a second later); within the second (step=0: the clock stands still) only growth
-    past the hold is pushed. Either way used + held is the hold."""
+    """In flight, the store's `used` is the live usage as of the end of the last chunk relayed once
+    a second has passed since the last push (step=1: every clock reading is a second later);
+    within the second (step=0: the clock stands still) only growth past the hold is pushed.
+    Either way used + held is the hold."""
     proxy = start(teams=teams(key_budget={"tokens": 10**6}), clock=TickingClock(step))
     sim.queue(Reply(chunks=[CHUNK] * 100, input_tokens=25, gate="mid", gate_after=80))
     with client(proxy).messages.stream(model=MODEL, max_tokens=5000, messages=MSG) as s:
@@ -309,7 +308,7 @@ def test_running_charge_is_pushed_while_the_stream_flows_at_most_once_a_second(s
         live = 25 + 80 * PER_DELTA
         st = key_state(proxy)
         if step:
-            assert live - PUSH_INTERVAL_TOKENS < st.used.tokens <= live
+            assert st.used.tokens == live
         else:  # only message_start reached the store (its input, 25 > the estimate, grew the hold)
             assert EST < 25 and st.used.output_tokens == 1 and st.used.tokens == 26
         assert st.used.steps == 1 and st.used.input_tokens == 25

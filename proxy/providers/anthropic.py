@@ -11,7 +11,7 @@ from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
 from proxy.providers import RequestFacts, json_object
-from proxy.sse import SSEEvent, SSERun, expand, split
+from proxy.sse import SSEEvent, SSERun, expand, run_sizes, split
 from proxy.usage import Usage
 
 
@@ -126,8 +126,20 @@ def _stop_reason(body: dict[str, Any]) -> bool:
 _TEXT_DELTA = re.compile(r'\{"type":"content_block_delta","index":[0-9]+,'
                          r'"delta":\{"type":"text_delta","text":"([^"\\]*)"\}\}')
 _match_text_delta = _TEXT_DELTA.fullmatch
-# The same events for SSEDecoder(runs=...): a stream's text deltas are metered a run at a time.
-TEXT_DELTA_RUNS = (b"content_block_delta", re.compile(_TEXT_DELTA.pattern.encode()))
+# The same events for SSEDecoder(runs=...): a stream's text deltas, consecutive and of one content
+# block (its index is the run's key), are read by one possessive match and metered a run at a time:
+# their text is the run's bytes less each event's fixed frame (_RUN_FRAME plus the index).
+_RUN_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+_RUN_MID = b',"delta":{"type":"text_delta","text":"'
+_RUN_TAIL = b'"}}\n\n'
+_RUN_FRAME = len(_RUN_HEAD) + len(_RUN_MID) + len(_RUN_TAIL)
+
+
+def _member(index: bytes) -> bytes:
+    return re.escape(_RUN_HEAD) + index + re.escape(_RUN_MID) + rb'[^"\\\n]*+' + re.escape(_RUN_TAIL)
+
+
+TEXT_DELTA_RUNS = ("content_block_delta", re.compile(_member(rb"([0-9]++)") + rb"(?:" + _member(rb"\1") + rb")*+"))
 
 
 def _plain_text_delta(data: str) -> str | None:
@@ -212,15 +224,18 @@ class AnthropicStreamMeter:
             ev = events[i]
             i += 1
             if type(ev) is SSERun:  # text deltas in the compact form (TEXT_DELTA_RUNS), no escapes
-                if not ev.raw.isascii():  # ASCII: the bytes are the text's UTF-8; else event by event
+                raw = ev.raw
+                if not raw.isascii():  # ASCII: the bytes are the text's UTF-8; else event by event
                     events[i - 1:i] = expand(ev)
                     i -= 1
                     continue
-                sizes = list(accumulate(map(len, ev.values)))
-                if estimate.bytes + sizes[-1] <= limit_bytes:
-                    estimate.bytes += sizes[-1]
+                frame = _RUN_FRAME + len(ev.key)
+                text_bytes = len(raw) - ev.count * frame
+                if estimate.bytes + text_bytes <= limit_bytes:
+                    estimate.bytes += text_bytes
                     continue
                 # The event that passes the room stands alone; the relay decides at it.
+                sizes = list(accumulate([n - frame for n in run_sizes(ev)]))
                 events[i - 1:i] = split(ev, bisect_right(sizes, limit_bytes - estimate.bytes))
                 i -= 1
                 continue
