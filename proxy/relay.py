@@ -271,7 +271,9 @@ class Relay:
             call.client_gone = True
             await resp.aclose()  # stop the provider generating at once
 
-        watcher = asyncio.ensure_future(watch_client())
+        # Started after the first chunk (a provider sends message_start at once), and only while
+        # the message is unfinished: a stream that arrives whole needs no watcher.
+        watcher: asyncio.Future[None] | None = None
         call.upstream = resp
         self.state.active_streams.add(call)
         deadline = call.res.deadline
@@ -328,6 +330,8 @@ class Relay:
                         return
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if watcher is None and not meter.finished:
+                        watcher = asyncio.ensure_future(watch_client())
                 rest = decoder.flush()
                 for ev in rest:
                     meter.feed(ev)
@@ -350,7 +354,8 @@ class Relay:
             await send({"type": "http.response.body", "body": tail, "more_body": False})
         finally:
             self.state.active_streams.discard(call)
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await resp.aclose()
             usage = meter.final_usage() if meter.started else Usage()
             if not meter.usage_reported:
