@@ -3,7 +3,7 @@ access log, metrics) driven through ASGI in one process, the upstream replaced b
 reply that costs nothing. It isolates what the proxy adds on top of any pass-through, and
 profiles it with cProfile without py-spy's sampling noise.
 
-    .venv/bin/python -m bench.inproc [--mode json|sse] [--store memory|sqlite] [--requests 20000]
+    .venv/bin/python -m bench.inproc [--mode json|sse] [--store memory|sqlite|redis] [--requests 20000]
                                      [--concurrency 16] [--profile]
 
 Not a load test: the figure is CPU µs per request of the proxy's logic alone."""
@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import tempfile
 import time
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from bench import payloads
-from bench.targets import KEY, proxy_yaml
+from bench.targets import KEY, REDIS_DB, REDIS_URL, clear_redis, proxy_yaml
+
+REDIS_PREFIX = f"bench-inproc-{os.getpid()}:"
 
 
 class CannedReply:
@@ -52,7 +55,8 @@ def build_app(store: str, tmp: Path) -> Any:
     from proxy.config import parse_config
     import yaml
 
-    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp / 'ledger.db'}"}[store]
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp / 'ledger.db'}",
+           "redis": f"{REDIS_URL}/{REDIS_DB}?prefix={REDIS_PREFIX}"}[store]
     loaded = parse_config(yaml.safe_load(proxy_yaml("http://127.0.0.1:9", url)), path=tmp / "proxy.yaml")
     return create_app(loaded)
 
@@ -116,7 +120,7 @@ async def drive(app: Any, mode: str, requests: int, concurrency: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("json", "sse"), default="json")
-    p.add_argument("--store", choices=("memory", "sqlite"), default="sqlite")
+    p.add_argument("--store", choices=("memory", "sqlite", "redis"), default="sqlite")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--profile", action="store_true")
@@ -141,6 +145,8 @@ def main() -> None:
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(35)
             print(out.getvalue())
         logging.shutdown()
+        if args.store == "redis":
+            clear_redis(REDIS_PREFIX)
     sys.stderr = sys.__stderr__
     print(f"{args.mode} store={args.store} c={args.concurrency}: {us:.1f} µs CPU per request (proxy logic only)")
 

@@ -192,6 +192,9 @@ def _row(entry: dict[str, str]) -> UsageRow:
 
 
 MAX_BATCH = 64  # items per batch script call: Redis serves nobody else while one runs
+# A batch is sent while another awaits its reply (each script is atomic, and a request's own calls
+# follow one another): the proxy works on while Redis answers, instead of idling a round trip.
+BATCHES_IN_FLIGHT = 2
 
 
 class _Item:
@@ -220,7 +223,9 @@ class RedisStore:
         self._retries: set[asyncio.Task[None]] = set()
         # reserve / charge / settle / release calls waiting for the next batch, and the task sending them
         self._queue: list[_Item] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()  # (for _drain)
+        self._flushing = 0  # flushers that have not yet found the queue empty
+        self._sending = 0   # batches awaiting Redis
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisStore:
@@ -297,13 +302,17 @@ class RedisStore:
     # --- batching ------------------------------------------------------------------------
     # As SqliteStore's group commit: a call made while nothing is in flight is sent at once (no timer);
     # calls made while a batch is in flight wait and go together in the next one, one script call
-    # running them in arrival order. One batch is in flight at a time.
+    # running them in arrival order. Up to BATCHES_IN_FLIGHT batches await Redis at a time.
     def _submit(self, op: str, args: list[str], res: Reservation | None = None,
                 row: UsageRow | None = None) -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(op, args, fut, res, row))
-        if self._flusher is None:
-            self._flusher = asyncio.ensure_future(self._flush())
+        flushing = self._flushing
+        if flushing == 0 or (flushing == self._sending and flushing < BATCHES_IN_FLIGHT):
+            self._flushing += 1  # (counted here: a flusher that has not started yet takes this call)
+            task = asyncio.ensure_future(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
         return fut
 
     async def _one(self, op: str, args: list[str]) -> str:
@@ -322,6 +331,7 @@ class RedisStore:
                 # a reserve or charge whose caller has gone (cancelled) is not sent; settles and releases are
                 batch = [it for it in batch if it.call[0] in ("s", "l") or not it.fut.done()]
                 if batch:
+                    self._sending += 1
                     try:
                         replies = await self._call_batch([it.call for it in batch])
                     except Exception as exc:  # anything else too: no caller may be left waiting
@@ -332,6 +342,8 @@ class RedisStore:
                     else:
                         for it, reply in zip(batch, replies):
                             self._answer(it, reply, None)
+                    finally:
+                        self._sending -= 1
                     batch = []
                 # one loop turn: the callers just answered queue their next call (a reserve's settle)
                 # into the next batch instead of each starting one; nothing waits on a timer
@@ -342,7 +354,7 @@ class RedisStore:
             self._queue = []
             raise
         finally:
-            self._flusher = None
+            self._flushing -= 1  # at once, not in a done callback: a call queued now starts a flusher
 
     def _answer(self, it: _Item, reply: str | None, error: StoreUnavailable | None, retry: bool = True) -> None:
         if it.res is not None:  # a settle: finished here
@@ -363,8 +375,8 @@ class RedisStore:
                 it.fut.set_exception(error or StoreUnavailable(UNAVAILABLE))
 
     async def _drain(self) -> None:
-        while self._flusher is not None:
-            await asyncio.wait([self._flusher])
+        while self._flushers:
+            await asyncio.wait(list(self._flushers))
 
     async def _call_batch(self, calls: list[list[str]]) -> list[str]:
         replies = (await self._call("batch", calls)).split(";")
