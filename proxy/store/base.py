@@ -1,9 +1,8 @@
 """The store protocol and the value types that cross it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from operator import attrgetter
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, Sequence
 
 from proxy.ledger import ZERO, Admitted, Amounts, Ask, Denied, Scope, ScopeState
 
@@ -24,9 +23,9 @@ class Reservation:
     remaining: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """One settled request, as the usage log keeps it."""
+class UsageRow(NamedTuple):
+    """One settled request, as the usage log keeps it. A tuple: built once a request, and a frozen
+    dataclass of 16 fields costs ~2 µs to build."""
 
     time: float
     team: str
@@ -46,10 +45,7 @@ class UsageRow:
     request_id: str
 
     def as_tuple(self) -> tuple[Any, ...]:
-        return _ROW_FIELDS(self)
-
-
-_ROW_FIELDS = attrgetter(*(f.name for f in fields(UsageRow)))
+        return tuple(self)
 
 
 class LedgerStore(Protocol):

@@ -78,9 +78,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import asdict, fields
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Sequence, get_type_hints
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -102,7 +101,7 @@ MAX_EXACT = 2**53 - 1
 RETENTION_S = 35 * 86400
 UNAVAILABLE = "The budget ledger is unavailable; nothing was forwarded."
 
-_ROW_TYPES = {f.name: {"float": float, "int": int}.get(str(f.type), str) for f in fields(UsageRow)}
+_ROW_TYPES = {name: t if t in (float, int) else str for name, t in get_type_hints(UsageRow).items()}
 
 
 def _num(v: int) -> str:
@@ -163,7 +162,7 @@ def _admit_needed(dim: str, ask: Ask) -> int:
             "output_tokens": need_out}.get(dim, 0)  # wall_clock: nothing
 
 
-_ROW_NAMES = tuple(f.name for f in fields(UsageRow))
+_ROW_NAMES = UsageRow._fields
 
 
 def _row_args(row: UsageRow | None) -> list[str]:
@@ -480,7 +479,7 @@ class RedisStore:
     def _unsettled(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
         self._live.pop(res.id, None)
         log.error("redis store: UNSETTLED request %s (its charges so far count when its hold expires): %s",
-                  res.id, json.dumps({"actual": _actual_of(args), "row": asdict(row) if row else None}))
+                  res.id, json.dumps({"actual": _actual_of(args), "row": row._asdict() if row else None}))
 
     async def release(self, res: Reservation) -> None:
         """Drop a reservation without a usage row: its charges so far count as settled, the rest of
