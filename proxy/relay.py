@@ -56,7 +56,7 @@ class Call:
     clamped_to: int | None
     hold_room: int = -1            # live output within the hold (NO_LIMIT: the cap fits in it)
     pushed_at: float = 0.0         # when the running charge was last pushed to the store
-    pushed_output: int = 0         # the output tokens it held then
+    pushed_output: int = 0         # the live output figure then
     client_gone: bool = False
     outcome: str = "completed"
     status: int = 0
@@ -416,7 +416,8 @@ class Relay:
         else:
             denied = await self.state.store.charge(call.res, amounts, now)
             if denied is None:
-                call.pushed_at, call.pushed_output = now, u.output_tokens
+                # (the live figure, uncapped, as check() compares it: past the cap nothing is pushed again)
+                call.pushed_at, call.pushed_output = now, meter.live_output_tokens()
         if denied is None:
             call.hold_room = self.hold_room(call, u)
         return denied
