@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.ledger import Amounts, Ask, Limits, Scope  # noqa: E402
+from bench.store_latency import run  # noqa: E402  (on uvloop, as `budget-proxy serve` runs)
 from proxy.store.base import Reservation, UsageRow, open_store  # noqa: E402
 
 SCOPES = (Scope("key", "k", "key:bench/k", Limits(tokens=10**15, steps=10**12), "day"),
@@ -72,14 +73,6 @@ async def cpu_per_request(url: str, n: int, concurrency: int, upstream_us: float
     finally:
         await store.close()
     return spent / (per_task * concurrency) * 1e6
-
-
-def run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main() -> None:
