@@ -162,7 +162,8 @@ class SSEDecoder:
         while pos < end:
             if run_match is not None and (m := run_match(data, pos, end)) is not None:
                 raw = data[pos:m.end()]
-                events.append(new(SSERun, (run_event, raw, raw.count(b"\n\n"), m[1])))
+                # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is ~3x faster)
+                events.append(new(SSERun, (run_event, raw, raw.count(10) // 3, m[1])))
                 pos += len(raw)
                 continue
             m = block_match(data, pos, end)
