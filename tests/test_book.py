@@ -31,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from proxy.ledger import METERED, ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
 from proxy.store.base import Reservation, UsageRow
-from proxy.store.memory import Book, MemoryStore, Totals
+from proxy.store.memory import MEMORY_LOG_ROWS, Book, MemoryStore, Totals
 
 T0 = 1_718_000_000.0  # 2024-06-10 06:13:20 UTC, a Monday
 HOUR = 3600.0
@@ -685,3 +685,16 @@ async def test_memory_store_settle_without_a_row_logs_nothing() -> None:
     await store.settle(res, ZERO, None)
     assert await store.usage_log() == [] and res.settled
     assert await store.states((scope("key", "k"),), T0) == [ScopeState(ZERO, ZERO, T0)]
+
+
+async def test_memory_store_keeps_a_bounded_usage_log_of_the_latest_rows() -> None:
+    store = MemoryStore()
+    k = scope("key", "k")
+    total = 2 * MEMORY_LOG_ROWS + 5
+    for i in range(total):
+        res = await store.reserve((k,), ask(), T0, f"r{i}")
+        assert isinstance(res, Reservation)
+        await store.settle(res, ZERO, row(f"r{i}"))
+    assert MEMORY_LOG_ROWS <= len(store.rows) <= 2 * MEMORY_LOG_ROWS
+    assert [r.request_id for r in await store.usage_log(3)] == [f"r{total - 3}", f"r{total - 2}", f"r{total - 1}"]
+    assert (await store.states((k,), T0))[0].used.steps == 0  # (ZERO settled: nothing charged, rows still logged)

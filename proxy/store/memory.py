@@ -156,6 +156,9 @@ def tightest_remaining(scopes: Sequence[Scope], states: Sequence[ScopeState]) ->
 _REPORTED = frozenset(("tokens", "cost_usd", "steps"))
 
 
+MEMORY_LOG_ROWS = 10_000  # memory:// keeps the usage log's most recent rows (between this and twice it)
+
+
 class MemoryStore:
     """memory:// — for tests and trials; nothing survives a restart."""
 
@@ -181,6 +184,8 @@ class MemoryStore:
     async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
         if self.book.settle(res, actual) and row is not None:
             self.rows.append(row)
+            if len(self.rows) > 2 * MEMORY_LOG_ROWS:  # bounded: a trial run must not grow without end
+                del self.rows[:-MEMORY_LOG_ROWS]
 
     async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]:
         return [self.book.state(s, now) for s in scopes]
