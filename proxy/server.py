@@ -3,6 +3,7 @@ accepting, let in-flight requests finish within the grace period, then cut the s
 remain (each settled), and close the store."""
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from typing import Any, Generator
@@ -29,6 +30,15 @@ class GracefulServer(uvicorn.Server):
         self.proxy = app
         self.config_path = config_path
         self.reload_requested = False
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        # What exists once the server is up (modules, config, pools) lives as long as the process:
+        # freezing it keeps the collector from traversing it on every full collection. Under load
+        # those ran every half second over ~56k objects, 15-25 ms each with every request waiting:
+        # they were the p99 (25 ms at a p50 of 2.8 ms at c=16; 3-5 ms frozen).
+        gc.collect()
+        gc.freeze()
 
     async def shutdown(self, sockets: Any = None) -> None:
         self.proxy.state.begin_shutdown(self.grace)

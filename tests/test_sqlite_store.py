@@ -57,7 +57,7 @@ async def test_a_batch_of_settlements_writes_what_one_statement_each_would(tmp_p
     store = SqliteStore(str(tmp_path / "l.db"))
     await store.open()
     reservations = await reserve_many(store, 24)
-    # all settle at once: the first starts a transaction, the other 23 wait and share the next one
+    # all settle at once: they share one transaction
     await asyncio.gather(*(store.settle(res, actual(i), row(res.id)) for i, res in enumerate(reservations)))
     totals, ids = on_disk(tmp_path / "l.db")
     assert sorted(ids) == sorted(r.id for r in reservations)
@@ -67,6 +67,29 @@ async def test_a_batch_of_settlements_writes_what_one_statement_each_would(tmp_p
         expected = sum((actual(i) for i, _ in mine), ZERO)
         # the clock of each scope started at its first request, not at a later one in the batch
         assert totals[(s.id, start)] == (*expected, T0 + mine[0][0]), s.id
+    await store.close()
+
+
+async def test_settlements_that_arrive_together_share_one_transaction(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write begins a couple of loop iterations after the first settlement, so replies that
+    settle in the same burst are committed together rather than one row per transaction."""
+    store = SqliteStore(str(tmp_path / "l.db"))
+    await store.open()
+    batches: list[int] = []
+    write = store._write
+    monkeypatch.setattr(store, "_write", lambda totals, rows: (batches.append(len(rows)), write(totals, rows))[1])
+    reservations = await reserve_many(store, 16)
+
+    async def settle_after(res: Reservation, ticks: int) -> None:
+        for _ in range(ticks):  # (as replies arriving in the next loop iteration would)
+            await asyncio.sleep(0)
+        await store.settle(res, actual(0), row(res.id))
+
+    await asyncio.gather(*(settle_after(res, i % 2) for i, res in enumerate(reservations)))
+    assert batches == [16]
+    _, ids = on_disk(tmp_path / "l.db")
+    assert sorted(ids) == sorted(r.id for r in reservations)
     await store.close()
 
 
@@ -83,7 +106,11 @@ async def test_a_reset_in_a_batch_replaces_earlier_settlements_and_keeps_later_o
     other = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the store's first transaction waits
     first = asyncio.ensure_future(store.settle(a, actual(0), row("a")))
-    await asyncio.sleep(0)
+    for _ in range(10):  # until first's transaction has gone to the thread (it waits there for the lock)
+        await asyncio.sleep(0)
+        if store._writing and not store._pending_waiters:
+            break
+    assert store._writing and not store._pending_waiters
     queued = [asyncio.ensure_future(store.settle(b, actual(1), row("b"))),  # reset away below
               asyncio.ensure_future(store.reset(KEY, T0 + 10))]
     await asyncio.sleep(0)

@@ -207,7 +207,12 @@ class SqliteStore(MemoryStore):
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending_waiters.append(done)
         if not self._writing:
-            self._write_pending()
+            # Begin the write two loop iterations from now, not at once: the settlements of replies
+            # that arrive meanwhile join this transaction. At once, 3 in 4 transactions held one
+            # row (the thread hop and the commit per row cost ~35 us at c=16); so, ~15 rows each.
+            self._writing = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._write_pending)
         await done
 
     def _write_pending(self) -> None:
