@@ -4,7 +4,7 @@ upstream clients. They bound what the proxy can reach, and they are the measurem
 behind its choice of upstream client (proxy/upstream.py):
 
     aiohttp        one shared aiohttp.ClientSession, used directly (the pass-through to beat)
-    transport      the project's proxy.upstream.AiohttpTransport, called as the relay calls it
+    transport      the project's proxy.upstream.PooledTransport, called as the relay calls it
                    (open_upstream: no httpx Request/Response on this transport)
     httpx-aiohttp  httpx.AsyncClient(transport=httpx_aiohttp.AiohttpTransport())
     httpx          httpx.AsyncClient with its stock transport
@@ -76,9 +76,9 @@ class HttpxTypesClient:
         self.httpx = httpx
         self.client: Any = None
         if name == "transport":
-            from proxy.upstream import AiohttpTransport
+            from proxy.upstream import PooledTransport
 
-            self.transport: Any = AiohttpTransport()
+            self.transport: Any = PooledTransport()
         elif name == "httpx-aiohttp":
             import httpx_aiohttp
 

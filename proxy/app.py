@@ -34,7 +34,7 @@ from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.openai import OpenAIAdapter
 from proxy.relay import Relay
 from proxy.store import LedgerStore, open_store
-from proxy.upstream import AiohttpTransport
+from proxy.upstream import PooledTransport
 from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
@@ -103,7 +103,7 @@ class AppState:
                 t = self._injected_transport
             else:
                 u = self.runtime.config.upstreams[provider]  # type: ignore[index]
-                t = AiohttpTransport(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
+                t = PooledTransport(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
                                      read_timeout=u.timeout_seconds)
             self.transports[provider] = t
         return t

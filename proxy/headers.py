@@ -6,9 +6,10 @@ HOP_BY_HOP = frozenset({
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 })
 # Never forwarded upstream: the client's credentials (the upstream key replaces them), the
-# proxy's own cookies, and what the proxy recomputes (host, length, encoding).
+# proxy's own cookies, what the proxy recomputes (host, length, encoding), and Expect (the proxy
+# has the whole body before it forwards: there is nothing to wait for a 100 Continue about).
 DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization", b"cookie",
-                              b"accept-encoding"}
+                              b"accept-encoding", b"expect"}
 DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length"}
 
 

@@ -1,4 +1,4 @@
-"""The upstream client: the project's aiohttp transport behind httpx types, and the relay's
+"""The upstream client: the project's keep-alive pool (proxy/http1.py) behind httpx types, and the relay's
 use of it through the httpx seam (respx)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import respx
 from aiohttp import web
 
 from proxy.app import create_app
-from proxy.upstream import AiohttpTransport
+from proxy.upstream import PooledTransport
 from tests.conftest import ALPHA_KEY, default_teams
 from tests.harness import make_config
 
@@ -50,7 +50,7 @@ async def test_stream_chunks_arrive_as_written(local_server):
         return resp
 
     routes["/s"] = stream
-    t = AiohttpTransport()
+    t = PooledTransport()
     resp = await t.handle_async_request(httpx.Request("GET", base + "/s"))
     got = b""
     async for chunk in resp.aiter_raw():
@@ -67,7 +67,7 @@ async def test_refused_connection_is_connect_error():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    t = AiohttpTransport(connect_timeout=2)
+    t = PooledTransport(connect_timeout=2)
     with pytest.raises(httpx.ConnectError):
         await t.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{port}/"))
     await t.aclose()
@@ -82,7 +82,7 @@ async def test_slow_headers_are_a_timeout(local_server):
         return web.Response()
 
     routes["/stall"] = stall
-    t = AiohttpTransport(read_timeout=0.2)
+    t = PooledTransport(read_timeout=0.2)
     with pytest.raises(httpx.TimeoutException):
         await t.handle_async_request(httpx.Request("GET", base + "/stall"))
     await t.aclose()
@@ -100,7 +100,7 @@ async def test_stalled_body_is_a_read_timeout(local_server):
         return resp
 
     routes["/half"] = half
-    t = AiohttpTransport(read_timeout=0.2)
+    t = PooledTransport(read_timeout=0.2)
     resp = await t.handle_async_request(httpx.Request("GET", base + "/half"))
     with pytest.raises(httpx.ReadTimeout):
         async for _ in resp.aiter_raw():
@@ -118,7 +118,7 @@ async def test_no_cookie_jar_across_requests(local_server):
         return web.Response(text="ok", headers={"set-cookie": "tenant=alpha; Path=/"})
 
     routes["/c"] = cookie
-    t = AiohttpTransport()
+    t = PooledTransport()
     for _ in range(2):
         resp = await t.handle_async_request(httpx.Request("GET", base + "/c"))
         await resp.aread()
@@ -143,7 +143,7 @@ async def test_closing_early_closes_the_upstream_connection(local_server):
             raise
 
     routes["/e"] = endless
-    t = AiohttpTransport()
+    t = PooledTransport()
     resp = await t.handle_async_request(httpx.Request("GET", base + "/e"))
     async for _ in resp.aiter_raw():
         break

@@ -1,0 +1,410 @@
+"""A lean HTTP/1.1 client: pooled keep-alive connections on asyncio, responses parsed by httptools
+(the C parser uvicorn already uses on the server side).
+
+Why not aiohttp's ClientSession: measured on the bench (bench/RESULTS.md), its per-request
+machinery (ClientRequest/ClientResponse objects, CIMultiDicts, URL handling, timer contexts,
+traces) cost ~55 us of the ~95 us a whole raw pass-through spends per request; this client does
+the same socket work in a fraction of that. It does only what the relay needs: one request per
+connection at a time, bodies sent whole, responses with a length, chunked or read to EOF, bodies
+relayed raw (no decompression: the relay asks for identity), no cookies, no redirects, no proxies.
+
+Errors are httpx's, as the relay expects from any transport: ConnectError/ConnectTimeout before
+the request is written, ReadTimeout when no byte arrives for `read_timeout`, RemoteProtocolError
+when the upstream breaks the protocol or ends a body early, ReadError when the connection fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections import deque
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
+
+import httpx
+import httptools
+
+# An idle connection older than this is closed rather than reused: servers drop idle keep-alive
+# connections after a while (nginx 75 s, many APIs 15-60 s), and a request written into one that
+# the server is closing fails. aiohttp uses the same figure.
+KEEPALIVE_SECONDS = 15.0
+# Past this much unread body, the socket stops being read until the relay catches up.
+HIGH_WATER_BYTES = 256 * 1024
+URL_CACHE_SIZE = 64
+
+
+class Origin:
+    """One parsed upstream URL: where to connect and what to write on the request line."""
+
+    __slots__ = ("key", "host", "port", "ssl", "target", "host_header")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise httpx.UnsupportedProtocol(f"cannot request {parts.scheme or 'a relative'} URL")
+        self.host = parts.hostname
+        tls = parts.scheme == "https"
+        self.port = parts.port or (443 if tls else 80)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self.key = (parts.scheme, self.host, self.port)
+        self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        default_port = self.port == (443 if tls else 80)
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = name if default_port else f"{name}:{self.port}"
+
+
+class Reply:
+    """A response whose headers are in; its body arrives through the connection as it is read."""
+
+    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "_buffered", "_waiter",
+                 "_complete", "_error", "_conn", "_loop", "_headers_in")
+
+    def __init__(self, conn: Connection) -> None:
+        self.status_code = 0
+        self.headers_raw: list[tuple[bytes, bytes]] = []
+        self.content_type = ""
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._conn: Connection | None = conn  # None once the body is complete or the reply closed
+        self._loop = conn.loop
+        self._headers_in: asyncio.Future[None] = conn.loop.create_future()
+
+    # --- fed by the connection --------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER_BYTES and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._complete or self._error is not None:
+            return
+        self._error = error
+        self._conn = None
+        if not self._headers_in.done():
+            self._headers_in.set_exception(error)
+        self._wake()
+
+    # --- read by the relay --------------------------------------------------------------------
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._conn is not None:
+            self._conn.resume()
+        return data
+
+    async def _more(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        await waiter
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                yield self._take()
+            elif self._complete:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                await self._more()
+
+    async def aread(self) -> bytes:
+        while not self._complete:
+            if self._error is not None:
+                raise self._error
+            await self._more()
+        return self._take() if self._chunks else b""
+
+    async def aclose(self) -> None:
+        """A body not read to its end closes the connection: that is what stops the upstream."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.close()
+            self._fail(httpx.ReadError("the response was closed"))
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection: carries one request at a time; back in the pool when its
+    response is complete and the server keeps it alive."""
+
+    def __init__(self, pool: Pool, origin_key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.origin_key = origin_key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reply: Reply | None = None
+        self.closed = False
+        self.paused = False
+        self.idle_since = 0.0
+        self.last_data = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- the request ----------------------------------------------------------------------------
+    def send(self, data: bytes) -> Reply:
+        reply = self.reply = Reply(self)
+        self.last_data = self.loop.time()
+        self.timer = self.loop.call_at(self.last_data + self.pool.read_timeout, self._check_timeout)
+        self.transport.write(data)  # type: ignore[union-attr]
+        return reply
+
+    def _check_timeout(self) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        quiet_until = self.last_data + self.pool.read_timeout
+        if self.loop.time() < quiet_until:
+            self.timer = self.loop.call_at(quiet_until, self._check_timeout)
+            return
+        self.timer = None
+        self.reply = None
+        reply._fail(httpx.ReadTimeout("upstream read timed out"))
+        self.close()
+
+    def _done_with(self) -> None:
+        self.reply = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.reply is None:  # nothing was asked: a server that talks out of turn is not reused
+            self.close()
+            return
+        self.last_data = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except Exception as exc:  # httptools' parse errors, and what a callback raised
+            reply = self.reply
+            if reply is not None:
+                reply._fail(httpx.RemoteProtocolError(f"upstream sent invalid HTTP: {exc.__class__.__name__}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        reply = self.reply
+        if reply is not None:
+            self._done_with()
+            if reply._headers_in.done() and self.read_to_eof:
+                reply._finish()  # a body without length or chunking ends where the connection does
+            elif not reply._headers_in.done():
+                reply._fail(httpx.RemoteProtocolError("upstream closed the connection without a response"))
+            else:
+                reply._fail(httpx.RemoteProtocolError("upstream ended the body early"))
+        self.pool._forget(self)
+
+    def pause(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    # --- httptools callbacks ----------------------------------------------------------------------
+    read_to_eof = False  # the body in flight ends where the connection does
+    interim = False      # the message being parsed is a 1xx: the real response follows it
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.reply.headers_raw.append((name, value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        reply = self.reply
+        assert reply is not None
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: not the answer
+            self.interim = True
+            reply.headers_raw.clear()
+            return
+        reply.status_code = status
+        framed = False
+        for name, value in reply.headers_raw:
+            lname = name.lower()
+            if lname == b"content-type":
+                reply.content_type = value.decode("latin-1")
+            elif lname == b"content-length" or lname == b"transfer-encoding":
+                framed = True
+        self.read_to_eof = not framed and status not in (204, 304)
+        if not reply._headers_in.done():
+            reply._headers_in.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.reply._data(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        if self.interim:
+            self.interim = False
+            return
+        self._done_with()
+        reply._finish()
+        if self.parser.should_keep_alive() and not self.closed:
+            self.pool._release(self)
+        else:
+            self.close()
+
+
+class Pool:
+    """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
+
+    def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
+                 read_timeout: float = 600.0) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
+        self._origins: dict[str, Origin] = {}
+        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._open: set[Connection] = set()
+        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a free connection
+        self._closed = False
+
+    def origin(self, url: str) -> Origin:
+        o = self._origins.get(url)
+        if o is None:
+            if len(self._origins) >= URL_CACHE_SIZE:  # bounded: the query string comes from the client
+                self._origins.clear()
+            o = self._origins[url] = Origin(url)
+        return o
+
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
+        """Write the request; return once the response headers are in (the body is not read)."""
+        if self._closed:
+            raise httpx.ConnectError("the upstream pool is closed")
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        origin = self.origin(url)
+        lines = [f"{method} {origin.target} HTTP/1.1\r\nhost: {origin.host_header}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers]
+        if body or method not in ("GET", "HEAD"):
+            lines.append(f"content-length: {len(body)}\r\n")
+        lines.append("\r\n")
+        head = "".join(lines)
+        # No header may smuggle a line break into the request (one LF per line, each after a CR).
+        if head.count("\n") != len(lines) + 1 or head.count("\r") != head.count("\n"):
+            raise httpx.LocalProtocolError("a header name or value holds a line break")
+        data = head.encode("latin-1") + body
+        conn = self._reuse(origin.key) or await self._connect(origin)
+        reply = conn.send(data)
+        try:
+            await reply._headers_in
+        except asyncio.CancelledError:
+            conn.close()  # a request abandoned midway leaves nothing on the connection
+            raise
+        return reply
+
+    def _reuse(self, key: tuple[str, str, int]) -> Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = self.loop.time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been dropped
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> Connection:
+        while len(self._open) >= self.max_connections:
+            self._close_one_idle()
+            waiter = self.loop.create_future()
+            self._waiting.append(waiter)
+            await waiter  # a connection closed or went back to the pool
+            conn = self._reuse(origin.key)
+            if conn is not None:
+                return conn
+        conn = Connection(self, origin.key)
+        self._open.add(conn)
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: conn, origin.host, origin.port, ssl=origin.ssl,
+                                            server_hostname=origin.host if origin.ssl else None),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            self._forget(conn)
+            raise httpx.ConnectTimeout("upstream connect timed out") from None
+        except OSError as exc:  # refused, unreachable, DNS, TLS
+            self._forget(conn)
+            raise httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}") from None
+        except BaseException:
+            self._forget(conn)
+            conn.close()
+            raise
+        return conn
+
+    def _close_one_idle(self) -> None:
+        """At the limit, an idle connection to another origin makes room (its close wakes a waiter)."""
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0).close()
+                return
+
+    def _wake_one(self) -> None:
+        while self._waiting:
+            w = self._waiting.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def _release(self, conn: Connection) -> None:
+        conn.idle_since = self.loop.time()
+        self._idle.setdefault(conn.origin_key, []).append(conn)
+        if self._waiting:
+            self._wake_one()
+
+    def _forget(self, conn: Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            idle = self._idle.get(conn.origin_key)
+            if idle and conn in idle:
+                idle.remove(conn)
+            self._wake_one()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        self._idle.clear()
+        for w in self._waiting:
+            if not w.done():
+                w.set_exception(httpx.ConnectError("the upstream pool is closed"))
+        self._waiting.clear()
