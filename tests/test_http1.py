@@ -1,0 +1,265 @@
+"""proxy/http1.py, the upstream keep-alive pool, against a raw loopback server whose every byte the
+test writes: framing (length, chunked, to EOF), interim 1xx answers, connection reuse and loss,
+the connection limit, and what a broken upstream turns into."""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import httpx
+import pytest
+
+from proxy.http1 import Pool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request: its head and its body (by content-length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+class RawServer:
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.heads: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # (cancelled: the server is closing at the end of a test)
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+def answer(status: str, body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 " + status.encode() + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_the_request_as_given():
+    async def handler(reader, writer):
+        while True:
+            head, body = await read_request(reader)
+            server.heads.append(head)
+            writer.write(answer("200 OK", b"echo:" + body, b"content-type: application/json\r\n"))
+            await writer.drain()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool()
+        for i in range(3):
+            reply = await pool.request("POST", base + "/v1/messages?beta=true", [("x-api-key", "k")], b"%d" % i)
+            assert (reply.status_code, reply.content_type) == (200, "application/json")
+            assert await reply.aread() == b"echo:%d" % i
+        await pool.aclose()
+    assert server.connections == 1
+    assert server.heads[0].startswith(b"POST /v1/messages?beta=true HTTP/1.1\r\nhost: 127.0.0.1:")
+    assert b"\r\nx-api-key: k\r\ncontent-length: 1\r\n\r\n" in server.heads[0]
+
+
+async def test_a_chunked_stream_arrives_chunk_by_chunk_and_the_connection_is_reused():
+    gate = asyncio.Event()
+
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"12\r\nevent: a\ndata: 1\n\n\r\n")
+            await writer.drain()
+            await gate.wait()
+            writer.write(b"12\r\nevent: b\ndata: 2\n\n\r\n0\r\n\r\n")
+            await writer.drain()
+            gate.clear()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool()
+        for _ in range(2):
+            reply = await pool.request("POST", base + "/s", [], b"{}")
+            got = []
+            async for chunk in reply.aiter_raw():
+                got.append(chunk)
+                if len(got) == 1:
+                    gate.set()  # the second event is written only once the first has been read
+            assert got == [b"event: a\ndata: 1\n\n", b"event: b\ndata: 2\n\n"]
+        await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_a_body_without_length_ends_with_the_connection():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        reply = await pool.request("POST", base + "/", [], b"")
+        assert await reply.aread() == b"all of it"
+        await pool.aclose()
+
+
+async def test_an_interim_100_continue_is_not_the_answer():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer("201 Created", b"done", b"x-final: yes\r\n"))
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        reply = await pool.request("POST", base + "/", [], b"x")
+        assert reply.status_code == 201
+        assert (b"x-final", b"yes") in reply.headers_raw
+        assert await reply.aread() == b"done"
+        await pool.aclose()
+
+
+async def test_a_body_cut_short_is_a_protocol_error():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        reply = await pool.request("POST", base + "/", [], b"")
+        with pytest.raises(httpx.RemoteProtocolError):
+            await reply.aread()
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("garbage", [b"SPDY/9 banana\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"])
+async def test_an_upstream_that_does_not_speak_http_is_a_protocol_error(garbage):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(garbage)
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.request("POST", base + "/", [], b"")
+        await pool.aclose()
+
+
+async def test_a_connection_closed_without_an_answer_is_a_protocol_error():
+    async def handler(reader, writer):
+        await read_request(reader)
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.request("POST", base + "/", [], b"")
+        await pool.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer("200 OK", b"one"))  # keep-alive by default, then closed anyway
+        await writer.drain()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool()
+        for _ in range(2):
+            reply = await pool.request("POST", base + "/", [], b"")
+            assert await reply.aread() == b"one"
+            for _ in range(100):  # until the pool has seen the close
+                if not pool._open:
+                    break
+                await asyncio.sleep(0.01)
+        await pool.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("name,value", [("x-evil", "a\r\nx-injected: 1"), ("x-evil\r\nx-injected", "1"),
+                                        ("x-evil", "a\nb")])
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(name, value):
+    async def handler(reader, writer):
+        await read_request(reader)
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool()
+        with pytest.raises(httpx.LocalProtocolError):
+            await pool.request("POST", base + "/", [(name, value)], b"")
+        await pool.aclose()
+    assert server.connections == 0
+
+
+async def test_the_connection_limit_queues_requests_until_a_connection_is_free():
+    release = asyncio.Event()
+
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            await release.wait()
+            writer.write(answer("200 OK", b"ok"))
+            await writer.drain()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool(max_connections=1)
+
+        async def one() -> bytes:
+            reply = await pool.request("POST", base + "/", [], b"")
+            return await reply.aread()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(3)]
+        for _ in range(500):  # until all three have asked
+            if len(pool._waiting) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(pool._open) == 1 and len(pool._waiting) == 2
+        release.set()
+        assert await asyncio.gather(*tasks) == [b"ok"] * 3
+        await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_closing_a_reply_early_closes_its_connection():
+    closed = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()  # returns at EOF: the client closed
+        closed.set()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        reply = await pool.request("POST", base + "/", [], b"")
+        async for chunk in reply.aiter_raw():
+            assert chunk == b"first"
+            break
+        await reply.aclose()
+        await asyncio.wait_for(closed.wait(), 5)
+        assert not pool._open
+        await pool.aclose()
+
+
+async def test_unsupported_scheme_is_refused():
+    pool = Pool()
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await pool.request("POST", "ftp://127.0.0.1/", [], b"")
+    await pool.aclose()
