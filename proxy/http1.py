@@ -115,6 +115,11 @@ class Reply:
         waiter = self._waiter = self._loop.create_future()
         await waiter
 
+    @property
+    def body_complete(self) -> bool:
+        """The whole body has arrived and been read: the chunk just taken was the last."""
+        return self._complete and not self._chunks
+
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         while True:
             if self._chunks:

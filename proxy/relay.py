@@ -280,6 +280,7 @@ class Relay:
         state = self.state
         filters = self.adapter.filters_events
         tail = b""
+        carry = b""  # the last chunk's bytes, held back to go out with the end of the body
         try:
             try:
                 async for chunk in resp.aiter_raw():
@@ -325,10 +326,14 @@ class Relay:
                         out = b"".join([ev.raw for ev in relayed if self.adapter.forwardable(ev, facts)])
                     else:
                         out = b"".join([ev.raw for ev in relayed])
+                    if carry:
+                        out, carry = carry + out, b""
                     if cut is not None:
                         await send({"type": "http.response.body", "body": out + cut, "more_body": False})
                         return
-                    if out:
+                    if resp.body_complete:
+                        carry = out  # the upstream's body has ended: one write for the rest and the end
+                    elif out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                     if watcher is None and not meter.finished:
                         watcher = asyncio.ensure_future(watch_client())
@@ -351,7 +356,7 @@ class Relay:
                                               "what was generated", error_type="api_error",
                                               error_code="proxy_shutdown")
             # End the client's body cleanly whatever happened upstream.
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            await send({"type": "http.response.body", "body": carry + tail, "more_body": False})
         finally:
             self.state.active_streams.discard(call)
             if watcher is not None:

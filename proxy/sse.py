@@ -29,7 +29,7 @@ Contract (PROTOCOL.md §3.8, WHATWG "event stream interpretation"):
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 _LF = 0x0A
 _SPACE = 0x20
@@ -53,14 +53,29 @@ _NAMES = {n.encode(): n for n in (
 
 class SSERun(NamedTuple):
     """Consecutive events a consumer asked to take in bulk (SSEDecoder(runs=...)): LF-only blocks
-    `event: NAME\ndata: VALUE\n\n` that the run pattern matched as a whole, in one C scan. A
+    `event: NAME\ndata: VALUE\n\n` that the run reader found as a whole, in a few C scans. A
     stream relay meters a run of text deltas in one step instead of building and reading an
     event per delta; `expand` gives the events."""
 
     event: str
     raw: bytes    # exact bytes of all the run's events
     count: int    # how many events
-    key: bytes    # the run pattern's first group, as matched in the run's first event
+    key: bytes    # what the run reader keyed it by (all its events share it)
+
+
+# Finds a run at an event's start: (data, pos, end) -> (where the run ends, its key) or None.
+RunReader = Callable[[bytes, int, int], "tuple[int, bytes] | None"]
+
+
+def run_reader(pattern: re.Pattern[bytes]) -> RunReader:
+    """A RunReader from a possessive pattern whose first group is the key."""
+    match = pattern.match
+
+    def read(data: bytes, pos: int, end: int) -> tuple[int, bytes] | None:
+        m = match(data, pos, end)
+        return None if m is None else (m.end(), m[1])
+
+    return read
 
 
 def expand(run: SSERun) -> list[SSEEvent]:
@@ -94,18 +109,18 @@ class SSEError(Exception):
 class SSEDecoder:
     """Feed bytes, get complete SSEEvents. See the module docstring for the contract."""
 
-    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed", "_run_event", "_run_match")
+    __slots__ = ("_max", "_buf", "_line", "_search", "_event", "_data", "_failed", "_run_event", "_run_read")
 
     def __init__(self, max_event_bytes: int = 8 * 1024 * 1024,
-                 runs: tuple[str, re.Pattern[bytes]] | None = None) -> None:
-        """`runs`: (event name, run pattern): where the pattern matches at an event's start, the
-        events it spans come out as one SSERun. The pattern must match only whole LF-only blocks
-        `event: NAME\ndata: VALUE\n\n` of that name, one or more, and should be possessive (it
-        runs once per run, in C). Optional: any event may come out on its own instead (the general
+                 runs: tuple[str, RunReader] | None = None) -> None:
+        """`runs`: (event name, run reader): where the reader finds a run at an event's start, the
+        events it spans come out as one SSERun. It must span only whole LF-only blocks
+        `event: NAME\ndata: VALUE\n\n` of that name, one or more (run_reader makes one of a
+        possessive pattern). Optional: any event may come out on its own instead (the general
         paths never group)."""
         if max_event_bytes < 1:
             raise ValueError("max_event_bytes must be positive")
-        self._run_event, self._run_match = (runs[0], runs[1].match) if runs is not None else ("", None)
+        self._run_event, self._run_read = runs if runs is not None else ("", None)
         self._max = max_event_bytes
         self._buf = bytearray()  # pending bytes: the start of the next event
         self._line = 0           # offset in _buf of the first line not yet parsed
@@ -158,12 +173,12 @@ class SSEDecoder:
         pos = 0
         names = _NAMES
         new = tuple.__new__  # (SSEEvent(...) goes through a Python-level __new__)
-        run_event, run_match, block_match = self._run_event, self._run_match, _TWO_LINE_BLOCK.match
+        run_event, run_read, block_match = self._run_event, self._run_read, _TWO_LINE_BLOCK.match
         while pos < end:
-            if run_match is not None and (m := run_match(data, pos, end)) is not None:
-                raw = data[pos:m.end()]
+            if run_read is not None and (r := run_read(data, pos, end)) is not None:
+                raw = data[pos:r[0]]
                 # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is ~3x faster)
-                events.append(new(SSERun, (run_event, raw, raw.count(10) // 3, m[1])))
+                events.append(new(SSERun, (run_event, raw, raw.count(10) // 3, r[1])))
                 pos += len(raw)
                 continue
             m = block_match(data, pos, end)

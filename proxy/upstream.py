@@ -26,6 +26,11 @@ class UpstreamReply(Protocol):
     headers_raw: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]
     content_type: str
 
+    @property
+    def body_complete(self) -> bool:
+        """True once the chunk last taken from aiter_raw is known to be the body's last (False
+        when that is not known until the iteration ends)."""
+
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
 
     async def aread(self) -> bytes: ...
@@ -43,6 +48,8 @@ class HttpxReply:
         self.status_code = response.status_code
         self.headers_raw = response.headers.raw
         self.content_type = response.headers.get("content-type", "")
+
+    body_complete = False  # httpx says so only when the iteration ends
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         return self._response.aiter_raw()

@@ -609,6 +609,46 @@ def test_runs_of_text_deltas_meter_and_stop_as_single_events_do(events, rooms):
     assert drive(grouped, rooms) == drive(singles, rooms)
 
 
+@given(st.lists(st.one_of(
+    st.builds(lambda t, i: SSEEvent("content_block_delta", compact_text_delta(t, i, ensure_ascii=False), b""),
+              st.text(max_size=12), st.sampled_from([0, 1, 10])),
+    st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t), b""), st.text(alphabet="ab ", max_size=9)),
+    st.builds(lambda t: SSEEvent("content_block_delta", compact_text_delta(t).replace(',"delta"', ', "delta"'), b""),
+              st.text(alphabet="ab", max_size=3)),
+    st.builds(lambda n: start_ev(input_tokens=10, output_tokens=n), st.integers(0, 40)),
+    st.just(SSEEvent("content_block_start", '{"type":"content_block_start","index":0,'
+                                            '"content_block":{"type":"text","text":""}}', b"")),
+    st.just(SSEEvent("ping", '{"type":"ping"}', b"")),
+), max_size=30), st.integers(0, 3))
+@settings(max_examples=500)
+def test_the_fast_run_reader_reads_what_the_run_pattern_reads(events, trailing):
+    """read_text_delta_run answers from counts; wherever a run could start, its answer must be the
+    possessive pattern's, run end and key."""
+    from proxy.providers.anthropic import _read_run_exactly, read_text_delta_run
+
+    stream = b"".join(sse_block(e) for e in events) + b"event: content_block_delta\ndata: {"[:trailing * 9]
+    end = stream.rfind(b"\n\n") + 2
+    pos = 0
+    for e in events:
+        assert read_text_delta_run(stream, pos, end) == _read_run_exactly(stream, pos, end)
+        pos += len(sse_block(e))
+
+
+def test_the_fast_run_reader_answers_a_clean_run_without_the_pattern(monkeypatch):
+    import proxy.providers.anthropic as anthropic
+
+    def pattern(*args):
+        raise AssertionError("the pattern was asked")
+
+    monkeypatch.setattr(anthropic, "_read_run_exactly", pattern)
+    deltas = b"".join(sse_block(SSEEvent("content_block_delta", compact_text_delta(f"word {i} "), b""))
+                      for i in range(50))
+    stream = sse_block(start_ev(input_tokens=3, output_tokens=1)) + deltas + b"event: content_block_stop\ndata: {}\n\n"
+    pos = len(stream) - len(deltas) - len(b"event: content_block_stop\ndata: {}\n\n")
+    assert anthropic.read_text_delta_run(stream, pos, len(stream)) == (pos + len(deltas), b"0")
+    assert anthropic.read_text_delta_run(stream, 0, len(stream)) is None  # (not a delta: no pattern needed)
+
+
 def test_a_run_with_bytes_that_are_not_utf8_is_counted_event_by_event():
     """The decoder replaces each invalid byte with U+FFFD (3 bytes): a run's raw byte count would
     count it as 1. Split multi-byte characters across events likewise."""

@@ -519,12 +519,12 @@ def test_whole_chunks_decode_as_byte_by_byte_feeding_does(chunk):
 import json as _json  # noqa: E402
 import re as _re  # noqa: E402
 
-from proxy.sse import SSERun, expand, run_sizes, split  # noqa: E402
+from proxy.sse import SSERun, expand, run_reader, run_sizes, split  # noqa: E402
 
 # Runs of deltas whose text has no escape, keyed by the first one's first letter (as TEXT_DELTA_RUNS
 # keys a run by its content block's index): a run never mixes keys.
-_RUNS = ("delta", _re.compile(rb'event: delta\ndata: \{"text":"([a-z]?)[^"\\\n]*+"\}\n\n'
-                              rb'(?:event: delta\ndata: \{"text":"\1[^"\\\n]*+"\}\n\n)*+'))
+_RUNS = ("delta", run_reader(_re.compile(rb'event: delta\ndata: \{"text":"([a-z]?)[^"\\\n]*+"\}\n\n'
+                                         rb'(?:event: delta\ndata: \{"text":"\1[^"\\\n]*+"\}\n\n)*+')))
 
 
 def _delta_block(text: str) -> bytes:

@@ -6,12 +6,11 @@ mid-stream cut. A new provider is a new adapter, not a fork of the relay."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.meter import StreamMeter
-from proxy.sse import SSEEvent
+from proxy.sse import RunReader, SSEEvent
 from proxy.usage import Usage
 
 
@@ -38,7 +37,7 @@ class Provider(Protocol):
     path: str          # the upstream path this adapter forwards to
     default_max_tokens: int   # the output hold when the client set no limit
     filters_events: bool      # False: every stream event is relayed, forwardable() is never asked
-    event_runs: tuple[bytes, re.Pattern[bytes]] | None  # SSEDecoder(runs=...) for this provider's streams
+    event_runs: tuple[str, RunReader] | None  # SSEDecoder(runs=...) for this provider's streams
 
     def parse_request(self, raw: bytes) -> RequestFacts: ...
     def estimate_input(self, facts: RequestFacts) -> int: ...

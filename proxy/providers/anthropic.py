@@ -11,7 +11,7 @@ from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
 from proxy.providers import RequestFacts, json_object
-from proxy.sse import SSEEvent, SSERun, expand, run_sizes, split
+from proxy.sse import SSEEvent, SSERun, expand, run_reader, run_sizes, split
 from proxy.usage import Usage
 
 
@@ -139,7 +139,44 @@ def _member(index: bytes) -> bytes:
     return re.escape(_RUN_HEAD) + index + re.escape(_RUN_MID) + rb'[^"\\\n]*+' + re.escape(_RUN_TAIL)
 
 
-TEXT_DELTA_RUNS = ("content_block_delta", re.compile(_member(rb"([0-9]++)") + rb"(?:" + _member(rb"\1") + rb")*+"))
+_read_run_exactly = run_reader(re.compile(_member(rb"([0-9]++)") + rb"(?:" + _member(rb"\1") + rb")*+"))
+_RUN_QUOTES = (_RUN_HEAD + _RUN_MID + _RUN_TAIL).count(b'"')
+_between: dict[bytes, bytes] = {}  # per index: one delta's tail and the next one's head
+
+
+def read_text_delta_run(data: bytes, pos: int, end: int) -> tuple[int, bytes] | None:
+    """The run of text deltas at `pos`, as the possessive pattern above reads it, in a few C
+    scans instead of its ~7,000 steps for a 50-delta run (2x faster): the run's last member is
+    the last one of its index before `end`, and the run is whole when counts add up. Each member
+    has 3 LFs and _RUN_QUOTES quotes, and members meet at `between` (which holds a LF LF, so it
+    is only ever found at a boundary): when the LFs are 3 x (betweens + 1), every boundary is a
+    between; when the quotes are _RUN_QUOTES x members and there is no backslash, no text holds
+    a quote or an escape. Anything else, the pattern decides."""
+    if not data.startswith(_RUN_HEAD, pos):
+        return None
+    k = pos + len(_RUN_HEAD)
+    comma = data.find(b",", k, k + 24)
+    key = data[k:comma]
+    if comma == -1 or not key.isdigit() or not data.startswith(_RUN_MID, comma):
+        return _read_run_exactly(data, pos, end)
+    between = _between.get(key)
+    if between is None:
+        if len(_between) > 64:
+            _between.clear()
+        between = _between[key] = _RUN_TAIL + _RUN_HEAD + key + _RUN_MID
+    last = data.rfind(between, comma, end)
+    text = comma + len(_RUN_MID) if last == -1 else last + len(between)
+    quote = data.find(b'"', text, end)
+    run_end = quote + len(_RUN_TAIL)
+    if quote != -1 and run_end <= end and data.startswith(_RUN_TAIL, quote):
+        n = 1 + (0 if last == -1 else data.count(between, pos, run_end))
+        if (data.count(10, pos, run_end) == 3 * n and data.count(34, pos, run_end) == _RUN_QUOTES * n
+                and data.find(92, pos, run_end) == -1):
+            return run_end, key
+    return _read_run_exactly(data, pos, end)
+
+
+TEXT_DELTA_RUNS = ("content_block_delta", read_text_delta_run)
 
 
 def _plain_text_delta(data: str) -> str | None:
