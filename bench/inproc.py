@@ -29,7 +29,7 @@ REDIS_PREFIX = f"bench-inproc-{os.getpid()}:"
 class CannedReply:
     """An upstream answer already in memory (the UpstreamReply interface)."""
 
-    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks")
+    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "body_complete")
 
     def __init__(self, content_type: str, chunks: list[bytes]) -> None:
         self.status_code = 200
@@ -38,9 +38,11 @@ class CannedReply:
                             (b"request-id", b"req_bench"), (b"anthropic-organization-id", b"org"))
         self.content_type = content_type
         self._chunks = chunks
+        self.body_complete = False
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        for c in self._chunks:
+        for i, c in enumerate(self._chunks):
+            self.body_complete = i == len(self._chunks) - 1  # as the project's pool knows it
             yield c
 
     async def aread(self) -> bytes:
@@ -111,9 +113,13 @@ async def drive(app: Any, mode: str, requests: int, concurrency: int) -> float:
         per = requests // concurrency
         await asyncio.gather(*(worker(per) for _ in range(concurrency)))
         cpu = time.process_time() - t0
+        # a 200 is not enough: a stream the relay failed midway also began with one
+        outcomes = {r.outcome for r in await app.state.store.usage_log(100)}
     bad = [s for s in statuses if s != 200]
     if bad:
         raise SystemExit(f"{len(bad)} non-200 answers, e.g. {bad[0]}")
+    if outcomes != {"completed"}:
+        raise SystemExit(f"requests ended {sorted(outcomes)}, not all completed")
     return cpu / (per * concurrency) * 1e6
 
 

@@ -63,17 +63,19 @@ class SSERun(NamedTuple):
     key: bytes    # what the run reader keyed it by (all its events share it)
 
 
-# Finds a run at an event's start: (data, pos, end) -> (where the run ends, its key) or None.
-RunReader = Callable[[bytes, int, int], "tuple[int, bytes] | None"]
+# Finds a run at an event's start: (data, pos, end) -> (where the run ends, its key, how many
+# events it spans) or None.
+RunReader = Callable[[bytes, int, int], "tuple[int, bytes, int] | None"]
 
 
 def run_reader(pattern: re.Pattern[bytes]) -> RunReader:
     """A RunReader from a possessive pattern whose first group is the key."""
     match = pattern.match
 
-    def read(data: bytes, pos: int, end: int) -> tuple[int, bytes] | None:
+    def read(data: bytes, pos: int, end: int) -> tuple[int, bytes, int] | None:
         m = match(data, pos, end)
-        return None if m is None else (m.end(), m[1])
+        # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is ~3x faster)
+        return None if m is None else (m.end(), m[1], data.count(10, pos, m.end()) // 3)
 
     return read
 
@@ -177,8 +179,7 @@ class SSEDecoder:
         while pos < end:
             if run_read is not None and (r := run_read(data, pos, end)) is not None:
                 raw = data[pos:r[0]]
-                # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is ~3x faster)
-                events.append(new(SSERun, (run_event, raw, raw.count(10) // 3, r[1])))
+                events.append(new(SSERun, (run_event, raw, r[2], r[1])))
                 pos += len(raw)
                 continue
             m = block_match(data, pos, end)

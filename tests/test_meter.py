@@ -645,7 +645,7 @@ def test_the_fast_run_reader_answers_a_clean_run_without_the_pattern(monkeypatch
                       for i in range(50))
     stream = sse_block(start_ev(input_tokens=3, output_tokens=1)) + deltas + b"event: content_block_stop\ndata: {}\n\n"
     pos = len(stream) - len(deltas) - len(b"event: content_block_stop\ndata: {}\n\n")
-    assert anthropic.read_text_delta_run(stream, pos, len(stream)) == (pos + len(deltas), b"0")
+    assert anthropic.read_text_delta_run(stream, pos, len(stream)) == (pos + len(deltas), b"0", 50)
     assert anthropic.read_text_delta_run(stream, 0, len(stream)) is None  # (not a delta: no pattern needed)
 
 

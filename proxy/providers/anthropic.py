@@ -144,7 +144,7 @@ _RUN_QUOTES = (_RUN_HEAD + _RUN_MID + _RUN_TAIL).count(b'"')
 _between: dict[bytes, bytes] = {}  # per index: one delta's tail and the next one's head
 
 
-def read_text_delta_run(data: bytes, pos: int, end: int) -> tuple[int, bytes] | None:
+def read_text_delta_run(data: bytes, pos: int, end: int) -> tuple[int, bytes, int] | None:
     """The run of text deltas at `pos`, as the possessive pattern above reads it, in a few C
     scans instead of its ~7,000 steps for a 50-delta run (2x faster): the run's last member is
     the last one of its index before `end`, and the run is whole when counts add up. Each member
@@ -172,7 +172,7 @@ def read_text_delta_run(data: bytes, pos: int, end: int) -> tuple[int, bytes] | 
         n = 1 + (0 if last == -1 else data.count(between, pos, run_end))
         if (data.count(10, pos, run_end) == 3 * n and data.count(34, pos, run_end) == _RUN_QUOTES * n
                 and data.find(92, pos, run_end) == -1):
-            return run_end, key
+            return run_end, key, n
     return _read_run_exactly(data, pos, end)
 
 
