@@ -1,4 +1,4 @@
-"""The only streaming loop: admit -> forward -> pump + meter -> settle (shielded, exactly once).
+"""The only streaming loop: admit -> forward -> pump + meter -> settle (exactly once, whatever is cancelled).
 
 A plain ASGI callable on the hot path (Starlette's StreamingResponse costs ~20% and cancels
 the body iterator on disconnect, which is no place to settle money)."""
@@ -365,7 +365,8 @@ class Relay:
             usage = meter.final_usage() if meter.started else Usage()
             if not meter.usage_reported:
                 usage = self.capped(call, usage)
-            await asyncio.shield(self.settle(call, usage if meter.started else None, usage))
+            # (no shield, which costs a task per stream: settle survives this task's cancellation)
+            await self.settle(call, usage if meter.started else None, usage)
 
     async def check(self, call: Call, meter: Any, grew: int, deadline: float | None) -> Denied | None:
         """After the meter stopped at an event (or ran out of events): push, and decide whether
@@ -465,6 +466,10 @@ class Relay:
                        call.outcome, call.request_id)
         try:
             await self.state.store.settle(call.res, actual, row)
+        except asyncio.CancelledError:
+            # The store has it (LedgerStore.settle takes effect when called); so do the metrics and log.
+            self.state.observe_settled(call, charged, cost, steps)
+            raise
         except Exception as exc:
             # Never silently lost: the in-process ledger holds it; the log says it is not durable.
             log.error("settlement not persisted: request_id=%s outcome=%s error=%s", call.request_id,

@@ -220,3 +220,71 @@ async def test_a_message_without_usage_is_charged_its_hold_not_nothing():
     assert key_state.used.output_tokens == 50 and key_state.used.input_tokens > 0 and key_state.used.steps == 1
     assert key_state.held.is_zero()
     assert app.state.store.rows[-1].outcome == "usage_unknown"
+
+
+async def test_a_stream_whose_task_is_cancelled_while_it_settles_is_settled_and_counted_once():
+    """The relay settles without asyncio.shield: LedgerStore.settle takes effect when called, so a
+    cancellation that lands while the store is still writing loses neither the charge nor its
+    metrics and access-log line."""
+    from proxy.store.memory import MemoryStore
+
+    class SlowWriteStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = asyncio.Event()
+
+        async def settle(self, res, actual, row):
+            await super().settle(res, actual, row)
+            self.writing.set()
+            await asyncio.Event().wait()  # a write that is still going when the task is cancelled
+
+    events = [("message_start", {"type": "message_start", "message": {**MESSAGE, "content": [], "usage": {
+                  "input_tokens": 10, "output_tokens": 1}}}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "hi"}}),
+              ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                 "usage": {"output_tokens": 3}}),
+              ("message_stop", {"type": "message_stop"})]
+    sse = b"".join(f"event: {n}\ndata: {json.dumps(d)}\n\n".encode() for n, d in events)
+    store = SlowWriteStore()
+
+    async def chunks():
+        yield sse
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+
+    app = create_app(make_config(UPSTREAM, default_teams()), store=store, transport=httpx.MockTransport(upstream))
+    body = json.dumps({**BODY, "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/messages", "query_string": b"",
+             "headers": [(b"x-api-key", ALPHA_KEY.encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    sent: list[dict] = []
+    received = False
+
+    async def receive():
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()
+
+    async def send(msg):
+        sent.append(msg)
+
+    task = asyncio.ensure_future(app(scope, receive, send))
+    await asyncio.wait_for(store.writing.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert b"".join(m.get("body", b"") for m in sent) == sse  # the client had the whole stream
+    assert [r.outcome for r in store.rows] == ["completed"] and store.rows[0].output_tokens == 3
+    caller = app.state.runtime.keyring.lookup(ALPHA_KEY)
+    key_state, _ = await store.states(app.state.runtime.budgets.scopes_for(caller), app.state.clock())
+    assert key_state.used.output_tokens == 3 and key_state.held.is_zero()
+    requests = [line for line in app.state.metrics.exposition().decode().splitlines()
+                if line.startswith("budget_proxy_requests_total{")]
+    assert len(requests) == 1 and 'outcome="completed"' in requests[0] and requests[0].endswith(" 1.0")

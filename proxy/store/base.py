@@ -60,7 +60,9 @@ class LedgerStore(Protocol):
         """Set what a request in flight has been charged so far; grow its hold if needed, or deny."""
 
     async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
-        """Charge the actual usage, release the rest of the hold, log the row. Exactly once per reservation."""
+        """Charge the actual usage, release the rest of the hold, log the row. Exactly once per reservation.
+        It takes effect when called: a caller cancelled while it awaits the store loses nothing (the
+        book is updated before the first await; the write is finished by the store, not the caller)."""
 
     async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]: ...
     async def reset(self, scope: Scope, now: float) -> None: ...
