@@ -281,6 +281,7 @@ class Relay:
         filters = self.adapter.filters_events
         tail = b""
         carry = b""  # the last chunk's bytes, held back to go out with the end of the body
+        ending: bytes | None = None  # what ends the client's body, sent once the charge is settled
         try:
             try:
                 async for chunk in resp.aiter_raw():
@@ -355,8 +356,8 @@ class Relay:
                 tail = self.adapter.cut_event("the proxy is shutting down; the stream was cut and charged for "
                                               "what was generated", error_type="api_error",
                                               error_code="proxy_shutdown")
-            # End the client's body cleanly whatever happened upstream.
-            await send({"type": "http.response.body", "body": carry + tail, "more_body": False})
+            # End the client's body cleanly whatever happened upstream (below, once settled).
+            ending = carry + tail
         finally:
             self.state.active_streams.discard(call)
             if watcher is not None:
@@ -367,6 +368,8 @@ class Relay:
                 usage = self.capped(call, usage)
             # (no shield, which costs a task per stream: settle survives this task's cancellation)
             await self.settle(call, usage if meter.started else None, usage)
+        # As for a whole reply, the charge is committed before the response ends (SPEC §6).
+        await send({"type": "http.response.body", "body": ending, "more_body": False})
 
     async def check(self, call: Call, meter: Any, grew: int, deadline: float | None) -> Denied | None:
         """After the meter stopped at an event (or ran out of events): push, and decide whether
