@@ -304,6 +304,10 @@ class Relay:
                             done, grew = meter.feed_events(events, done, call.hold_room)
                             n = len(events)
                             at_event = grew != UNCHANGED  # else it ran out of events: a cut follows them
+                            if (not at_event and deadline is None and call.generation == state.generation
+                                    and (meter.live_output_tokens() <= call.pushed_output
+                                         or state.clock() - call.pushed_at < PUSH_INTERVAL_SECONDS)):
+                                break  # (the end of the chunk, and check() would find nothing to do)
                         try:
                             denied = await self.check(call, meter, grew, deadline)
                         except StoreUnavailable:

@@ -22,8 +22,10 @@ class GracefulServer(uvicorn.Server):
     def __init__(self, app: BudgetProxyApp, config_path: str | None = None, **uvicorn_kwargs: Any) -> None:
         self.grace = app.state.runtime.config.server.shutdown_grace_seconds
         # No date/server headers of uvicorn's own: the upstream's come back unchanged (no duplicates).
+        # No X-Forwarded-* rewriting of the client's address: nothing here reads it, and it cost a
+        # middleware call per request.
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                server_header=False, date_header=False,
+                                server_header=False, date_header=False, proxy_headers=False,
                                 timeout_graceful_shutdown=int(self.grace) + CANCEL_MARGIN_SECONDS,
                                 **uvicorn_kwargs)
         super().__init__(config)
