@@ -12,7 +12,7 @@ Money is integer nano-dollars. Nothing here does I/O or reads a clock: `now` is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple, Sequence
 
@@ -93,27 +93,23 @@ class Limits:
     cost_nanos: int | None = None
     steps: int | None = None
     wall_clock: float | None = None  # seconds since the first request of the period
+    # metered(), worked out once: every admission and settlement reads it for each scope
+    _metered: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        pairs = (("tokens", self.tokens), ("input_tokens", self.input_tokens), ("output_tokens", self.output_tokens),
+                 ("cost_usd", self.cost_nanos), ("steps", self.steps))
+        object.__setattr__(self, "_metered", tuple((d, v) for d, v in pairs if v is not None))
 
     def get(self, dim: str) -> int | float | None:
         return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
 
-    def metered(self) -> list[tuple[str, int]]:
+    def metered(self) -> tuple[tuple[str, int], ...]:
         """(dimension, limit) for every limited metered dimension, in METERED order."""
-        out: list[tuple[str, int]] = []
-        if self.tokens is not None:
-            out.append(("tokens", self.tokens))
-        if self.input_tokens is not None:
-            out.append(("input_tokens", self.input_tokens))
-        if self.output_tokens is not None:
-            out.append(("output_tokens", self.output_tokens))
-        if self.cost_nanos is not None:
-            out.append(("cost_usd", self.cost_nanos))
-        if self.steps is not None:
-            out.append(("steps", self.steps))
-        return out
+        return self._metered
 
     def any(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
+        return bool(self._metered) or self.wall_clock is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -414,7 +414,7 @@ class Relay:
         was sent, so the estimate never counts past it either. Reported figures are settled as
         reported."""
         cap = call.output_cap
-        return u if cap is None or u.output_tokens <= cap else replace(u, output_tokens=cap)
+        return u if cap is None or u.output_tokens <= cap else u.with_output(cap)
 
     async def enforce(self, call: Call, meter: Any) -> Denied | None:
         """Push the running charge to the store when it outgrows the hold (the store may grow
@@ -442,7 +442,7 @@ class Relay:
         if call.price is not None:
             rate = pricing_mod.output_nanos_per_token(call.price, u.total_input_tokens)
             if rate > 0:
-                base = self.cost(call, replace(u, output_tokens=0))
+                base = self.cost(call, u.with_output(0))
                 room = min(room, int((hold.cost_nanos - base) // rate))
         cap = call.output_cap
         if cap is not None and room >= cap:

@@ -45,19 +45,20 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
+_NO_USAGE = Usage()
+
+
 def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
     """Map an Anthropic `usage` object onto Usage. Fields a message_delta leaves out keep their
     previous running totals; the 5m/1h split of cache writes comes from the breakdown when given."""
-    prev = previous or Usage()
+    prev = previous or _NO_USAGE
     if not isinstance(u, dict):
         return prev
-
-    def pick(key: str, old: int) -> int:
-        return _int(u[key]) if u.get(key) is not None else old
-
-    cache_total_old = prev.cache_write_tokens
-    cache_total = pick("cache_creation_input_tokens", cache_total_old)
-    breakdown = u.get("cache_creation")
+    get = u.get
+    # (each field: its new figure when present, else the previous running total)
+    v = get("cache_creation_input_tokens")
+    cache_total = prev.cache_write_tokens if v is None else _int(v)
+    breakdown = get("cache_creation")
     if isinstance(breakdown, dict):
         w1h = _int(breakdown.get("ephemeral_1h_input_tokens"))
         w5m = max(cache_total - w1h, _int(breakdown.get("ephemeral_5m_input_tokens")))
@@ -68,17 +69,16 @@ def usage_from(u: Any, *, previous: Usage | None = None) -> Usage:
         w1h = min(prev.cache_write_1h_tokens, cache_total)
         w5m = cache_total - w1h
     searches = prev.web_search_requests
-    stu = u.get("server_tool_use")
+    stu = get("server_tool_use")
     if isinstance(stu, dict) and stu.get("web_search_requests") is not None:
         searches = _int(stu.get("web_search_requests"))
-    return Usage(
-        input_tokens=pick("input_tokens", prev.input_tokens),
-        cache_write_5m_tokens=w5m,
-        cache_write_1h_tokens=w1h,
-        cache_read_tokens=pick("cache_read_input_tokens", prev.cache_read_tokens),
-        output_tokens=pick("output_tokens", prev.output_tokens),
-        web_search_requests=searches,
-    )
+    v = get("input_tokens")
+    input_tokens = prev.input_tokens if v is None else _int(v)
+    v = get("cache_read_input_tokens")
+    cache_read = prev.cache_read_tokens if v is None else _int(v)
+    v = get("output_tokens")
+    output = prev.output_tokens if v is None else _int(v)
+    return Usage(input_tokens, w5m, w1h, cache_read, output, searches)
 
 
 _USAGE_KEY = b'"usage":'
