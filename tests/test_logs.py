@@ -44,10 +44,10 @@ def test_values_json_cannot_encode_are_written_as_text():
     assert json.loads(out.getvalue())["odd"].startswith("<object object")
 
 
-def test_the_access_sink_writes_what_the_json_formatter_would_once_per_loop_turn():
+def test_the_access_sink_writes_what_the_json_formatter_would_lines_together():
     import asyncio
 
-    from proxy.logs import AccessSink
+    from proxy.logs import FLUSH_SECONDS, AccessSink
 
     out = io.StringIO()
     sink = AccessSink(out)
@@ -56,8 +56,9 @@ def test_the_access_sink_writes_what_the_json_formatter_would_once_per_loop_turn
     async def two_requests() -> str:
         sink.write(logger.name, {"request_id": "req_1", "status": 200})
         sink.write(logger.name, {"request_id": "req_2", "status": 429})
-        before = out.getvalue()  # nothing yet: the lines go out together at the end of this turn
         await asyncio.sleep(0)
+        before = out.getvalue()  # nothing yet: the lines go out together, FLUSH_SECONDS after the first
+        await asyncio.sleep(FLUSH_SECONDS * 2)  # (waits for the flush; asserts nothing about speed)
         return before
 
     assert asyncio.run(two_requests()) == ""
@@ -76,3 +77,19 @@ def test_the_access_sink_writes_at_once_without_a_loop():
     out = io.StringIO()
     AccessSink(out).write("budget_proxy.access", {"request_id": "req_9"})
     assert json.loads(out.getvalue())["request_id"] == "req_9"
+
+
+def test_the_access_sink_writes_at_once_when_many_lines_wait():
+    import asyncio
+
+    from proxy.logs import FLUSH_LINES, AccessSink
+
+    out = io.StringIO()
+    sink = AccessSink(out)
+
+    async def burst() -> int:
+        for i in range(FLUSH_LINES):
+            sink.write("budget_proxy.access", {"request_id": f"req_{i}"})
+        return len(out.getvalue().splitlines())  # (no await: written before this turn ends)
+
+    assert asyncio.run(burst()) == FLUSH_LINES
