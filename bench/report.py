@@ -124,7 +124,7 @@ def transport_verdict(cells: Cells) -> str:
                           for m in ("json16", "sse16"))
 
     return (f"\nThe same raw ASGI pass-through with only the upstream client changed. CPU per request as a "
-            f"multiple of raw aiohttp's (JSON / SSE): the project's AiohttpTransport as the relay calls it "
+            f"multiple of raw aiohttp's (JSON / SSE): the project's PooledTransport (proxy/http1.py) as the relay calls it "
             f"(open_upstream: httpx's Request/Response types only for other transports, the test seam; no "
             f"AsyncClient, no cookie jar) {times('transport')}; "
             f"httpx.AsyncClient on httpx-aiohttp {times('httpx-aiohttp')}; stock httpx {times('httpx')}.\n")

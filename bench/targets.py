@@ -15,7 +15,7 @@ KEY = "bp-bench-load-key-000000000000000"
 LABELS = {
     "direct": "direct to the fake upstream",
     "aiohttp": "pass-through: aiohttp session",
-    "transport": "pass-through: AiohttpTransport",
+    "transport": "pass-through: PooledTransport (own)",
     "httpx-aiohttp": "pass-through: httpx + httpx-aiohttp",
     "httpx": "pass-through: httpx stock",
     "proxy": "proxy, full enforcement",

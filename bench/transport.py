@@ -103,7 +103,7 @@ class HttpxTypesClient:
             await resp.aclose()
 
     async def relay_as_the_proxy(self, url: str, headers: Headers, body: bytes, send: Send) -> None:
-        """proxy.upstream.open_upstream, as the relay calls it (on AiohttpTransport it skips
+        """proxy.upstream.open_upstream, as the relay calls it (on PooledTransport it skips
         building httpx's Request and Response)."""
         from proxy.upstream import open_upstream
 
