@@ -102,19 +102,6 @@ async def test_a_chunked_stream_arrives_chunk_by_chunk_and_the_connection_is_reu
     assert server.connections == 1
 
 
-async def test_a_body_without_length_ends_with_the_connection():
-    async def handler(reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
-        await writer.drain()
-
-    async with RawServer(handler) as base:
-        pool = Pool()
-        reply = await pool.request("POST", base + "/", [], b"")
-        assert await reply.aread() == b"all of it"
-        await pool.aclose()
-
-
 async def test_an_interim_100_continue_is_not_the_answer():
     async def handler(reader, writer):
         await read_request(reader)
@@ -131,38 +118,36 @@ async def test_an_interim_100_continue_is_not_the_answer():
         await pool.aclose()
 
 
-async def test_a_body_cut_short_is_a_protocol_error():
+@pytest.mark.parametrize("sent,body", [
+    (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it", b"all of it"),  # no length: ends with the connection
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", None),       # cut short: a protocol error
+])
+async def test_a_body_that_ends_with_its_connection(sent, body):
     async def handler(reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        writer.write(sent)
         await writer.drain()
 
     async with RawServer(handler) as base:
         pool = Pool()
         reply = await pool.request("POST", base + "/", [], b"")
-        with pytest.raises(httpx.RemoteProtocolError):
-            await reply.aread()
+        if body is None:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await reply.aread()
+        else:
+            assert await reply.aread() == body
         await pool.aclose()
 
 
-@pytest.mark.parametrize("garbage", [b"SPDY/9 banana\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n"])
+@pytest.mark.parametrize("garbage", [b"SPDY/9 banana\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+                                     b""])  # (b"": the connection closes without an answer)
 async def test_an_upstream_that_does_not_speak_http_is_a_protocol_error(garbage):
     async def handler(reader, writer):
         await read_request(reader)
-        writer.write(garbage)
-        await writer.drain()
-        await reader.read()
-
-    async with RawServer(handler) as base:
-        pool = Pool()
-        with pytest.raises(httpx.RemoteProtocolError):
-            await pool.request("POST", base + "/", [], b"")
-        await pool.aclose()
-
-
-async def test_a_connection_closed_without_an_answer_is_a_protocol_error():
-    async def handler(reader, writer):
-        await read_request(reader)
+        if garbage:
+            writer.write(garbage)
+            await writer.drain()
+            await reader.read()
 
     async with RawServer(handler) as base:
         pool = Pool()
