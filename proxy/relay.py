@@ -305,8 +305,7 @@ class Relay:
                             n = len(events)
                             at_event = grew != UNCHANGED  # else it ran out of events: a cut follows them
                             if (not at_event and deadline is None and call.generation == state.generation
-                                    and (meter.live_output_tokens() <= call.pushed_output
-                                         or state.clock() - call.pushed_at < PUSH_INTERVAL_SECONDS)):
+                                    and not self.push_due(call, meter)):
                                 break  # (the end of the chunk, and check() would find nothing to do)
                         try:
                             denied = await self.check(call, meter, grew, deadline)
@@ -385,14 +384,18 @@ class Relay:
                 denied = await self.enforce(call, meter)
         elif grew == GREW:  # the live output passed call.hold_room
             denied = await self.enforce(call, meter)
-        elif (meter.live_output_tokens() > call.pushed_output
-              and state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS):  # (the end of a chunk)
+        elif self.push_due(call, meter):  # (the end of a chunk)
             denied = await self.enforce(call, meter)
         if denied is None and deadline is not None and state.clock() >= deadline:
             denied = self.wall_clock_denial(call)
         if denied is None and call.generation != state.generation:
             denied = await self.recheck_limits(call)
         return denied
+
+    def push_due(self, call: Call, meter: Any) -> bool:
+        """The running charge has grown since the last push, a second or more ago."""
+        return (meter.live_output_tokens() > call.pushed_output
+                and self.state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS)
 
     async def recheck_limits(self, call: Call) -> Denied | None:
         """After a reload: adopt the new limits for this call, and cut it if a scope is now overspent."""

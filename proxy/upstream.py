@@ -85,9 +85,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self.pool = Pool(max_connections=max_connections, connect_timeout=connect_timeout,
                          read_timeout=read_timeout)
 
-    async def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
-        """Send the request; return once the response headers are in (the body is not read)."""
-        return await self.pool.request(method, url, headers, body)
+    def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Awaitable[Reply]:
+        """Send the request; done once the response headers are in (the body is not read). The
+        pool's own coroutine, handed back: no frame of this method's to create and resume."""
+        return self.pool.request(method, url, headers, body)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _POOL_WRITES]
@@ -102,16 +103,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
 def open_upstream(transport: httpx.AsyncBaseTransport, url: str, headers: list[tuple[str, str]],
                   body: bytes) -> Awaitable[UpstreamReply]:
     """POST to the upstream; the response headers are in when the awaitable is done. Errors are
-    httpx's. (A plain function: on the pool it hands back the pool's own coroutine, two
-    coroutine frames fewer to create and resume on every request.)"""
-    if type(transport) is PooledTransport:
-        return transport.pool.request("POST", url, headers, body)
+    httpx's. (A plain function: on the pool it hands back the pool's own coroutine.)"""
+    if isinstance(transport, PooledTransport):
+        return transport.open("POST", url, headers, body)
     return _open_httpx(transport, url, headers, body)
 
 
 async def _open_httpx(transport: httpx.AsyncBaseTransport, url: str, headers: list[tuple[str, str]],
                       body: bytes) -> UpstreamReply:
-    if isinstance(transport, PooledTransport):  # (a subclass: through its own open())
-        return await transport.open("POST", url, headers, body)
     response = await transport.handle_async_request(httpx.Request("POST", url, headers=headers, content=body))
     return HttpxReply(response)
