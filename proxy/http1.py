@@ -36,16 +36,15 @@ URL_CACHE_SIZE = 64
 class Origin:
     """One parsed upstream URL: where to connect and what to write on the request line."""
 
-    __slots__ = ("key", "host", "port", "ssl", "target", "host_header")
+    __slots__ = ("key", "host", "port", "tls", "target", "host_header")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise httpx.UnsupportedProtocol(f"cannot request {parts.scheme or 'a relative'} URL")
         self.host = parts.hostname
-        tls = parts.scheme == "https"
+        tls = self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if tls else 80)
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
         self.key = (parts.scheme, self.host, self.port)
         self.target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         default_port = self.port == (443 if tls else 80)
@@ -291,7 +290,9 @@ class Pool:
     """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
-                 read_timeout: float = 600.0) -> None:
+                 read_timeout: float = 600.0, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: for https origins; by default the system's CAs, with hostname checks."""
+        self._ssl_context = ssl_context
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -361,8 +362,9 @@ class Pool:
         self._open.add(conn)
         try:
             await asyncio.wait_for(
-                self.loop.create_connection(lambda: conn, origin.host, origin.port, ssl=origin.ssl,
-                                            server_hostname=origin.host if origin.ssl else None),
+                self.loop.create_connection(lambda: conn, origin.host, origin.port,
+                                            ssl=self._tls() if origin.tls else None,
+                                            server_hostname=origin.host if origin.tls else None),
                 self.connect_timeout)
         except asyncio.TimeoutError:
             self._forget(conn)
@@ -375,6 +377,11 @@ class Pool:
             conn.close()
             raise
         return conn
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:  # (loading the CAs takes milliseconds: once a pool, when first needed)
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     def _close_one_idle(self) -> None:
         """At the limit, an idle connection to another origin makes room (its close wakes a waiter)."""

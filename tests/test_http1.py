@@ -248,3 +248,48 @@ async def test_unsupported_scheme_is_refused():
     with pytest.raises(httpx.UnsupportedProtocol):
         await pool.request("POST", "ftp://127.0.0.1/", [], b"")
     await pool.aclose()
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A self-signed certificate for localhost (openssl, as on every machine this runs on)."""
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_upstreams_are_spoken_to_over_verified_tls(tls_files):
+    import ssl
+
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def handler(reader, writer):
+        try:
+            while True:
+                head, body = await read_request(reader)
+                writer.write(answer("200 OK", b"over tls:" + body))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, asyncio.CancelledError):
+            writer.close()  # (the client left, or refused the handshake)
+
+    served = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+    port = served.sockets[0].getsockname()[1]
+    try:
+        trusting = Pool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+        for _ in range(2):  # (the second on the same, kept-alive TLS connection)
+            reply = await trusting.request("POST", f"https://localhost:{port}/v1/messages", [], b"hi")
+            assert await reply.aread() == b"over tls:hi"
+        assert len(trusting._open) == 1
+        await trusting.aclose()
+        default = Pool()  # the system's CAs do not know this certificate: refused, nothing sent
+        with pytest.raises(httpx.ConnectError):
+            await default.request("POST", f"https://localhost:{port}/v1/messages", [], b"hi")
+        await default.aclose()
+    finally:
+        served.close()
