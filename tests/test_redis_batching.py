@@ -19,7 +19,7 @@ from proxy.errors import StoreUnavailable
 from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
 from proxy.store.base import Reservation
 from proxy.store.memory import MemoryStore
-from proxy.store.redis import RedisStore
+from proxy.store.redis import MAX_BATCH, RedisStore
 from tests.test_store_contract import (T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
                                        rns, scope, state, team, until)
 
@@ -134,7 +134,7 @@ async def test_concurrent_calls_answer_exactly_what_one_by_one_calls_answer(rns:
         for rnd in range(12):
             calls: list[tuple[Any, Any]] = []  # (redis call, reference call), issued in this order
             busy: set[str] = set()
-            for i in range(rng.randint(8, 30)):  # with duplicated settles at most 60: one batch (MAX_BATCH 64)
+            for i in range(rng.randint(8, 30)):  # (with duplicated settles at most 60)
                 op = rng.random()
                 free = [f for f in flights if f[0].id not in busy]
                 if op < 0.5 or not free:
@@ -156,7 +156,9 @@ async def test_concurrent_calls_answer_exactly_what_one_by_one_calls_answer(rns:
             before = len(sent)
             got_all = await asyncio.gather(*(c[0] for c in calls))
             want_all = [await c[1] for c in calls]
-            assert [len(b) for b in sent[before:]] == [len(calls)], rnd
+            # queued at once, they go out in order: one flusher, batch after batch of at most MAX_BATCH
+            assert [len(b) for b in sent[before:]] == [min(MAX_BATCH, len(calls) - k)
+                                                      for k in range(0, len(calls), MAX_BATCH)], rnd
             for i, (got, want) in enumerate(zip(got_all, want_all)):
                 assert type(got) is type(want), (rnd, i)
                 if isinstance(want, Reservation):
