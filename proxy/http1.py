@@ -211,6 +211,7 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
+        self.closed = True  # never reused: connection_lost follows, and ends or fails a reply in flight
         return False  # close our side too
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -237,8 +238,8 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     # --- httptools callbacks ----------------------------------------------------------------------
@@ -344,6 +345,7 @@ class Pool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been dropped
+            # (a connection whose server sent EOF is closed, and one being closed is closing)
             if not conn.closed and now - conn.idle_since < KEEPALIVE_SECONDS:
                 return conn
             conn.close()
