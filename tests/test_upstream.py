@@ -288,3 +288,44 @@ async def test_a_stream_whose_task_is_cancelled_while_it_settles_is_settled_and_
     requests = [line for line in app.state.metrics.exposition().decode().splitlines()
                 if line.startswith("budget_proxy_requests_total{")]
     assert len(requests) == 1 and 'outcome="completed"' in requests[0] and requests[0].endswith(" 1.0")
+
+
+async def test_a_stream_that_arrives_whole_goes_out_in_one_body_write_after_its_settlement(local_server):
+    """On the project's pool the relay knows when the upstream body has ended: the last chunk and
+    the end of the body go out as one ASGI message (one socket write), once the charge is settled."""
+    routes, base = local_server
+    events = [("message_start", {"type": "message_start", "message": {**MESSAGE, "content": [], "usage": {
+                  "input_tokens": 10, "output_tokens": 1}}}),
+              ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "hi"}}),
+              ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                 "usage": {"output_tokens": 3}}),
+              ("message_stop", {"type": "message_stop"})]
+    sse = b"".join(f"event: {n}\ndata: {json.dumps(d)}\n\n".encode() for n, d in events)
+
+    async def whole(request):
+        return web.Response(body=sse, content_type="text/event-stream")
+
+    routes["/v1/messages"] = whole
+    app = create_app(make_config(base, default_teams()))
+    body = json.dumps({**BODY, "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/messages", "query_string": b"",
+             "headers": [(b"x-api-key", ALPHA_KEY.encode()), (b"content-type", b"application/json")]}
+    sent: list[tuple[str, bool, int]] = []  # (type, more_body, rows in the usage log when sent)
+    chunks: list[bytes] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(msg):
+        sent.append((msg["type"], msg.get("more_body", False), len(app.state.store.rows)))
+        chunks.append(msg.get("body", b""))
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        await app.state.close_transports()
+    assert [(t, more) for t, more, _ in sent] == [("http.response.start", False), ("http.response.body", False)]
+    assert sent[1][2] == 1  # settled (its usage row logged) before the body ended
+    assert b"".join(chunks) == sse
+    assert app.state.store.rows[0].outcome == "completed" and app.state.store.rows[0].output_tokens == 3
