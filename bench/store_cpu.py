@@ -1,11 +1,11 @@
 """CPU each request costs in a ledger store: reserve + settle (with a usage-log row), and for every
 fourth request two running charges first, as a stream makes them; on a key and its team.
 
-    .venv/bin/python bench/store_cpu.py [-n 20000] [-c 16] [-r 3] [--stores memory,sqlite] [--upstream-us 0]
+    .venv/bin/python bench/store_cpu.py [-n 20000] [-c 16] [-r 3] [--stores memory,sqlite,redis] [--upstream-us 0]
 
 Runs the requests through 16 concurrent tasks on one loop (uvloop when installed, as `budget-proxy
 serve` runs) and prints process CPU time per request: time.process_time() counts every thread, so
-SQLite's worker thread is included. CPU time rather than wall time because the benchmark machines
+SQLite's worker thread is included (redis: redis-server's own CPU per request is printed beside). CPU time rather than wall time because the benchmark machines
 are shared; each store runs --repeat times on a fresh store and the median and best are reported.
 
 With --upstream-us U each request waits a random 0..2U µs between reserve and settle, as if the
@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import importlib.util
+import os
 import random
 import statistics
 import sys
@@ -30,7 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.ledger import Amounts, Ask, Limits, Scope  # noqa: E402
+from bench.ab import redis_server_pid  # noqa: E402
+from bench.procs import cpu_seconds  # noqa: E402
 from bench.store_latency import run  # noqa: E402  (on uvloop, as `budget-proxy serve` runs)
+from bench.targets import REDIS_DB, REDIS_URL, clear_redis  # noqa: E402
 from proxy.store.base import Reservation, UsageRow, open_store  # noqa: E402
 
 SCOPES = (Scope("key", "k", "key:bench/k", Limits(tokens=10**15, steps=10**12), "day"),
@@ -89,12 +93,22 @@ def main() -> None:
     print(f"{'store':<10}{'median':>10}{'best':>10}   runs")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.stores.split(","):
-            runs = []
+            runs, server = [], []
             for i in range(args.repeat):
-                url = "memory://" if name == "memory" else f"sqlite:///{tmp}/ledger{i}.db"
-                runs.append(run(cpu_per_request(url, args.n, args.concurrency, args.upstream_us)))
+                url = {"memory": "memory://", "redis": f"{REDIS_URL}/{REDIS_DB}?prefix=store-cpu-{os.getpid()}-{i}:"
+                       }.get(name, f"sqlite:///{tmp}/ledger{i}.db")
+                pid = redis_server_pid() if name == "redis" else None
+                r0 = cpu_seconds(pid) if pid else 0.0
+                try:
+                    runs.append(run(cpu_per_request(url, args.n, args.concurrency, args.upstream_us)))
+                finally:
+                    if name == "redis":
+                        clear_redis(f"store-cpu-{os.getpid()}-{i}:")
+                if pid:  # (includes the warm-up: a slight overstatement)
+                    server.append((cpu_seconds(pid) - r0) / args.n * 1e6)
             print(f"{name:<10}{statistics.median(runs):>10.1f}{min(runs):>10.1f}   "
-                  + " ".join(f"{r:.1f}" for r in runs))
+                  + " ".join(f"{r:.1f}" for r in runs)
+                  + (f"   redis-server µs/req: {statistics.median(server):.1f}" if server else ""))
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ import json
 import logging
 from fractions import Fraction
 from typing import Any, Sequence, get_type_hints
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -94,6 +94,7 @@ from proxy.periods import period_bounds
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import tightest_remaining
 from proxy.store.redis_scripts import SCRIPTS, SETTLED_TOMBSTONE_MS  # noqa: F401
+from proxy.store.resp import RespClient, RespError
 
 log = logging.getLogger("budget_proxy.store")
 
@@ -220,6 +221,7 @@ class RedisStore:
         self._head = [x.encode() for x in (prefix, str(int(hold_ttl * 1000)), str(log_max))]
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
         self._client: aioredis.Redis | None = None
+        self._pipe: RespClient | None = None  # the batches' own connection (resp.py): the hot path
         self._live: dict[str, Reservation] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._retries: set[asyncio.Task[None]] = set()
@@ -248,6 +250,11 @@ class RedisStore:
             self.url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=1.0,
             socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
         self._client = aioredis.Redis(connection_pool=pool)
+        parts = urlsplit(self.url)
+        self._pipe = RespClient(parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.strip("/") or 0),
+                                unquote(parts.username) if parts.username else None,
+                                unquote(parts.password) if parts.password is not None else None,
+                                connect_timeout=0.5, read_timeout=1.0)
         try:
             for name, src in SCRIPTS.items():
                 self._shas[name] = await self._client.script_load(src)
@@ -278,6 +285,9 @@ class RedisStore:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
     async def ping(self) -> None:
         if self._client is None:
@@ -288,9 +298,11 @@ class RedisStore:
             raise StoreUnavailable(UNAVAILABLE) from exc
 
     async def _call(self, name: str, args: Sequence[Any]) -> Any:
-        if self._client is None:
+        if self._client is None or self._pipe is None:
             raise StoreUnavailable(UNAVAILABLE)
         payload = _payload(args)  # one argument: redis-py packs each argument in Python
+        if name == "batch":
+            return await self._eval_on_pipe(name, payload)
         try:
             try:
                 return await self._client.evalsha(self._shas[name], 0, *self._head, payload)
@@ -300,6 +312,30 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             log.error("redis store: %s failed: %s", name, exc.__class__.__name__)
             raise StoreUnavailable(UNAVAILABLE) from exc
+
+    async def _eval_on_pipe(self, name: str, payload: bytes) -> str:
+        """EVALSHA on the pipelined connection (the hot path). A connection that fails is replaced and
+        the call made once more, as redis-py's retry did: every script is idempotent."""
+        pipe = self._pipe
+        assert pipe is not None
+        failure: Exception | None = None
+        for _ in range(2):
+            try:
+                try:
+                    reply = await pipe.call(b"EVALSHA", self._shas[name], b"0", *self._head, payload)
+                except RespError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    self._shas[name] = (await pipe.call(b"SCRIPT", b"LOAD", SCRIPTS[name])).decode()
+                    reply = await pipe.call(b"EVALSHA", self._shas[name], b"0", *self._head, payload)
+                return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+            except OSError as exc:  # the connection: refused, lost, timed out, or garbled
+                failure = exc
+            except RespError as exc:
+                failure = exc
+                break
+        log.error("redis store: %s failed: %s", name, failure.__class__.__name__)
+        raise StoreUnavailable(UNAVAILABLE) from failure
 
     # --- batching ------------------------------------------------------------------------
     # As SqliteStore's group commit: a call made while nothing is in flight is sent at once (no timer);
