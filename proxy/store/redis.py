@@ -88,8 +88,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, Scope, ScopeState, output_cost,
-                          wall_clock_deadline)
+from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
+                          output_cost, wall_clock_deadline)
 from proxy.periods import period_bounds
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import tightest_remaining
@@ -115,8 +115,24 @@ def _opt(v: int | float | None) -> str:
     return repr(float(v)) if isinstance(v, float) else _num(v)
 
 
-def _limits(scope: Scope) -> list[str]:
-    return [_opt(scope.limits.get(d)) for d in DIMENSIONS]
+# Script arguments that depend only on config objects are built once per object, not per call: the
+# config's Limits live until a reload (the cache holds each one, so its id is not reused meanwhile).
+_LIMIT_ARGS: dict[int, tuple[Limits, tuple[str, ...]]] = {}
+_RATE_ARGS: dict[Any, tuple[str, str]] = {}
+_CACHE_MAX = 4096
+
+
+def _limits(scope: Scope) -> tuple[str, ...]:
+    """The scope's six limits as script arguments ('' = none)."""
+    lim = scope.limits
+    hit = _LIMIT_ARGS.get(id(lim))
+    if hit is not None and hit[0] is lim:
+        return hit[1]
+    if len(_LIMIT_ARGS) >= _CACHE_MAX:
+        _LIMIT_ARGS.clear()
+    args = tuple(_opt(lim.get(d)) for d in DIMENSIONS)
+    _LIMIT_ARGS[id(lim)] = (lim, args)
+    return args
 
 
 def _totals_key(scope: Scope, start: float) -> str:
@@ -133,16 +149,23 @@ def _keep_ms(scope: Scope, now: float) -> str:
 def _states(flat: Sequence[str]) -> list[ScopeState]:
     out = []
     for i in range(0, len(flat), 11):
-        v = [int(x) for x in flat[i:i + 10]]
-        out.append(ScopeState(Amounts(*v[:5]), Amounts(*v[5:10]), float(flat[i + 10]) if flat[i + 10] else None))
+        v = list(map(int, flat[i:i + 10]))
+        out.append(ScopeState(Amounts(*v[:5]), Amounts(*v[5:]), float(flat[i + 10]) if flat[i + 10] else None))
     return out
 
 
-def _rate(ask: Ask) -> tuple[int, int]:
+def _rate(ask: Ask) -> tuple[str, str]:
+    """The output rate (nanos per token) as an exact fraction: numerator, denominator."""
+    hit = _RATE_ARGS.get(ask.output_nanos_per_token)
+    if hit is not None:
+        return hit
     rate = Fraction(ask.output_nanos_per_token)
     if rate < 0 or rate.numerator > MAX_EXACT or rate.denominator > MAX_EXACT:
         raise ValueError("output rate out of the exact range of the Redis store")
-    return rate.numerator, rate.denominator
+    if len(_RATE_ARGS) >= _CACHE_MAX:
+        _RATE_ARGS.clear()
+    hit = _RATE_ARGS[ask.output_nanos_per_token] = (str(rate.numerator), str(rate.denominator))
+    return hit
 
 
 def _denied(scope: Scope, state: ScopeState, dim: str, needed: int, now: float) -> Denied:
@@ -163,13 +186,14 @@ def _admit_needed(dim: str, ask: Ask) -> int:
             "output_tokens": need_out}.get(dim, 0)  # wall_clock: nothing
 
 
-_ROW_NAMES = UsageRow._fields
+_ROW_IS_TEXT = tuple(t is str for t in _ROW_TYPES.values())
 
 
 def _row_args(row: UsageRow | None) -> list[str]:
+    """The row's values in UsageRow's field order (the script names them: ROW_FIELDS); numbers by repr."""
     if row is None:
         return []
-    return [x for k, v in zip(_ROW_NAMES, row.as_tuple()) for x in (k, repr(v) if isinstance(v, float) else str(v))]
+    return [v if text else repr(v) for v, text in zip(row, _ROW_IS_TEXT)]
 
 
 def _payload(args: Sequence[str]) -> bytes:
@@ -430,7 +454,7 @@ class RedisStore:
         key = next((s.name for s in scopes if s.kind == "key"), "")
         num, den = _rate(ask)
         args = [request_id, repr(float(now)), _num(ask.input_tokens), _num(ask.input_cost_nanos),
-                _num(ask.max_tokens), str(num), str(den), team, key, str(len(scopes))]
+                _num(ask.max_tokens), num, den, team, key, str(len(scopes))]
         for s, start in zip(scopes, starts):
             args += [_totals_key(s, start), _keep_ms(s, now), *_limits(s)]
         reply = _split(await self._one("r", args))

@@ -2,12 +2,15 @@
 Each runs atomically inside Redis: `ledger.admit` / `ledger.check_growth` transcribed. Reserve,
 charge, settle and release are functions of one script, "batch", that runs a list of them in order."""
 
+from proxy.store.base import UsageRow
+
 SETTLED_TOMBSTONE_MS = 600_000  # a second settle of one reservation id within this is a no-op
 
 _PRELUDE = r"""
 local P, HOLD_TTL_MS, LOG_MAX = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local EXPIRED_KEEP_MS = 86400000
 local TOTALS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2','h3','h4','h5','f'}
+local ROW_FIELDS = {""" + ",".join(f"'{name}'" for name in UsageRow._fields) + r"""}
 
 local function I(n) return string.format('%d', n) end
 local function opt(s) if s == '' then return nil end return tonumber(s) end
@@ -325,7 +328,7 @@ return joined(reply)
 """
 
 # ARG[4] id, [5..9] actual, [10] n; per scope 2: totals key, keep ms (used only if the
-# reservation is unknown); then usage-row field/value pairs
+# reservation is unknown); then the usage row's values in ROW_FIELDS order (none: no row)
 _SETTLE = r"""
 local id = ARG[4]
 if redis.call('EXISTS', P .. 'd:' .. id) == 1 then return 'already' end
@@ -363,8 +366,12 @@ else                             -- unknown here (its tombstone aged out): count
 end
 redis.call('DEL', rk)
 redis.call('SET', P .. 'd:' .. id, '1', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) + r"""')
-local row = 11 + 2 * tonumber(ARG[10])
-if #ARG >= row then redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(ARG, row)) end
+local row = 10 + 2 * tonumber(ARG[10])   -- the row's values follow, in ROW_FIELDS order
+if #ARG > row then
+  local entry = {}
+  for i = 1, #ROW_FIELDS do entry[2 * i - 1], entry[2 * i] = ROW_FIELDS[i], ARG[row + i] end
+  redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry))
+end
 -- (no purge of the scopes' expired holds here: reserve, charge and states purge before they read,
 -- so no decision and no view ever sees one; a purge here cost 12% of the script's time)
 return outcome
