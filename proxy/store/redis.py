@@ -32,17 +32,20 @@ Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch 
   P t:T   hash   per scope and period: s1..s5 settled, c1..c5 charged by requests in flight,
                  h1..h5 held (sum of max(hold - charged, 0)), f first_request_at; dimensions
                  1..5 = tokens, input_tokens, output_tokens, cost (nanos), steps
-  P x:T   zset   reservation ids in flight on that scope and period, scored by expiry (ms, Redis TIME)
-  P r:ID  hash   one reservation: st (live | expired), n, t1..tn, x1..xn (the totals keys and their
-                 expire-at), h1..h5 hold, c1..c5 charged, e expiry, out, at, team, key
-  P d:ID  string settle tombstone (10 min): a second settle of ID is a no-op
+  P x     zset   every reservation in flight (any scope), scored by its expiry (ms, Redis TIME)
+  P q:ID  string one reservation, as JSON: st (live | expired | done), n, t / x (its totals keys and
+                 their expire-at), h / c (hold / charged, 5 integer strings), out, at, team, key;
+                 st done is the settle tombstone (10 min): a second settle of ID is a no-op
   P log   stream usage-log rows, XADD MAXLEN ~ 100000 (configurable: log_max)
+Each script reads a scope's totals with one HMGET and writes them with one HSET: a redis.call costs
+~1-2 µs of Lua-to-Redis crossing, far more than the command itself (this layout made ~20 calls a
+request out of ~70).
 
 Expiry. A reservation expires HOLD_TTL (15 s) after its last renewal, measured on Redis' clock.
 The store renews all of this process's reservations in one script call every RENEW_EVERY (5 s),
-and each charge renews its own. Nothing runs on a timer in Redis: every script that touches a
-scope (reserve, charge, settle, states, reset) first purges that scope's expired reservations,
-so a replica killed with kill -9 has its holds gone within HOLD_TTL of its last renewal (at most
+and each charge renews its own. Nothing runs on a timer in Redis: reserve, charge, states and reset first
+purge expired reservations (any scope's, oldest first; up to 64 a call in reserve and charge, which
+err towards denying while more than that wait), so a replica killed with kill -9 has its holds gone within HOLD_TTL of its last renewal (at most
 HOLD_TTL after the kill), as soon as anyone reserves or reads /budget on those scopes. An expired
 reservation's in-flight `charged` amount is KEPT AS SETTLED (those tokens were generated and may
 be billed); only the unused rest of its hold is released. A "hold_expired" usage-log row records
@@ -54,14 +57,13 @@ A settle that finds no reservation at all (its expired record aged out after a d
 actual to the scopes it names: it may count the charges at expiry twice, never zero times.
 
 Growth. Totals of a period expire RETENTION (35 days) after the period ends (`period: none` totals
-live on: one hash per scope); zsets expire with them; settle tombstones after 10 minutes, expired
-reservations after a day; a live reservation lives as long as the totals it points to. The usage
+live on: one hash per scope); settle tombstones after 10 minutes, expired reservations after a day; a live reservation lives as long as the totals it points to. The usage
 log is a stream capped near log_max rows. Scripts touch keys they compute (another replica's
 reservation spans other scopes), so this store needs a single Redis (or a primary with replicas /
 Sentinel), not Redis Cluster.
 
-Failures. Socket timeouts are short (0.5 s connect, 1 s read) and a failed call is retried once (a
-pooled connection may be stale after Redis restarted; for a batch: the whole batch); then
+Failures. Socket timeouts are short (0.5 s connect, 1 s read) and a failed call is retried once on
+a new connection (one may be stale after Redis restarted; for a batch: the whole batch); then
 StoreUnavailable: ping() -> /readyz 503, reserve -> 503 with nothing forwarded, charge -> raised to
 the relay. The client reconnects by itself when Redis returns and scripts are reloaded on NOSCRIPT.
 Every script is idempotent (reserve answers a replay with the same reservation; charge sets a
@@ -69,8 +71,11 @@ running total; settle and release leave a tombstone), so a retry after a lost re
 run twice included, never counts twice. A settle that fails (its batch, or its own item) is retried
 alone in the background (10 attempts, backoff 0.25 s doubling to 8 s: about 50 s) until it lands; if
 it never does, the full row is logged as unsettled (ERROR), and the reservation's charges so far
-still count when its hold expires. Tested with Redis 7.0 (needs >= 5: scripts read TIME before
-writing).
+still count when its hold expires. Tested with Redis 7.0 (needs >= 6.2: SET PXAT and KEEPTTL;
+scripts read TIME before writing).
+
+Upgrading from the layout with P r:ID / P x:T (before 2026-12): stop the old replicas cleanly (they
+release their holds on close) before the new ones start; totals and the usage log carry over.
 """
 from __future__ import annotations
 

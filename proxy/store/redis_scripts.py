@@ -8,9 +8,10 @@ SETTLED_TOMBSTONE_MS = 600_000  # a second settle of one reservation id within t
 
 _PRELUDE = r"""
 local P, HOLD_TTL_MS, LOG_MAX = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local EXPIRED_KEEP_MS = 86400000
+local EXPIRED_KEEP_MS, PURGE_MAX = 86400000, 64
 local TOTALS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2','h3','h4','h5','f'}
 local ROW_FIELDS = {""" + ",".join(f"'{name}'" for name in UsageRow._fields) + r"""}
+local XK = P .. 'x'
 
 local function I(n) return string.format('%d', n) end
 local function opt(s) if s == '' then return nil end return tonumber(s) end
@@ -19,20 +20,13 @@ local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function hgetall(key)
-  local flat, h = redis.call('HGETALL', key), {}
-  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
-  return h
+local function nums(t)   -- a record's 5-vector of exact integer strings -> numbers
+  return {tonumber(t[1]), tonumber(t[2]), tonumber(t[3]), tonumber(t[4]), tonumber(t[5])}
 end
-local function vec(h, tag)
-  local v = {}
-  for d = 1, 5 do v[d] = tonumber(h[tag .. d]) or 0 end
-  return v
-end
-local function hincr(key, tag, v, sign)
-  for d = 1, 5 do
-    if v[d] ~= 0 then redis.call('HINCRBY', key, tag .. d, I(sign * v[d])) end
-  end
+local function ints(v)   -- numbers as exact integer strings (tostring would give '1e+15')
+  local t = {}
+  for d = 1, #v do t[d] = I(v[d]) end
+  return t
 end
 local function free_of(hold, charged)
   local f = {}
@@ -46,19 +40,52 @@ local function keep_until(keep_ms, now_ms)  -- a lifetime from the caller -> abs
   if keep_ms == '0' then return '0' end
   return I(now_ms + tonumber(keep_ms))
 end
+
+-- A reservation's record (one string, cjson): {st = live | expired | done, n, t = totals names,
+-- x = their keep-until, h / c = hold / charged (5 integer strings), out, at, team, key}.
+local function load(id)
+  local v = redis.call('GET', P .. 'q:' .. id)
+  if v then return cjson.decode(v) end
+  return nil
+end
+local function save(id, r, ...)
+  redis.call('SET', P .. 'q:' .. id, cjson.encode(r), ...)
+end
+local function tombstone(id)  -- a second settle or release of ID is a no-op
+  redis.call('SET', P .. 'q:' .. id, '{"st":"done"}', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) + r"""')
+end
+
+-- A scope's totals: one HMGET; raw settled s, charged c, held h; used = s + c.
 local function read_state(t)
   local v = redis.call('HMGET', P .. 't:' .. t, unpack(TOTALS))
-  local used, held = {}, {}
+  local st = {s = {}, c = {}, used = {}, held = {}, first = v[16]}
   for d = 1, 5 do
-    used[d] = (tonumber(v[d]) or 0) + (tonumber(v[d + 5]) or 0)
-    held[d] = tonumber(v[d + 10]) or 0
+    st.s[d], st.c[d], st.held[d] = tonumber(v[d]) or 0, tonumber(v[d + 5]) or 0, tonumber(v[d + 10]) or 0
+    st.used[d] = st.s[d] + st.c[d]
   end
-  return {used = used, held = held, first = v[16]}
+  return st
 end
 local function read_states(ts)
   local s = {}
   for j = 1, #ts do s[j] = read_state(ts[j]) end
   return s
+end
+-- Add the 5-vectors ds / dc / dh (nil: none) to a scope's settled / charged / held: one HMGET, one HSET.
+local function add(t, ds, dc, dh)
+  local tk = P .. 't:' .. t
+  local v = redis.call('HMGET', tk, unpack(TOTALS, 1, 15))
+  local out = {}
+  for k, delta in ipairs({ds or false, dc or false, dh or false}) do
+    if delta then
+      for d = 1, 5 do
+        if delta[d] ~= 0 then
+          local i = (k - 1) * 5 + d
+          out[#out + 1], out[#out + 2] = TOTALS[i], I((tonumber(v[i]) or 0) + delta[d])
+        end
+      end
+    end
+  end
+  if #out > 0 then redis.call('HSET', tk, unpack(out)) end
 end
 local function flat_states(out, states)
   for _, s in ipairs(states) do
@@ -75,36 +102,24 @@ local function wall_clock_spent(state, limit, now)
 end
 
 -- A live reservation leaves: its charges so far become settled, the rest of its hold is released.
-local function drop(id, r)
-  local hold, charged = vec(r, 'h'), vec(r, 'c')
-  local free = free_of(hold, charged)
-  for j = 1, tonumber(r.n) do
-    local tk = P .. 't:' .. r['t' .. j]
-    hincr(tk, 'c', charged, -1)
-    hincr(tk, 'h', free, -1)
-    hincr(tk, 's', charged, 1)
-    expire_at(tk, r['x' .. j])
-    redis.call('ZREM', P .. 'x:' .. r['t' .. j], id)
-  end
+local function drop(r)
+  local hold, charged = nums(r.h), nums(r.c)
+  local free, minus = free_of(hold, charged), {}
+  for d = 1, 5 do free[d], minus[d] = -free[d], -charged[d] end
+  for j = 1, tonumber(r.n) do add(r.t[j], charged, minus, free) end
 end
 
 local function joined(t) return table.concat(t, ',') end  -- one bulk string: cheap to parse
-local function ints(v)   -- numbers as exact integer strings (tostring would give '1e+15')
-  local t = {}
-  for d = 1, #v do t[d] = I(v[d]) end
-  return t
-end
 
 local function secs(ms) return string.format('%d.%03d', math.floor(ms / 1000), ms % 1000) end
 
 local function expire(id, now_ms)
-  local rk = P .. 'r:' .. id
-  local r = hgetall(rk)
-  if r.st ~= 'live' then return end
-  drop(id, r)
-  redis.call('HSET', rk, 'st', 'expired')
-  redis.call('PEXPIRE', rk, EXPIRED_KEEP_MS)
-  local c = vec(r, 'c')
+  local r = load(id)
+  if not r or r.st ~= 'live' then return end
+  drop(r)
+  r.st = 'expired'
+  save(id, r, 'PX', EXPIRED_KEEP_MS)
+  local c = nums(r.c)
   redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*',
     'time', secs(now_ms), 'team', r.team or '', 'key', r.key or '', 'model', '', 'route', '',
     'input_tokens', I(c[2]), 'cache_write_5m_tokens', '0', 'cache_write_1h_tokens', '0',
@@ -114,15 +129,13 @@ local function expire(id, now_ms)
     'outcome', 'hold_expired', 'request_id', id)
 end
 
-local function purge(t, now_ms)
-  local xk = P .. 'x:' .. t
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', xk, '-inf', now_ms)) do
-    expire(id, now_ms)
-    redis.call('ZREM', xk, id)
-  end
-end
-local function purge_all(ts, now_ms)
-  for j = 1, #ts do purge(ts[j], now_ms) end
+-- Expire the reservations (of any scope) whose hold has run out: up to `limit` of them, oldest first
+-- (a decision that meets more than that sees the rest as still held: it errs towards denying).
+local function purge(now_ms, limit)
+  local ids = redis.call('ZRANGEBYSCORE', XK, '-inf', now_ms, 'LIMIT', 0, limit)
+  if #ids == 0 then return end
+  for _, id in ipairs(ids) do expire(id, now_ms) end
+  redis.call('ZREM', XK, unpack(ids))
 end
 """
 
@@ -213,16 +226,15 @@ for j = 1, n do
   ts[j], xs[j], lims[j] = ARG[b + 1], ARG[b + 2], {}
   for d = 1, 6 do lims[j][d] = opt(ARG[b + 2 + d]) end
 end
-local rk = P .. 'r:' .. id
-local r = hgetall(rk)
-if r.st == 'live' then
-  return joined(flat_states(push({'A', r.out}, unpack(ints(vec(r, 'h')))), read_states(ts)))
-elseif r.st or redis.call('EXISTS', P .. 'd:' .. id) == 1 then
+local r = load(id)
+if r and r.st == 'live' then
+  return joined(flat_states(push({'A', r.out}, unpack(r.h)), read_states(ts)))
+elseif r then
   return '!ERR reservation id already used'
 end
 local now_ms = server_ms()
 for j = 1, n do xs[j] = keep_until(xs[j], now_ms) end
-purge_all(ts, now_ms)
+purge(now_ms, PURGE_MAX)
 local states = read_states(ts)
 
 local need_out = max_tokens >= 1 and 1 or 0
@@ -253,45 +265,47 @@ for j = 1, n do
 end
 out = math.max(out, 0)
 local hold = {input + out, input, out, input_cost + out_cost(out, num, den), 1}
-local e = I(now_ms + HOLD_TTL_MS)
-local rec = {'st', 'live', 'n', I(n), 'out', I(out), 'e', e, 'at', I(now_ms), 'team', ARG[11], 'key', ARG[12]}
 local keep = 0
 for j = 1, n do
-  local tk, xk = P .. 't:' .. ts[j], P .. 'x:' .. ts[j]
-  hincr(tk, 'h', hold, 1)
-  redis.call('HSETNX', tk, 'f', now_s)
-  expire_at(tk, xs[j])
-  redis.call('ZADD', xk, e, id)
-  expire_at(xk, xs[j])
-  push(rec, 't' .. j, ts[j], 'x' .. j, xs[j])
+  local tk, st = P .. 't:' .. ts[j], states[j]
+  local fields = {}
+  for d = 1, 5 do
+    if hold[d] ~= 0 then
+      st.held[d] = st.held[d] + hold[d]
+      fields[#fields + 1], fields[#fields + 2] = TOTALS[10 + d], I(st.held[d])
+    end
+  end
+  local fresh = not st.first   -- the period's first request (or the first since a reset)
+  if fresh then
+    st.first = now_s
+    fields[#fields + 1], fields[#fields + 2] = 'f', now_s
+  end
+  if #fields > 0 then redis.call('HSET', tk, unpack(fields)) end
+  if fresh then expire_at(tk, xs[j]) end   -- (the totals' lifetime is fixed for their period)
   if keep and xs[j] ~= '0' then keep = math.max(keep, tonumber(xs[j])) else keep = nil end
-  for d = 1, 5 do states[j].held[d] = states[j].held[d] + hold[d] end
-  states[j].first = states[j].first or now_s
 end
-for d = 1, 5 do push(rec, 'h' .. d, I(hold[d]), 'c' .. d, '0') end
-redis.call('HSET', rk, unpack(rec))
-if keep and keep > 0 then redis.call('PEXPIREAT', rk, I(keep)) end
-return joined(flat_states(push({'A', I(out)}, unpack(ints(hold))), states))
+redis.call('ZADD', XK, now_ms + HOLD_TTL_MS, id)
+local rec = {st = 'live', n = n, t = ts, x = xs, h = ints(hold), c = {'0', '0', '0', '0', '0'}, out = I(out),
+             at = I(now_ms), team = ARG[11], key = ARG[12]}
+if keep and keep > 0 then save(id, rec, 'PXAT', I(keep)) else save(id, rec) end
+return joined(flat_states(push({'A', I(out)}, unpack(rec.h)), states))
 """
 
 # ARG[4] id, [5] now, [6..10] charged so far (>= 0), [11] n; per scope 6 limits ('' = none)
 _CHARGE = r"""
 local id, now = ARG[4], tonumber(ARG[5])
-local rk = P .. 'r:' .. id
-local r = hgetall(rk)
-if not r.st then return 'G' end
-local n, ts, now_ms = tonumber(r.n), {}, server_ms()
-for j = 1, n do ts[j] = r['t' .. j] end
+local r = load(id)
+if not r or r.st == 'done' then return 'G' end
+local n, ts, now_ms = tonumber(r.n), r.t, server_ms()
 if r.st ~= 'live' then
-  purge_all(ts, now_ms)
+  purge(now_ms, PURGE_MAX)
   return joined(flat_states({'X'}, read_states(ts)))
 end
-local e = I(now_ms + HOLD_TTL_MS)   -- renew first: the purge below must not expire a request that is alive
-redis.call('HSET', rk, 'e', e)
-for j = 1, n do redis.call('ZADD', P .. 'x:' .. ts[j], 'XX', e, id) end
-purge_all(ts, now_ms)
+-- renew first: the purge below must not expire a request that is alive
+redis.call('ZADD', XK, 'XX', now_ms + HOLD_TTL_MS, id)
+purge(now_ms, PURGE_MAX)
 local states = read_states(ts)
-local hold, old, charged, new_hold, growth, grows = vec(r, 'h'), vec(r, 'c'), {}, {}, {}, false
+local hold, old, charged, new_hold, growth, grows = nums(r.h), nums(r.c), {}, {}, {}, false
 for d = 1, 5 do
   charged[d] = tonumber(ARG[5 + d])
   new_hold[d] = math.max(hold[d], charged[d])
@@ -311,99 +325,80 @@ if grows then
     if wc and wall_clock_spent(st, wc, now) then return joined(flat_states({'D', I(j), '6'}, states)) end
   end
 end
-local old_free, new_free, dc, dh = free_of(hold, old), free_of(new_hold, charged), {}, {}
-for d = 1, 5 do dc[d], dh[d] = charged[d] - old[d], new_free[d] - old_free[d] end
-for j = 1, n do
-  local tk = P .. 't:' .. ts[j]
-  hincr(tk, 'c', dc, 1)
-  hincr(tk, 'h', dh, 1)
-  expire_at(tk, r['x' .. j])
+local old_free, new_free, dc, dh, changed = free_of(hold, old), free_of(new_hold, charged), {}, {}, false
+for d = 1, 5 do
+  dc[d], dh[d] = charged[d] - old[d], new_free[d] - old_free[d]
+  if dc[d] ~= 0 or dh[d] ~= 0 then changed = true end
 end
-local rec = {}
-for d = 1, 5 do push(rec, 'h' .. d, I(new_hold[d]), 'c' .. d, I(charged[d])) end
-redis.call('HSET', rk, unpack(rec))
-local reply = {'OK'}
-for d = 1, 5 do reply[#reply + 1] = I(new_hold[d]) end
-return joined(reply)
+if changed then
+  for j = 1, n do add(ts[j], nil, dc, dh) end
+  r.h, r.c = ints(new_hold), ints(charged)
+  save(id, r, 'KEEPTTL')
+end
+return joined(push({'OK'}, unpack(ints(new_hold))))
 """
 
 # ARG[4] id, [5..9] actual, [10] n; per scope 2: totals key, keep ms (used only if the
 # reservation is unknown); then the usage row's values in ROW_FIELDS order (none: no row)
 _SETTLE = r"""
 local id = ARG[4]
-if redis.call('EXISTS', P .. 'd:' .. id) == 1 then return 'already' end
-local rk = P .. 'r:' .. id
-local r = hgetall(rk)
+local r = load(id)
+if r and r.st == 'done' then return 'already' end
 local actual = {}
 for d = 1, 5 do actual[d] = tonumber(ARG[4 + d]) end
 local outcome = 'settled'
-if r.st == 'live' then
-  local hold, charged = vec(r, 'h'), vec(r, 'c')
-  local free = free_of(hold, charged)
-  for j = 1, tonumber(r.n) do
-    local tk = P .. 't:' .. r['t' .. j]
-    hincr(tk, 'c', charged, -1)
-    hincr(tk, 'h', free, -1)
-    hincr(tk, 's', actual, 1)
-    expire_at(tk, r['x' .. j])
-    redis.call('ZREM', P .. 'x:' .. r['t' .. j], id)
-  end
-elseif r.st == 'expired' then   -- its charges at expiry were settled then: add the difference
-  local charged, diff = vec(r, 'c'), {}
+if r and r.st == 'live' then
+  local hold, charged = nums(r.h), nums(r.c)
+  local free, minus = free_of(hold, charged), {}
+  for d = 1, 5 do free[d], minus[d] = -free[d], -charged[d] end
+  for j = 1, tonumber(r.n) do add(r.t[j], actual, minus, free) end
+  redis.call('ZREM', XK, id)
+elseif r then                    -- expired: its charges at expiry were settled then; add the difference
+  local charged, diff = nums(r.c), {}
   for d = 1, 5 do diff[d] = actual[d] - charged[d] end
-  for j = 1, tonumber(r.n) do
-    hincr(P .. 't:' .. r['t' .. j], 's', diff, 1)
-    expire_at(P .. 't:' .. r['t' .. j], r['x' .. j])
-  end
+  for j = 1, tonumber(r.n) do add(r.t[j], diff) end
   outcome = 'late'
-else                             -- unknown here (its tombstone aged out): count it, never lose it
+else                             -- unknown here (its record aged out): count it, never lose it
+  local now_ms = server_ms()
   for j = 1, tonumber(ARG[10]) do
     local t, x = ARG[9 + 2 * j], ARG[10 + 2 * j]
-    hincr(P .. 't:' .. t, 's', actual, 1)
-    expire_at(P .. 't:' .. t, keep_until(x, server_ms()))
+    add(t, actual)
+    expire_at(P .. 't:' .. t, keep_until(x, now_ms))
   end
   outcome = 'missing'
 end
-redis.call('DEL', rk)
-redis.call('SET', P .. 'd:' .. id, '1', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) + r"""')
+tombstone(id)
 local row = 10 + 2 * tonumber(ARG[10])   -- the row's values follow, in ROW_FIELDS order
 if #ARG > row then
   local entry = {}
   for i = 1, #ROW_FIELDS do entry[2 * i - 1], entry[2 * i] = ROW_FIELDS[i], ARG[row + i] end
   redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry))
 end
--- (no purge of the scopes' expired holds here: reserve, charge and states purge before they read,
--- so no decision and no view ever sees one; a purge here cost 12% of the script's time)
+-- (no purge here: reserve, charge and states purge before they read, so no decision and no view
+-- ever sees an expired hold)
 return outcome
 """
 
 # ARG[4] id
 _RELEASE = r"""
 local id = ARG[4]
-if redis.call('EXISTS', P .. 'd:' .. id) == 1 then return 'already' end
-local rk = P .. 'r:' .. id
-local r = hgetall(rk)
-if not r.st then return 'missing' end
-if r.st == 'live' then drop(id, r) end
-redis.call('DEL', rk)
-redis.call('SET', P .. 'd:' .. id, '1', 'PX', '""" + str(SETTLED_TOMBSTONE_MS) + r"""')
+local r = load(id)
+if not r then return 'missing' end
+if r.st == 'done' then return 'already' end
+if r.st == 'live' then
+  drop(r)
+  redis.call('ZREM', XK, id)
+end
+tombstone(id)
 return 'released'
 """
 
-# ARG[4..] ids; answers the ids that are no longer live
+# ARG[4..] ids; answers the ids that are no longer live (a live reservation is in the zset, and only then)
 _RENEW = r"""
-local e, lost = I(server_ms() + HOLD_TTL_MS), {}
+local e, lost = server_ms() + HOLD_TTL_MS, {}
 for i = 4, #ARG do
-  local id = ARG[i]
-  local rk = P .. 'r:' .. id
-  local v = redis.call('HMGET', rk, 'st', 'n', 't1', 't2')
-  if v[1] == 'live' then
-    redis.call('HSET', rk, 'e', e)
-    for j = 1, tonumber(v[2]) do
-      redis.call('ZADD', P .. 'x:' .. (v[2 + j] or redis.call('HGET', rk, 't' .. j)), 'XX', e, id)
-    end
-  else
-    lost[#lost + 1] = id
+  if redis.call('ZADD', XK, 'XX', 'CH', e, ARG[i]) == 0 and not redis.call('ZSCORE', XK, ARG[i]) then
+    lost[#lost + 1] = ARG[i]
   end
 end
 return lost
@@ -413,7 +408,7 @@ return lost
 _STATES = r"""
 local ts = {}
 for j = 1, tonumber(ARG[4]) do ts[j] = ARG[4 + j] end
-purge_all(ts, server_ms())
+purge(server_ms(), 1000)
 return joined(flat_states({}, read_states(ts)))
 """
 
@@ -422,7 +417,7 @@ return joined(flat_states({}, read_states(ts)))
 _RESET = r"""
 local t, now_ms = ARG[4], server_ms()
 local tk = P .. 't:' .. t
-purge(t, now_ms)
+purge(now_ms, 1000)
 redis.call('HDEL', tk, 's1', 's2', 's3', 's4', 's5', 'f')
 expire_at(tk, keep_until(ARG[5], now_ms))
 return 'ok'
