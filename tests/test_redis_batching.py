@@ -272,7 +272,7 @@ async def test_a_whole_batch_replayed_after_a_lost_reply_changes_nothing(rns: Na
         before = await s.states([k, t], T0)
         log_before = await s.usage_log()
         replies = await s._call_batch(sent[0])  # the same script call again
-        assert replies[0].startswith("A,10,") and replies[1] == "already"
+        assert replies[0].startswith("B,10,") and replies[1] == "already"  # B: a replay of a reservation
         assert await s.states([k, t], T0) == before and await s.usage_log() == log_before
         assert before == [ScopeState(amounts(100, 30), fresh.hold, T0)] * 2
     finally:

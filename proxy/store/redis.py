@@ -151,11 +151,25 @@ def _keep_ms(scope: Scope, now: float) -> str:
     return "0" if end is None else str(max(1, int((end + RETENTION_S - now) * 1000)))
 
 
+def _int(x: str) -> int:
+    """A number the scripts stored: an integer, or (Redis >= 7.2 formats Lua numbers shortest-first) an
+    integral double in exponent form, e.g. 1e+15; exact below 2**53."""
+    try:
+        return int(x or 0)
+    except ValueError:
+        return int(float(x))
+
+
 def _states(flat: Sequence[str]) -> list[ScopeState]:
+    """Per scope its 16 totals fields as stored: s1..s5 settled, c1..c5 charged, h1..h5 held, f."""
     out = []
-    for i in range(0, len(flat), 11):
-        v = list(map(int, flat[i:i + 10]))
-        out.append(ScopeState(Amounts(*v[:5]), Amounts(*v[5:]), float(flat[i + 10]) if flat[i + 10] else None))
+    for i in range(0, len(flat), 16):
+        try:
+            v = [int(x or 0) for x in flat[i:i + 15]]
+        except ValueError:
+            v = [_int(x) for x in flat[i:i + 15]]
+        out.append(ScopeState(Amounts(v[0] + v[5], v[1] + v[6], v[2] + v[7], v[3] + v[8], v[4] + v[9]),
+                              Amounts(*v[10:15]), float(flat[i + 15]) if flat[i + 15] else None))
     return out
 
 
@@ -468,6 +482,9 @@ class RedisStore:
             return _denied(scopes[j], _states(reply[3:])[j], dim, _admit_needed(dim, ask), now)
         out, hold = int(reply[1]), Amounts(*(int(x) for x in reply[2:7]))
         states = _states(reply[7:])
+        if reply[0] == "A":  # admitted now: the states as read before its hold was added
+            states = [ScopeState(st.used, st.held + hold,
+                                 float(now) if st.first_request_at is None else st.first_request_at) for st in states]
         res = Reservation(
             id=request_id, scopes=tuple(scopes), period_starts=tuple(starts),
             admitted=Admitted(hold, out, out < ask.max_tokens), hold=hold,
