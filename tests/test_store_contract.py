@@ -411,7 +411,7 @@ async def test_redis_url_options_and_key_namespace(rns: Namespace) -> None:
         await s.settle(res, amounts(1, 1), row(res.id))
     finally:
         await s.close()
-    assert rns.client.exists(prefix + "log", f"{prefix}q:{res.id}", prefix + "t:team:t@0") == 3
+    assert rns.client.exists(prefix + "log", f"{prefix}q:{res.id}", prefix + "T:team:t@0") == 3
     assert not rns.client.exists(rns.prefix + "log")
 
 
@@ -425,12 +425,32 @@ async def test_redis_keys_have_bounded_lifetimes(rns: Namespace) -> None:
     finally:
         await s.close()
     hour_end = 1_718_002_800 - T0  # 07:00 UTC
-    ttl = rns.client.pttl(rns.key("t:key:t/k@1717999200")) / 1000
+    ttl = rns.client.pttl(rns.key("T:key:t/k@1717999200")) / 1000
     assert abs(ttl - (hour_end + 35 * DAY)) < 60
-    assert rns.client.pttl(rns.key("t:team:t@0")) == -1  # period none: one hash per scope, kept
+    assert rns.client.pttl(rns.key("T:team:t@0")) == -1  # period none: one key per scope, kept
     assert 0 < rns.client.pttl(rns.key(f"q:{res.id}")) <= 600_000  # the settle tombstone
     assert rns.client.zcard(rns.key("x")) == 0  # nothing in flight
     assert rns.client.xlen(rns.key("log")) < 300 - 100  # MAXLEN ~ 20 trims whole stream nodes (100 rows)
+
+
+async def test_redis_totals_of_the_earlier_hash_layout_carry_over_once(rns: Namespace) -> None:
+    """Totals an earlier version kept as a hash (P t:T, fields s1..s5 c1..c5 h1..h5 f) are moved to
+    the packed key on first use, with their lifetime: an upgrade loses no spend."""
+    old = rns.key("t:key:t/k@1717999200")
+    rns.client.hset(old, mapping={"s1": 700, "s2": 500, "s3": 200, "s5": 3, "h1": 0, "f": repr(T0 - 60)})
+    rns.client.pexpire(old, 3_600_000)
+    s = await opened(rns.url)
+    k = key("hour", tokens=1_000)
+    try:
+        assert await state(s, k) == ScopeState(Amounts(700, 500, 200, 0, 3), ZERO, T0 - 60)
+        assert not rns.client.exists(old)
+        assert 3_500_000 < rns.client.pttl(rns.key("T:key:t/k@1717999200")) <= 3_600_000
+        res = await reserve(s, [k], ask(100, 1_000))
+        assert res.hold.output_tokens == 200  # clamped to 1,000 - 700 used - 100 input: the old spend counts
+        await s.settle(res, amounts(100, 50), row(res.id))
+        assert (await state(s, k)).used == Amounts(850, 600, 250, 0, 4)
+    finally:
+        await s.close()
 
 
 async def test_redis_settle_of_any_copy_of_a_reservation_is_exactly_once(rns: Namespace) -> None:

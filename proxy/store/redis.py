@@ -83,6 +83,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import struct
 from fractions import Fraction
 from typing import Any, Sequence, get_type_hints
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -90,7 +91,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
@@ -98,7 +99,7 @@ from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, L
 from proxy.periods import period_bounds
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import tightest_remaining
-from proxy.store.redis_scripts import SCRIPTS, SETTLED_TOMBSTONE_MS  # noqa: F401
+from proxy.store.redis_scripts import NO_FIRST_REQUEST, SCRIPTS, SETTLED_TOMBSTONE_MS  # noqa: F401
 from proxy.store.resp import RespClient, RespError
 
 log = logging.getLogger("budget_proxy.store")
@@ -151,25 +152,21 @@ def _keep_ms(scope: Scope, now: float) -> str:
     return "0" if end is None else str(max(1, int((end + RETENTION_S - now) * 1000)))
 
 
-def _int(x: str) -> int:
-    """A number the scripts stored: an integer, or (Redis >= 7.2 formats Lua numbers shortest-first) an
-    integral double in exponent form, e.g. 1e+15; exact below 2**53."""
-    try:
-        return int(x or 0)
-    except ValueError:
-        return int(float(x))
+# The scripts' packed replies (redis_scripts.py): a scope's totals are 16 doubles, s1..s5 settled,
+# c1..c5 charged, h1..h5 held, f first request (NO_FIRST_REQUEST: none); integers below 2**53 exact.
+_TOTALS = struct.Struct("<16d")
+_ADMITTED = struct.Struct("<6d")  # out, hold
+_HOLD = struct.Struct("<5d")
 
 
-def _states(flat: Sequence[str]) -> list[ScopeState]:
-    """Per scope its 16 totals fields as stored: s1..s5 settled, c1..c5 charged, h1..h5 held, f."""
+def _states(buf: bytes, pos: int = 0) -> list[ScopeState]:
+    """The scopes' totals packed from buf[pos:] on."""
     out = []
-    for i in range(0, len(flat), 16):
-        try:
-            v = [int(x or 0) for x in flat[i:i + 15]]
-        except ValueError:
-            v = [_int(x) for x in flat[i:i + 15]]
+    for off in range(pos, len(buf), _TOTALS.size):
+        *totals, first = _TOTALS.unpack_from(buf, off)
+        v = [int(x) for x in totals]
         out.append(ScopeState(Amounts(v[0] + v[5], v[1] + v[6], v[2] + v[7], v[3] + v[8], v[4] + v[9]),
-                              Amounts(*v[10:15]), float(flat[i + 15]) if flat[i + 15] else None))
+                              Amounts(*v[10:15]), None if first == NO_FIRST_REQUEST else first))
     return out
 
 
@@ -221,9 +218,6 @@ def _payload(args: Sequence[str]) -> bytes:
     return json.dumps(args, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
-def _split(reply: str) -> list[str]:
-    """The comma-joined replies of reserve, charge and states."""
-    return reply.split(",") if reply else []
 
 
 def _actual_of(settle_args: list[str]) -> dict[str, int]:
@@ -249,7 +243,7 @@ class _Item:
 
     __slots__ = ("call", "args", "fut", "res", "row")
 
-    def __init__(self, op: str, args: list[str], fut: asyncio.Future[str],
+    def __init__(self, op: str, args: list[str], fut: asyncio.Future[bytes],
                  res: Reservation | None = None, row: UsageRow | None = None) -> None:
         self.call, self.args, self.fut, self.res, self.row = [op, *args], args, fut, res, row
 
@@ -341,26 +335,12 @@ class RedisStore:
             raise StoreUnavailable(UNAVAILABLE) from exc
 
     async def _call(self, name: str, args: Sequence[Any]) -> Any:
-        if self._client is None or self._pipe is None:
-            raise StoreUnavailable(UNAVAILABLE)
-        payload = _payload(args)  # one argument: redis-py packs each argument in Python
-        if name == "batch":
-            return await self._eval_on_pipe(name, payload)
-        try:
-            try:
-                return await self._client.evalsha(self._shas[name], 0, *self._head, payload)
-            except NoScriptError:
-                self._shas[name] = await self._client.script_load(SCRIPTS[name])
-                return await self._client.evalsha(self._shas[name], 0, *self._head, payload)
-        except (RedisError, OSError) as exc:
-            log.error("redis store: %s failed: %s", name, exc.__class__.__name__)
-            raise StoreUnavailable(UNAVAILABLE) from exc
-
-    async def _eval_on_pipe(self, name: str, payload: bytes) -> str:
-        """EVALSHA on the pipelined connection (the hot path). A connection that fails is replaced and
-        the call made once more, as redis-py's retry did: every script is idempotent."""
+        """Run a script on the pipelined connection (resp.py: replies as bytes, binary-safe). A
+        connection that fails is replaced and the call made once more: every script is idempotent."""
         pipe = self._pipe
-        assert pipe is not None
+        if pipe is None:
+            raise StoreUnavailable(UNAVAILABLE)
+        payload = _payload(args)  # one argument: cheaper to send than dozens
         failure: Exception | None = None
         for _ in range(2):
             try:
@@ -371,7 +351,7 @@ class RedisStore:
                         raise
                     self._shas[name] = (await pipe.call(b"SCRIPT", b"LOAD", SCRIPTS[name])).decode()
                     reply = await pipe.call(b"EVALSHA", self._shas[name], b"0", *self._head, payload)
-                return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+                return reply
             except OSError as exc:  # the connection: refused, lost, timed out, or garbled
                 failure = exc
             except RespError as exc:
@@ -385,8 +365,8 @@ class RedisStore:
     # calls made while a batch is in flight wait and go together in the next one, one script call
     # running them in arrival order. Up to BATCHES_IN_FLIGHT batches await Redis at a time.
     def _submit(self, op: str, args: list[str], res: Reservation | None = None,
-                row: UsageRow | None = None) -> asyncio.Future[str]:
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+                row: UsageRow | None = None) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(op, args, fut, res, row))
         flushing = self._flushing
         if flushing == 0 or (flushing == self._sending and flushing < BATCHES_IN_FLIGHT):
@@ -399,8 +379,8 @@ class RedisStore:
     async def _one(self, op: str, args: list[str]) -> str:
         """The reply of one reserve / charge / release; StoreUnavailable if its batch or the item failed."""
         reply = await self._submit(op, args)
-        if reply[:1] == "!":
-            log.error("redis store: %s failed: %s", op, reply[1:])
+        if reply[:1] == b"!":
+            log.error("redis store: %s failed: %s", op, reply[1:].decode(errors="replace"))
             raise StoreUnavailable(UNAVAILABLE)
         return reply
 
@@ -437,18 +417,18 @@ class RedisStore:
         finally:
             self._flushing -= 1  # at once, not in a done callback: a call queued now starts a flusher
 
-    def _answer(self, it: _Item, reply: str | None, error: StoreUnavailable | None, retry: bool = True) -> None:
+    def _answer(self, it: _Item, reply: bytes | None, error: StoreUnavailable | None, retry: bool = True) -> None:
         if it.res is not None:  # a settle: finished here
-            if reply is not None and reply[:1] != "!":
+            if reply is not None and reply[:1] != b"!":
                 self._settled(it.res, reply)
             elif retry:
                 if reply is not None:
-                    log.error("redis store: settle failed: %s", reply[1:])
+                    log.error("redis store: settle failed: %s", reply[1:].decode(errors="replace"))
                 self._defer_settle(it.res, it.args, it.row)
             else:
                 self._unsettled(it.res, it.args, it.row)
             if not it.fut.done():
-                it.fut.set_result("")
+                it.fut.set_result(b"")
         elif not it.fut.done():
             if reply is not None:
                 it.fut.set_result(reply)
@@ -460,8 +440,8 @@ class RedisStore:
             await asyncio.wait(list(self._flushers))
 
     async def _call_batch(self, calls: list[list[str]]) -> list[str]:
-        replies = (await self._call("batch", calls)).split(";")
-        if len(replies) != len(calls):
+        replies = await self._call("batch", calls)
+        if not isinstance(replies, list) or len(replies) != len(calls):
             log.error("redis store: batch of %d answered %d replies", len(calls), len(replies))
             raise StoreUnavailable(UNAVAILABLE)
         return replies
@@ -476,13 +456,14 @@ class RedisStore:
                 _num(ask.max_tokens), num, den, team, key, str(len(scopes))]
         for s, start in zip(scopes, starts):
             args += [_totals_key(s, start), _keep_ms(s, now), *_limits(s)]
-        reply = _split(await self._one("r", args))
-        if reply[0] == "D":
-            j, dim = int(reply[1]) - 1, DIMENSIONS[int(reply[2]) - 1]
-            return _denied(scopes[j], _states(reply[3:])[j], dim, _admit_needed(dim, ask), now)
-        out, hold = int(reply[1]), Amounts(*(int(x) for x in reply[2:7]))
-        states = _states(reply[7:])
-        if reply[0] == "A":  # admitted now: the states as read before its hold was added
+        reply = await self._one("r", args)
+        if reply[:1] == b"D":
+            j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
+            return _denied(scopes[j], _states(reply, 3)[j], dim, _admit_needed(dim, ask), now)
+        out, *held = _ADMITTED.unpack_from(reply, 1)
+        out, hold = int(out), Amounts(*map(int, held))
+        states = _states(reply, 1 + _ADMITTED.size)
+        if reply[:1] == b"A":  # admitted now: the states as read before its hold was added
             states = [ScopeState(st.used, st.held + hold,
                                  float(now) if st.first_request_at is None else st.first_request_at) for st in states]
         res = Reservation(
@@ -500,17 +481,18 @@ class RedisStore:
         args = [res.id, repr(float(now)), *(_num(v) for v in charged.as_tuple()), str(len(res.scopes))]
         for s in res.scopes:
             args += _limits(s)
-        reply = _split(await self._one("c", args))
-        if reply[0] == "OK":
-            res.hold, res.charged = Amounts(*(int(x) for x in reply[1:6])), charged
+        reply = await self._one("c", args)
+        tag = reply[:1]
+        if tag == b"K":
+            res.hold, res.charged = Amounts(*map(int, _HOLD.unpack_from(reply, 1))), charged
             return None
-        if reply[0] == "D":
-            j, dim = int(reply[1]) - 1, DIMENSIONS[int(reply[2]) - 1]
+        if tag == b"D":
+            j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
             growth = res.hold.max(charged) - res.hold
-            return _denied(res.scopes[j], _states(reply[3:])[j], dim, growth.get(dim) if dim in METERED else 0, now)
-        if reply[0] == "X":  # its hold expired while it was alive: cut it (fail closed)
+            return _denied(res.scopes[j], _states(reply, 3)[j], dim, growth.get(dim) if dim in METERED else 0, now)
+        if tag == b"X":  # its hold expired while it was alive: cut it (fail closed)
             log.warning("redis store: request %s charged after its hold expired; cutting it", res.id)
-            states = _states(reply[1:])
+            states = _states(reply, 1)
             for s, st in zip(res.scopes, states):
                 dim = next((d for d in DIMENSIONS if s.limits.get(d) is not None), None)
                 if dim is not None:
@@ -534,11 +516,11 @@ class RedisStore:
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    def _settled(self, res: Reservation, outcome: str) -> None:
+    def _settled(self, res: Reservation, outcome: bytes) -> None:
         self._live.pop(res.id, None)
-        if outcome == "late":
+        if outcome == b"late":
             log.warning("redis store: %s settled after its hold had expired; totals corrected", res.id)
-        elif outcome == "missing":
+        elif outcome == b"missing":
             log.warning("redis store: %s settled without a reservation on record; counted as settled", res.id)
 
     async def _retry_settle(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
@@ -551,8 +533,8 @@ class RedisStore:
                     outcome = (await self._call_batch([["s", *args]]))[0]
                 except StoreUnavailable:
                     continue
-                if outcome[:1] == "!":
-                    log.error("redis store: settle failed: %s", outcome[1:])
+                if outcome[:1] == b"!":
+                    log.error("redis store: settle failed: %s", outcome[1:].decode(errors="replace"))
                     continue
                 log.info("redis store: deferred settle of %s landed (attempt %d)", res.id, attempt)
                 self._settled(res, outcome)
@@ -577,7 +559,7 @@ class RedisStore:
 
     async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]:
         keys = [_totals_key(s, period_bounds(s.period, now)[0]) for s in scopes]
-        return _states(_split(await self._call("states", [str(len(keys)), *keys])))
+        return _states(await self._call("states", [str(len(keys)), *keys]))
 
     async def reset(self, scope: Scope, now: float) -> None:
         await self._call("reset", [_totals_key(scope, period_bounds(scope.period, now)[0]), _keep_ms(scope, now)])
@@ -605,7 +587,7 @@ class RedisStore:
         ids, lost = list(self._live), []
         try:
             for i in range(0, len(ids), 500):  # short scripts: Redis serves nobody else while one runs
-                lost += await self._call("renew", ids[i:i + 500])
+                lost += [rid.decode() for rid in await self._call("renew", ids[i:i + 500])]
         except StoreUnavailable:
             log.warning("redis store: could not renew %d holds", len(ids))
         for rid in lost:
