@@ -9,17 +9,17 @@ fraction (numerator / denominator) so that floor (the cost clamp) and ceil (the 
 cost) equal Python's. Exactness needs every amount and limit below 2**53 (Lua numbers are
 doubles): limits above that are treated as 2**53-1 (9e15 tokens; $9,007,199 per scope and period).
 A call is EVALSHA with four arguments (prefix, hold TTL, log cap, then every other argument as one
-JSON array the script decodes with cjson) and answers one string (reserve / charge / states: comma-
-joined): redis-py packs each argument and parses each reply element in Python, which cost more CPU
-per request than the rest of the store.
+JSON array the script decodes with cjson), sent on the store's own pipelined connection (resp.py:
+redis-py's pool, timeouts and parser cost more CPU per call than the rest of the store); replies
+are packed binary (struct), unpacked here without parsing text. redis-py serves the rest (ping,
+script loading at start, the usage log).
 
 Batching (group commit, as SqliteStore's). Reserve, charge, settle and release are functions of one
 script, "batch", whose JSON argument is a list of calls [op, arguments...] run one after the other
-in that order; it answers their replies joined by ';'. A call made while no batch is in flight is
+in that order; it answers an array of their replies. A call made while no batch is in flight is
 sent at once (nothing waits on a timer: alone, a request pays one round trip per call as before);
-calls made while one is in flight queue and go together in the next (at most 64), in arrival order.
-One batch is in flight at a time, so under concurrency a request costs about 2 / batch-size round
-trips instead of 2. Each call runs exactly as it would alone: the script is atomic, and call k reads
+calls made while batches are in flight queue and go together in the next (at most MAX_BATCH), in
+arrival order, with up to BATCHES_IN_FLIGHT batches awaiting Redis at a time. Each call runs exactly as it would alone: the script is atomic, and call k reads
 what calls 1..k-1 wrote (a reserve is decided on the state after every earlier call, never on a
 stale one; a second settle of an id in the same batch finds the first one's tombstone). A call that
 fails inside the script answers '!' and its error and fails alone (StoreUnavailable; e.g. a reserve
