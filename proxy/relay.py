@@ -21,7 +21,7 @@ from proxy.denials import budget_error, cut_message
 from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.ledger import ZERO, Amounts, Ask, Denied, usd
+from proxy.ledger import NANOS_PER_USD, ZERO, Amounts, Ask, Denied
 from proxy.meter import GREW, REPORTED, UNCHANGED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError, SSERun, split
@@ -190,7 +190,8 @@ class Relay:
         if "tokens" in rem:
             out.append((b"x-budget-remaining-tokens", str(rem["tokens"]).encode()))
         if "cost_usd" in rem:
-            out.append((b"x-budget-remaining-cost-usd", f"{usd(rem['cost_usd']):.6f}".encode()))
+            # (formatted straight from nanos: usd()'s round(x, 9) first only doubles the cost)
+            out.append((b"x-budget-remaining-cost-usd", f"{rem['cost_usd'] / NANOS_PER_USD:.6f}".encode()))
         if "steps" in rem:
             out.append((b"x-budget-remaining-steps", str(rem["steps"]).encode()))
         if call.clamped_to is not None:
