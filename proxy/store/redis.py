@@ -16,51 +16,53 @@ script loading at start, the usage log).
 
 Batching (group commit, as SqliteStore's). Reserve, charge, settle and release are functions of one
 script, "batch", whose JSON argument is a list of calls [op, arguments...] run one after the other
-in that order; it answers an array of their replies. A call made while no batch is in flight is
-sent at once (nothing waits on a timer: alone, a request pays one round trip per call as before);
-calls made while batches are in flight queue and go together in the next (at most MAX_BATCH), in
-arrival order, with up to BATCHES_IN_FLIGHT batches awaiting Redis at a time. Each call runs exactly as it would alone: the script is atomic, and call k reads
-what calls 1..k-1 wrote (a reserve is decided on the state after every earlier call, never on a
-stale one; a second settle of an id in the same batch finds the first one's tombstone). A call that
-fails inside the script answers '!' and its error and fails alone (StoreUnavailable; e.g. a reserve
-of a used id); a batch that fails as a whole fails every call in it, each as it would have failed
-alone. Settles are finished by the batch, not by their callers: a settle lands (or goes to the
-background retry, per item) even if its caller is cancelled; a reserve or charge whose caller has
-gone before its batch is sent is dropped. close() lets the queued calls land first.
+in that order; it answers an array of their replies. A call made while no batch is in flight is sent
+at once (nothing waits on a timer: alone, a request pays one round trip per call as before); calls
+made while batches are in flight queue and go together in the next (at most MAX_BATCH), in arrival
+order, with up to BATCHES_IN_FLIGHT batches awaiting Redis at a time. Each call runs exactly as it
+would alone: the script is atomic, and call k reads what calls 1..k-1 wrote (a reserve is decided on
+the state after every earlier call, never on a stale one; a second settle of an id in the same batch
+finds the first one's tombstone). A call that fails inside the script answers '!' and its error and
+fails alone (StoreUnavailable; e.g. a reserve of a used id); a batch that fails as a whole fails
+every call in it, each as it would have failed alone. Settles are finished by the batch, not by
+their callers: a settle lands (or goes to the background retry, per item) even if its caller is
+cancelled; a reserve or charge whose caller has gone before its batch is sent is dropped. close()
+lets the queued calls land first.
 
 Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch s>"):
-  P t:T   hash   per scope and period: s1..s5 settled, c1..c5 charged by requests in flight,
-                 h1..h5 held (sum of max(hold - charged, 0)), f first_request_at; dimensions
-                 1..5 = tokens, input_tokens, output_tokens, cost (nanos), steps
+  P T:T   string per scope and period, 16 packed doubles (struct '<16d'): s1..s5 settled, c1..c5
+                 charged by requests in flight, h1..h5 held (sum of max(hold - charged, 0)), f
+                 first_request_at (-1: none); dimensions 1..5 = tokens, input_tokens, output_tokens,
+                 cost (nanos), steps. (Before 2026-12, a hash at P t:T: moved here on first use.)
   P x     zset   every reservation in flight (any scope), scored by its expiry (ms, Redis TIME)
-  P q:ID  string one reservation, as JSON: st (live | expired | done), n, t / x (its totals keys and
-                 their expire-at), h / c (hold / charged, 5 integer strings), out, at, team, key;
-                 st done is the settle tombstone (10 min): a second settle of ID is a no-op
+  P q:ID  string one reservation, packed: st (live | expired | done), its hold and charged, out, at,
+                 its totals names and their expire-at, team, key; st done is the settle tombstone
+                 (10 min): a second settle of ID is a no-op
   P log   stream usage-log rows, XADD MAXLEN ~ 100000 (configurable: log_max)
-Each script reads a scope's totals with one HMGET and writes them with one HSET: a redis.call costs
-~1-2 µs of Lua-to-Redis crossing, far more than the command itself (this layout made ~20 calls a
-request out of ~70).
+Packed strings because a redis.call and every number parsed or formatted as text cost far more in
+Lua than the command itself (redis_scripts.py has the figures).
 
-Expiry. A reservation expires HOLD_TTL (15 s) after its last renewal, measured on Redis' clock.
-The store renews all of this process's reservations in one script call every RENEW_EVERY (5 s),
-and each charge renews its own. Nothing runs on a timer in Redis: reserve, charge, states and reset first
+Expiry. A reservation expires HOLD_TTL (15 s) after its last renewal, measured on Redis' clock. The
+store renews all of this process's reservations in one script call every RENEW_EVERY (5 s), and each
+charge renews its own. Nothing runs on a timer in Redis: reserve, charge, states and reset first
 purge expired reservations (any scope's, oldest first; up to 64 a call in reserve and charge, which
-err towards denying while more than that wait), so a replica killed with kill -9 has its holds gone within HOLD_TTL of its last renewal (at most
-HOLD_TTL after the kill), as soon as anyone reserves or reads /budget on those scopes. An expired
-reservation's in-flight `charged` amount is KEPT AS SETTLED (those tokens were generated and may
-be billed); only the unused rest of its hold is released. A "hold_expired" usage-log row records
-it. A reservation is only expired once a script purges it; until then it is fully counted, so a
-late renewal or charge simply revives it. If its owner is alive after the purge (Redis was
-unreachable longer than HOLD_TTL), its next charge is refused (the stream is cut) and its settle
-corrects settled by (actual - charged at expiry): totals end exactly as if it had settled normally.
-A settle that finds no reservation at all (its expired record aged out after a day) adds its whole
-actual to the scopes it names: it may count the charges at expiry twice, never zero times.
+err towards denying while more than that wait), so a replica killed with kill -9 has its holds gone
+within HOLD_TTL of its last renewal (at most HOLD_TTL after the kill), as soon as anyone reserves or
+reads /budget on those scopes. An expired reservation's in-flight `charged` amount is KEPT AS
+SETTLED (those tokens were generated and may be billed); only the unused rest of its hold is
+released. A "hold_expired" usage-log row records it. A reservation is only expired once a script
+purges it; until then it is fully counted, so a late renewal or charge simply revives it. If its
+owner is alive after the purge (Redis was unreachable longer than HOLD_TTL), its next charge is
+refused (the stream is cut) and its settle corrects settled by (actual - charged at expiry): totals
+end exactly as if it had settled normally. A settle that finds no reservation at all (its expired
+record aged out after a day) adds its whole actual to the scopes it names: it may count the charges
+at expiry twice, never zero times.
 
 Growth. Totals of a period expire RETENTION (35 days) after the period ends (`period: none` totals
-live on: one hash per scope); settle tombstones after 10 minutes, expired reservations after a day; a live reservation lives as long as the totals it points to. The usage
-log is a stream capped near log_max rows. Scripts touch keys they compute (another replica's
-reservation spans other scopes), so this store needs a single Redis (or a primary with replicas /
-Sentinel), not Redis Cluster.
+live on: one key per scope); settle tombstones after 10 minutes, expired reservations after a day; a
+live reservation lives as long as the totals it points to. The usage log is a stream capped near
+log_max rows. Scripts touch keys they compute (another replica's reservation spans other scopes), so
+this store needs a single Redis (or a primary with replicas / Sentinel), not Redis Cluster.
 
 Failures. Socket timeouts are short (0.5 s connect, 1 s read) and a failed call is retried once on
 a new connection (one may be stale after Redis restarted; for a batch: the whole batch); then
@@ -233,6 +235,7 @@ def _row(entry: dict[str, str]) -> UsageRow:
 # Small batches, several in flight: every item waits for its whole batch's Lua (~50 us an item), and
 # at c=16 the proxy on Redis is bound by that wait, not by CPU. Measured (bench, JSON c=16):
 # 64 x 2 in flight 3,983 req/s; 8 x 4 4,800; 4 x 8 4,700 with 12% more proxy CPU; 2 x 16 4,500.
+# Again with the packed scripts (bench.ab, 3 rounds): 16 x 2, 32 x 1 and 16 x 1 did no better.
 MAX_BATCH = 8
 BATCHES_IN_FLIGHT = 4
 
@@ -284,7 +287,7 @@ class RedisStore:
     async def open(self) -> None:
         """Never fails for an unreachable Redis: ping() says so, and calls reconnect when it returns."""
         pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=64, timeout=2.0, decode_responses=True, socket_timeout=1.0,
+            self.url, max_connections=8, timeout=2.0, decode_responses=True, socket_timeout=1.0,
             socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
         self._client = aioredis.Redis(connection_pool=pool)
         parts = urlsplit(self.url)
