@@ -19,9 +19,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from bench import procs
 from bench.matrix import MODES, Sample, check, measure
 from bench.run import raise_nofile
-from bench import procs
 from bench.targets import REDIS_URL, ROOT, Workspace
 
 
