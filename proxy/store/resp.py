@@ -171,6 +171,8 @@ class RespClient:
     async def _connect(self) -> RespConnection:
         if self._connecting is None:  # one connect, however many callers are waiting for it
             self._connecting = asyncio.ensure_future(self._open())
+            # (its failure is each waiter's to see; if every waiter was cancelled, nobody's)
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
