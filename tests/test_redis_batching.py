@@ -8,18 +8,21 @@ test that passes because nothing was batched proves nothing. Real Redis (DB 13, 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
 from proxy.store.base import Reservation
 from proxy.store.memory import MemoryStore
-from proxy.store.redis import MAX_BATCH, RedisStore
+from proxy.store.redis import MAX_BATCH, RedisStore, _payload
 from tests.test_store_contract import (T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
                                        rns, scope, state, team, until)
 
@@ -300,3 +303,20 @@ async def test_an_unexpected_error_in_a_batch_fails_its_calls_instead_of_leaving
         assert (await state(s, k)) == ScopeState(amounts(10, 5), ZERO, T0)
     finally:
         await s.close()
+
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=()))  # lone surrogates included
+
+
+@given(st.lists(ANY_TEXT | st.lists(ANY_TEXT, max_size=5), max_size=6))
+@example([["s", "claude-\ud800", 'a"b\\c\n\x00', "é→😀"], "plain"])
+def test_a_batch_payload_is_the_json_of_its_calls_with_lone_surrogates_as_question_marks(calls: list[Any]) -> None:
+    """The payload is joined by hand (cheaper than json.dumps): it must say exactly what json.dumps
+    would, quotes, backslashes, control and non-ASCII characters included. A lone surrogate, which
+    Lua's cjson refuses, becomes '?'."""
+    def fixed(s: str) -> str:
+        return s.encode("utf-8", "replace").decode()
+
+    want = [fixed(c) if isinstance(c, str) else [fixed(x) for x in c] for c in calls]
+    assert json.loads(_payload(calls)) == want
+    assert _payload(calls) == json.dumps(calls, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")

@@ -163,10 +163,14 @@ class RespClient:
     async def call(self, *args: bytes | str) -> Any:
         """The reply of one command; RespError for an error reply; ConnectionError or TimeoutError
         (OSError both) when the connection failed, before or after the command was sent."""
+        return await self.call_encoded(encode_command(args))
+
+    async def call_encoded(self, command: bytes) -> Any:
+        """call() of a command already in RESP (encode_command's output)."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._connect()
-        return await conn.send(encode_command(args))
+        return await conn.send(command)
 
     async def _connect(self) -> RespConnection:
         if self._connecting is None:  # one connect, however many callers are waiting for it
