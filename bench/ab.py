@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import procs
 from bench.matrix import MODES, Sample, check, measure
 from bench.run import raise_nofile
-from bench.targets import REDIS_URL, ROOT, Workspace
+from bench.targets import ROOT, Workspace, redis_server_pid
 
 
 def export(version: str, into: Path) -> Path:
@@ -37,15 +37,6 @@ def export(version: str, into: Path) -> Path:
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return out
-
-
-def redis_server_pid() -> int | None:
-    import redis
-
-    try:
-        return int(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0).info("server")["process_id"])
-    except (redis.RedisError, OSError):
-        return None
 
 
 def run(ws: Workspace, trees: dict[str, Path], modes: list[str], rounds: int, seconds: float

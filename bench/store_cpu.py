@@ -31,10 +31,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.ledger import Amounts, Ask, Limits, Scope  # noqa: E402
-from bench.ab import redis_server_pid  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
 from bench.store_latency import run  # noqa: E402  (on uvloop, as `budget-proxy serve` runs)
-from bench.targets import REDIS_DB, REDIS_URL, clear_redis  # noqa: E402
+from bench.targets import REDIS_DB, REDIS_URL, clear_redis, redis_server_pid  # noqa: E402
 from proxy.store.base import Reservation, UsageRow, open_store  # noqa: E402
 
 SCOPES = (Scope("key", "k", "key:bench/k", Limits(tokens=10**15, steps=10**12), "day"),

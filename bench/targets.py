@@ -59,6 +59,15 @@ def redis_up() -> bool:
         return False
 
 
+def redis_server_pid() -> int | None:
+    import redis
+
+    try:
+        return int(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1.0).info("server")["process_id"])
+    except (redis.RedisError, OSError):
+        return None
+
+
 def clear_redis(prefix: str) -> None:
     """Delete the keys under `prefix` (one proxy-redis start's), never anything else."""
     import redis
