@@ -23,7 +23,7 @@ from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
 from proxy.store.base import Reservation
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import MAX_BATCH, RedisStore, _payload
-from tests.test_store_contract import (T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
+from tests.test_store_contract import (DAY, T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
                                        rns, scope, state, team, until)
 
 
@@ -258,6 +258,27 @@ async def _final_state(rns: Namespace, k: Scope) -> ScopeState:
         return await state(fresh, k)
     finally:
         await fresh.close()
+
+
+async def test_a_batch_writes_each_scopes_totals_once_with_their_lifetime(rns: Namespace) -> None:
+    """A batch reads and writes a scope's totals once, at its end: what every item did is in them,
+    and a period's first request still gives them the period's lifetime."""
+    s = await opened(rns.url)
+    k, t = key("hour", tokens=10_000), team(tokens=10_000)
+    try:
+        sent = record_batches(s)
+        rns.client.config_resetstat()
+        got = await asyncio.gather(*(s.reserve([k, t], ask(10, 10), T0, f"first-{i}") for i in range(5)))
+        assert sent.ops() == [["r"] * 5] and all(isinstance(r, Reservation) for r in got)
+        sets = rns.client.info("commandstats")["cmdstat_set"]["calls"]
+        assert sets == 5 + 2  # each reservation's record, and the two scopes' totals once
+        hour_end = 1_718_002_800 - T0
+        assert abs(rns.client.pttl(rns.key("T:key:t/k@1717999200")) / 1000 - (hour_end + 35 * DAY)) < 60
+        assert rns.client.pttl(rns.key("T:team:t@0")) == -1
+        await asyncio.gather(*(s.settle(r, amounts(10, 5), row(r.id)) for r in got))
+        assert await s.states([k, t], T0) == [ScopeState(amounts(50, 25, steps=5), ZERO, T0)] * 2
+    finally:
+        await s.close()
 
 
 async def test_a_whole_batch_replayed_after_a_lost_reply_changes_nothing(rns: Namespace) -> None:

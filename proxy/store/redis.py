@@ -46,7 +46,8 @@ Expiry. A reservation expires HOLD_TTL (15 s) after its last renewal, measured o
 store renews all of this process's reservations in one script call every RENEW_EVERY (5 s), and each
 charge renews its own. Nothing runs on a timer in Redis: reserve, charge, states and reset first
 purge expired reservations (any scope's, oldest first; up to 64 a call in reserve and charge, which
-err towards denying while more than that wait), so a replica killed with kill -9 has its holds gone
+err towards denying while more than that wait; a batch runs at one instant of Redis' clock, so once a
+purge leaves none, later items skip theirs), so a replica killed with kill -9 has its holds gone
 within HOLD_TTL of its last renewal (at most HOLD_TTL after the kill), as soon as anyone reserves or
 reads /budget on those scopes. An expired reservation's in-flight `charged` amount is KEPT AS
 SETTLED (those tokens were generated and may be billed); only the unused rest of its hold is

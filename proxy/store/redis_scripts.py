@@ -26,17 +26,18 @@ local OLD_FIELDS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2',
 
 local function I(n) return string.format('%d', n) end
 local function opt(s) if s == '' then return nil end return tonumber(s) end
+local NOW_MS   -- one clock reading per script call: every operation of a batch runs at that instant
 local function server_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not NOW_MS then
+    local t = redis.call('TIME')
+    NOW_MS = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return NOW_MS
 end
 local function free_of(hold, charged)
   local f = {}
   for d = 1, 5 do f[d] = math.max(hold[d] - charged[d], 0) end
   return f
-end
-local function expire_at(key, at)   -- absolute ms on the server's clock; 0 or nil: never
-  if at and at > 0 then redis.call('PEXPIREAT', key, at) end
 end
 local function keep_until(keep_ms, now_ms)  -- a lifetime from the caller -> absolute on the server's clock
   if keep_ms == '0' then return 0 end
@@ -87,13 +88,40 @@ local function migrate(t)
   redis.call('DEL', old)
   return v, b
 end
+-- Each scope's totals are read (GET) at most once per script call and written (SET) once, at its
+-- end (flush_totals), however many operations of a batch touch them: a batch's requests mostly
+-- share a key and a team, and every redis.call costs a few µs of Lua-to-Redis crossing. Readers
+-- get a copy; write_totals commits one, as a SET did (an operation that fails after it keeps it).
+local TOT = {}   -- totals name -> {v = numbers, raw = their bytes (nil: pack when asked), dirty, at = expire-at ms}
 local function read_totals(t)
-  local b = redis.call('GET', P .. 'T:' .. t)
-  if b then return {struct.unpack(TF, b)}, b end
-  return migrate(t)
+  local e = TOT[t]
+  if not e then
+    local b = redis.call('GET', P .. 'T:' .. t)
+    local v
+    if b then v = {struct.unpack(TF, b)} else v, b = migrate(t) end
+    e = {v = v, raw = b}
+    TOT[t] = e
+  elseif not e.raw then
+    e.raw = pack_totals(e.v)
+  end
+  local v = e.v
+  return {v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]},
+    e.raw
 end
 local function write_totals(t, v)
-  redis.call('SET', P .. 'T:' .. t, pack_totals(v), 'KEEPTTL')
+  local e = TOT[t]
+  if not e then e = {}; TOT[t] = e end
+  e.v, e.raw, e.dirty = v, nil, true
+end
+local function expire_totals(t, at)   -- absolute ms on the server's clock; 0 or nil: never
+  if at and at > 0 then TOT[t].at = at end
+end
+local function flush_totals()
+  for t, e in pairs(TOT) do
+    if e.dirty then redis.call('SET', P .. 'T:' .. t, e.raw or pack_totals(e.v), 'KEEPTTL') end
+    if e.at then redis.call('PEXPIREAT', P .. 'T:' .. t, e.at) end
+  end
+  TOT = {}
 end
 local function read_state(t)
   local v, b = read_totals(t)
@@ -153,8 +181,13 @@ end
 
 -- Expire the reservations (of any scope) whose hold has run out: up to `limit` of them, oldest first
 -- (a decision that meets more than that sees the rest as still held: it errs towards denying).
+-- (at the one instant of a script call, a purge that found fewer than its limit left nothing for a
+-- later one to find)
+local PURGED_AT
 local function purge(now_ms, limit)
+  if PURGED_AT == now_ms then return end
   local ids = redis.call('ZRANGEBYSCORE', XK, '-inf', now_ms, 'LIMIT', 0, limit)
+  if #ids < limit then PURGED_AT = now_ms end
   if #ids == 0 then return end
   for _, id in ipairs(ids) do expire(id, now_ms) end
   redis.call('ZREM', XK, unpack(ids))
@@ -299,7 +332,7 @@ for j = 1, n do
   local fresh = v[16] == NONE   -- the period's first request (or the first since a reset)
   if fresh then v[16] = now end
   write_totals(ts[j], v)
-  if fresh then expire_at(P .. 'T:' .. ts[j], xs[j]) end   -- (the totals' lifetime is fixed for their period)
+  if fresh then expire_totals(ts[j], xs[j]) end   -- (the totals' lifetime is fixed for their period)
   if keep and xs[j] ~= 0 then keep = math.max(keep, xs[j]) else keep = nil end
 end
 redis.call('ZADD', XK, now_ms + HOLD_TTL_MS, id)
@@ -381,7 +414,7 @@ else                             -- unknown here (its record aged out): count it
   for j = 1, n do
     local t = A[7 + 2 * j]
     add(t, actual)
-    expire_at(P .. 'T:' .. t, keep_until(A[8 + 2 * j], now_ms))
+    expire_totals(t, keep_until(A[8 + 2 * j], now_ms))
   end
   outcome = 'missing'
 end
@@ -427,7 +460,9 @@ _STATES = r"""
 local ts = {}
 for j = 1, tonumber(ARG[4]) do ts[j] = ARG[4 + j] end
 purge(server_ms(), 1000)
-return flat_states({}, read_states(ts))
+local out = flat_states({}, read_states(ts))
+flush_totals()
+return out
 """
 
 # ARG[4] totals name, [5] keep ms: settled := 0 and the wall clock restarts; requests in flight keep
@@ -439,7 +474,8 @@ local v = read_totals(t)
 for d = 1, 5 do v[d] = 0 end
 v[16] = NONE
 write_totals(t, v)
-expire_at(P .. 'T:' .. t, keep_until(ARG[5], now_ms))
+expire_totals(t, keep_until(ARG[5], now_ms))
+flush_totals()
 return 'ok'
 """
 
@@ -464,6 +500,7 @@ for i, item in ipairs(cjson.decode(ARGV[4])) do
   end
   out[i] = reply
 end
+flush_totals()
 return out
 """
 
