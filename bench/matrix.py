@@ -43,6 +43,11 @@ PLAN = {  # target -> modes, in the order each round runs them
     "proxy-memory": ("json16", "sse16"),
     "proxy-redis": ("json16", "sse16"),  # the local Redis (bench.targets.REDIS_URL); skipped when it is down
 }
+# Reference points far from the targets (0.1x and 0.4x): their first round is enough.
+ONCE = ("httpx-aiohttp", "httpx")
+# The cells the targets are ratios of: key rounds run only these, so their medians rest on more
+# samples in the same 10 minutes (one slow round moved a ratio by 0.1-0.2 on this shared machine).
+KEY_PLAN = {"aiohttp": ("json16", "sse16"), "proxy": ("json16", "sse16"), "proxy-redis": ("json16", "sse16")}
 
 
 @dataclass(frozen=True)
@@ -111,20 +116,24 @@ def seconds_for(mode: Mode, seconds: float) -> float:
     return seconds if mode.conns > 1 else max(2.0, round(seconds * 0.7))
 
 
-def run_rounds(ws: Workspace, upstreams: dict[str, Server], rounds: int, seconds: float,
+def run_rounds(ws: Workspace, upstreams: dict[str, Server], rounds: int, key_rounds: int, seconds: float,
                say: Callable[[str], None]) -> dict[tuple[str, str], list[Sample]]:
+    """`rounds` of the whole PLAN (ONCE in the first only), then `key_rounds` of KEY_PLAN."""
     samples: dict[tuple[str, str], list[Sample]] = defaultdict(list)
-    order = list(PLAN)
-    if "proxy-redis" in order and not redis_up():
+    skip = set()
+    if not redis_up():
         say("  no Redis at 127.0.0.1:6379: proxy-redis skipped")
-        order.remove("proxy-redis")
-    for rnd in range(rounds):
+        skip.add("proxy-redis")
+    total = rounds + key_rounds
+    for rnd in range(total):
+        plan = PLAN if rnd < rounds else KEY_PLAN
+        order = [t for t in plan if t not in skip and (rnd == 0 or t not in ONCE)]
         for target in (order if rnd % 2 == 0 else order[::-1]):  # alternate to spread drift evenly
             for kind in ("nginx", "paced"):
-                modes = [MODES[m] for m in PLAN[target] if MODES[m].upstream == kind]
+                modes = [MODES[m] for m in plan[target] if MODES[m].upstream == kind]
                 if modes:
                     run_target(ws, target, upstreams[kind], modes, seconds, samples)
-        say(f"  round {rnd + 1}/{rounds} done")
+        say(f"  round {rnd + 1}/{total} done" + (" (key cells)" if rnd >= rounds else ""))
     return samples
 
 

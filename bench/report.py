@@ -19,6 +19,7 @@ class Context:
     machine: list[tuple[str, str]]
     versions: list[tuple[str, str]]
     rounds: int
+    key_rounds: int
     seconds: float
     elapsed_s: float
     notes: list[str]  # how busy the machine was, what the proxy logged
@@ -154,7 +155,8 @@ def document(ctx: Context, samples: Samples, profiles: list[tuple[str, profile.S
         "Written by `bench/run.py`; bench/README.md says how it measures and how to read it.\n",
         "## Machine\n", kv(ctx.machine) + "\n" + "\n".join(f"- {n}" for n in ctx.notes) + "\n",
         "## Versions\n", kv(ctx.versions) + "\n",
-        f"## Results ({ctx.rounds} interleaved rounds, {ctx.seconds:g} s per c=16 cell; medians)\n",
+        f"## Results ({ctx.rounds} interleaved rounds, then {ctx.key_rounds} of the cells the targets compare; "
+        f"{ctx.seconds:g} s per c=16 cell; medians; n: samples)\n",
         main_table(cells),
         "\n## Targets\n", targets_section(cells, samples, scale),
         "\n## Upstream client\n", transport_table(cells), transport_verdict(cells),
