@@ -69,6 +69,12 @@ class Amounts(NamedTuple):
         return _new(Amounts, (a if a > 0 else 0, b if b > 0 else 0, c if c > 0 else 0, d if d > 0 else 0,
                               e if e > 0 else 0))
 
+    def within(self, o: Amounts) -> bool:
+        """Every dimension <= o's (self.max(o) == o, without building it)."""
+        a, b, c, d, e = self
+        f, g, h, i, j = o
+        return a <= f and b <= g and c <= h and d <= i and e <= j
+
     def is_zero(self) -> bool:
         return self == ZERO
 
@@ -186,18 +192,15 @@ def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> A
             room = limit - used - held
             if dim == "input_tokens":
                 fits = room >= ask.input_tokens
-                needed = ask.input_tokens
             elif dim == "steps":
                 fits = room >= 1
-                needed = 1
             else:
                 cap = _output_cap(dim, room, ask)
                 fits = cap is None or cap >= need_out
-                if cap is not None:
-                    out = min(out, cap)
-                needed = _needed(dim, ask, need_out)
+                if cap is not None and cap < out:
+                    out = cap
             if not fits:
-                return Denied(scope, dim, limit, used, held, needed)
+                return Denied(scope, dim, limit, used, held, _needed(dim, ask, need_out))
         if lim.wall_clock is not None and state.wall_clock_used(now) >= lim.wall_clock:
             return Denied(scope, "wall_clock", lim.wall_clock, state.wall_clock_used(now), 0, 0)
     out = max(out, 0)
@@ -212,6 +215,11 @@ def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> A
 
 
 def _needed(dim: str, ask: Ask, need_out: int) -> int:
+    """What a request needs in a dimension to be admitted at all (a denial reports it)."""
+    if dim == "input_tokens":
+        return ask.input_tokens
+    if dim == "steps":
+        return 1
     if dim == "tokens":
         return ask.input_tokens + need_out
     if dim == "output_tokens":

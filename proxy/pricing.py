@@ -191,6 +191,18 @@ def output_tokens_affordable(price: ModelPrice, budget_nanos: int, total_input_t
     return int(_EXACT.divide_int(budget_nanos, per_token))
 
 
+def output_tokens_within(price: ModelPrice, spare_nanos: int, total_input_tokens: int) -> int | None:
+    """spare_nanos / the output rate for a request of this input size, truncated toward zero (as
+    Decimal's //); None when output is free. In integers: a stream's relay works this out at each
+    decision, and Decimal division cost several times as much."""
+    r = price.rates_for(total_input_tokens)
+    per_token = r._nanos[1]  # output nanos per token x r._den
+    if per_token <= 0:
+        return None
+    scaled = spare_nanos * r._den
+    return scaled // per_token if scaled >= 0 else -(-scaled // per_token)
+
+
 # --- parsing -----------------------------------------------------------------------
 
 _Rate = Annotated[Decimal, Field(ge=0, le=1_000_000, decimal_places=12)]

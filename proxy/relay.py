@@ -428,7 +428,7 @@ class Relay:
         u = self.capped(call, meter.live_usage())
         amounts = Amounts.of_usage(u, self.cost(call, u), 1)
         now = self.state.clock()
-        if now - call.pushed_at < PUSH_INTERVAL_SECONDS and call.res.hold.max(amounts) == call.res.hold:
+        if now - call.pushed_at < PUSH_INTERVAL_SECONDS and amounts.within(call.res.hold):
             denied = None  # inside the hold, and the store heard from this call less than a second ago
         else:
             denied = await self.state.store.charge(call.res, amounts, now)
@@ -442,12 +442,14 @@ class Relay:
     def hold_room(self, call: Call, u: Usage) -> int:
         """The live output figure up to which this stream stays inside its hold in every dimension."""
         hold = call.res.hold
-        room = min(hold.output_tokens, hold.tokens - u.total_input_tokens)
-        if call.price is not None:
-            rate = pricing_mod.output_nanos_per_token(call.price, u.total_input_tokens)
-            if rate > 0:
-                base = self.cost(call, u.with_output(0))
-                room = min(room, int((hold.cost_nanos - base) // rate))
+        total_input = u.total_input_tokens
+        room = min(hold.output_tokens, hold.tokens - total_input)
+        price = call.price
+        if price is not None:
+            spare = hold.cost_nanos - pricing_mod.cost_nanos(price, u.with_output(0))
+            affordable = pricing_mod.output_tokens_within(price, spare, total_input)
+            if affordable is not None and affordable < room:
+                room = affordable
         cap = call.output_cap
         if cap is not None and room >= cap:
             # The charged output never counts past the cap (capped()), so it can never outgrow

@@ -20,6 +20,7 @@ from proxy.pricing import (
     input_cost_nanos,
     output_nanos_per_token,
     output_tokens_affordable,
+    output_tokens_within,
     parse_price_table,
 )
 from proxy.usage import Usage
@@ -406,6 +407,23 @@ def test_output_tokens_affordable_is_the_exact_floor(out, long_out, above, total
 
     assert n >= 0
     assert cost(n) <= budget < cost(n + 1)
+
+
+@given(out=st.decimals(min_value=0, max_value=10**6, places=12, allow_nan=False, allow_infinity=False),
+       long_out=rates, above=st.integers(0, 10**6), total_input=st.integers(0, 2 * 10**6),
+       spare=st.integers(-10**15, 10**15))
+def test_output_tokens_within_is_spare_over_the_rate_truncated_toward_zero(out, long_out, above, total_input, spare):
+    """What the relay's hold_room computed with Decimal: int(spare // rate), in integers."""
+    p = price(input=0, output=out, long_context={"above_input_tokens": above, "input": 0, "output": long_out})
+    rate = output_nanos_per_token(p, total_input)
+    got = output_tokens_within(p, spare, total_input)
+    assert got == (None if rate == 0 else int(Decimal(spare) // rate))
+
+
+def test_output_tokens_within_boundaries():
+    p = price(input=0, output="0.0004")                 # 0.4 nanos per token
+    assert [output_tokens_within(p, n, 0) for n in (0, 1, 2, -1, -2)] == [0, 2, 5, -2, -5]
+    assert output_tokens_within(price(input=1, output=0), 10, 0) is None
 
 
 @given(tokens=st.lists(st.integers(0, 10**9), min_size=6, max_size=6), rate_list=st.lists(rates, min_size=6, max_size=6))
