@@ -264,7 +264,9 @@ class Relay:
         meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens)
         decoder = SSEDecoder(runs=self.adapter.event_runs)
         call.status = 200
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        # The head goes out with the first bytes of the body: one write (server.CoalescingTransport)
+        # instead of two; for a stream that arrives whole, once its charge is settled.
+        head: dict[str, Any] | None = {"type": "http.response.start", "status": 200, "headers": headers}
 
         async def watch_client() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -334,11 +336,17 @@ class Relay:
                     if carry:
                         out, carry = carry + out, b""
                     if cut is not None:
+                        if head is not None:
+                            await send(head)
+                            head = None
                         await send({"type": "http.response.body", "body": out + cut, "more_body": False})
                         return
                     if resp.body_complete:
                         carry = out  # the upstream's body has ended: one write for the rest and the end
                     elif out:
+                        if head is not None:
+                            await send(head)
+                            head = None
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                     if watcher is None and not meter.finished:
                         watcher = asyncio.ensure_future(watch_client())
@@ -373,6 +381,8 @@ class Relay:
             # (no shield, which costs a task per stream: settle survives this task's cancellation)
             await self.settle(call, usage if meter.started else None, usage)
         # As for a whole reply, the charge is committed before the response ends (SPEC §6).
+        if head is not None:
+            await send(head)
         await send({"type": "http.response.body", "body": ending, "more_body": False})
 
     async def check(self, call: Call, meter: Any, grew: int, deadline: float | None) -> Denied | None:

@@ -3,6 +3,7 @@ accepting, let in-flight requests finish within the grace period, then cut the s
 remain (each settled), and close the store."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import signal
 import threading
@@ -11,6 +12,7 @@ from typing import Any, Generator
 import contextlib
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.app import BudgetProxyApp
 
@@ -18,9 +20,56 @@ from proxy.app import BudgetProxyApp
 CANCEL_MARGIN_SECONDS = 5
 
 
+class CoalescingTransport:
+    """A connection's transport whose writes made in one event-loop turn leave in one send: uvicorn
+    writes a response's head and its body separately, a syscall each (~10 µs apiece on these
+    machines), though the relay sends them back to back. The rest of the transport is passed through."""
+
+    __slots__ = ("_transport", "_loop", "_pending", "_scheduled")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._pending.append(data)
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if not self._transport.is_closing():  # (the client went away meanwhile: nothing to send to)
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, pause_reading, get_extra_info, ...
+        return getattr(self._transport, name)
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a CoalescingTransport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
 class GracefulServer(uvicorn.Server):
     def __init__(self, app: BudgetProxyApp, config_path: str | None = None, **uvicorn_kwargs: Any) -> None:
         self.grace = app.state.runtime.config.server.shutdown_grace_seconds
+        if uvicorn_kwargs.get("http", "auto") in ("auto", "httptools"):
+            uvicorn_kwargs["http"] = CoalescingHttpToolsProtocol
         # No date/server headers of uvicorn's own: the upstream's come back unchanged (no duplicates).
         # No X-Forwarded-* rewriting of the client's address: nothing here reads it, and it cost a
         # middleware call per request.

@@ -292,7 +292,8 @@ async def test_a_stream_whose_task_is_cancelled_while_it_settles_is_settled_and_
 
 async def test_a_stream_that_arrives_whole_goes_out_in_one_body_write_after_its_settlement(local_server):
     """On the project's pool the relay knows when the upstream body has ended: the last chunk and
-    the end of the body go out as one ASGI message (one socket write), once the charge is settled."""
+    the end of the body go out as one ASGI message, right after the head (one socket write, see
+    test_server.py), once the charge is settled."""
     routes, base = local_server
     events = [("message_start", {"type": "message_start", "message": {**MESSAGE, "content": [], "usage": {
                   "input_tokens": 10, "output_tokens": 1}}}),
@@ -326,6 +327,6 @@ async def test_a_stream_that_arrives_whole_goes_out_in_one_body_write_after_its_
     finally:
         await app.state.close_transports()
     assert [(t, more) for t, more, _ in sent] == [("http.response.start", False), ("http.response.body", False)]
-    assert sent[1][2] == 1  # settled (its usage row logged) before the body ended
+    assert sent[0][2] == sent[1][2] == 1  # settled (its usage row logged) before the head and the body left
     assert b"".join(chunks) == sse
     assert app.state.store.rows[0].outcome == "completed" and app.state.store.rows[0].output_tokens == 3
