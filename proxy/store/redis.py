@@ -151,8 +151,26 @@ def _totals_key(scope: Scope, start: float) -> str:
 def _keep_ms(scope: Scope, now: float) -> str:
     """How long the totals of `now`'s period are kept: until RETENTION after the period ends. Relative,
     so that Redis applies it on its own clock (callers' clocks may differ; tests pass past times)."""
-    end = period_bounds(scope.period, now)[1]
+    return _keep_ms_until(period_bounds(scope.period, now)[1], now)
+
+
+def _keep_ms_until(end: float | None, now: float) -> str:
     return "0" if end is None else str(max(1, int((end + RETENTION_S - now) * 1000)))
+
+
+_SETTLE_KEEP: dict[tuple[str, float], str] = {}
+
+
+def _settle_keep_ms(scope: Scope, start: float) -> str:
+    """_keep_ms(scope, start): a settle measures its period's lifetime from the period's start, the
+    same figure for every request of the period, so it is worked out once per period."""
+    k = (scope.period, start)
+    hit = _SETTLE_KEEP.get(k)
+    if hit is None:
+        if len(_SETTLE_KEEP) >= _CACHE_MAX:
+            _SETTLE_KEEP.clear()
+        hit = _SETTLE_KEEP[k] = _keep_ms(scope, start)
+    return hit
 
 
 # The scripts' packed replies (redis_scripts.py): a scope's totals are 16 doubles, s1..s5 settled,
@@ -165,12 +183,19 @@ _HOLD = struct.Struct("<5d")
 def _states(buf: bytes, pos: int = 0) -> list[ScopeState]:
     """The scopes' totals packed from buf[pos:] on."""
     out = []
+    unpack = _TOTALS.unpack_from
     for off in range(pos, len(buf), _TOTALS.size):
-        *totals, first = _TOTALS.unpack_from(buf, off)
-        v = [int(x) for x in totals]
-        out.append(ScopeState(Amounts(v[0] + v[5], v[1] + v[6], v[2] + v[7], v[3] + v[8], v[4] + v[9]),
-                              Amounts(*v[10:15]), None if first == NO_FIRST_REQUEST else first))
+        s1, s2, s3, s4, s5, c1, c2, c3, c4, c5, h1, h2, h3, h4, h5, first = unpack(buf, off)
+        # (built as tuples directly: a NamedTuple's keyword-handling constructor costs ~3x as much)
+        out.append(_tuple(ScopeState, (
+            _tuple(Amounts, (int(s1) + int(c1), int(s2) + int(c2), int(s3) + int(c3), int(s4) + int(c4),
+                             int(s5) + int(c5))),
+            _tuple(Amounts, (int(h1), int(h2), int(h3), int(h4), int(h5))),
+            None if first == NO_FIRST_REQUEST else first)))
     return out
+
+
+_tuple = tuple.__new__
 
 
 def _rate(ask: Ask) -> tuple[str, str]:
@@ -473,20 +498,25 @@ class RedisStore:
 
     # --- the protocol --------------------------------------------------------------------
     async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
-        starts = [period_bounds(s.period, now)[0] for s in scopes]
-        team = next((s.name for s in scopes if s.kind == "team"), "")
-        key = next((s.name for s in scopes if s.kind == "key"), "")
+        bounds = [period_bounds(s.period, now) for s in scopes]
+        starts = [b[0] for b in bounds]
+        team = key = ""
+        for s in scopes:
+            if s.kind == "team":
+                team = team or s.name
+            elif s.kind == "key":
+                key = key or s.name
         num, den = _rate(ask)
         args = [request_id, repr(float(now)), _num(ask.input_tokens), _num(ask.input_cost_nanos),
                 _num(ask.max_tokens), num, den, team, key, str(len(scopes))]
-        for s, start in zip(scopes, starts):
-            args += [_totals_key(s, start), _keep_ms(s, now), *_limits(s)]
+        for s, (start, end) in zip(scopes, bounds):
+            args += [_totals_key(s, start), _keep_ms_until(end, now), *_limits(s)]
         reply = await self._one("r", args)
         if reply[:1] == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
             return _denied(scopes[j], _states(reply, 3)[j], dim, _admit_needed(dim, ask), now)
-        out, *held = _ADMITTED.unpack_from(reply, 1)
-        out, hold = int(out), Amounts(*map(int, held))
+        out, h1, h2, h3, h4, h5 = _ADMITTED.unpack_from(reply, 1)
+        out, hold = int(out), _tuple(Amounts, (int(h1), int(h2), int(h3), int(h4), int(h5)))
         states = _states(reply, 1 + _ADMITTED.size)
         if reply[:1] == b"A":  # admitted now: the states as read before its hold was added
             states = [ScopeState(st.used, st.held + hold,
@@ -509,7 +539,7 @@ class RedisStore:
         reply = await self._one("c", args)
         tag = reply[:1]
         if tag == b"K":
-            res.hold, res.charged = Amounts(*map(int, _HOLD.unpack_from(reply, 1))), charged
+            res.hold, res.charged = _tuple(Amounts, tuple(map(int, _HOLD.unpack_from(reply, 1)))), charged
             return None
         if tag == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
@@ -528,9 +558,9 @@ class RedisStore:
         if res.settled:
             return
         res.settled = True
-        args = [res.id, *(_num(v) for v in actual.as_tuple()), str(len(res.scopes))]
+        args = [res.id, *map(_num, actual), str(len(res.scopes))]
         for s, start in zip(res.scopes, res.period_starts):
-            args += [_totals_key(s, start), _keep_ms(s, start)]
+            args += [_totals_key(s, start), _settle_keep_ms(s, start)]
         args += _row_args(row)
         # landed or deferred by the flusher, even if this caller is cancelled meanwhile
         await self._submit("s", args, res, row)
