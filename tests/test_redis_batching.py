@@ -329,8 +329,12 @@ async def test_an_unexpected_error_in_a_batch_fails_its_calls_instead_of_leaving
 ANY_TEXT = st.text(st.characters(blacklist_categories=()))  # lone surrogates included
 
 
-@given(st.lists(ANY_TEXT | st.lists(ANY_TEXT, max_size=5), max_size=6))
+PLAIN_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e))  # the usual arguments: digits, names
+
+
+@given(st.lists(ANY_TEXT | st.lists(ANY_TEXT | PLAIN_TEXT, max_size=5), max_size=6))
 @example([["s", "claude-\ud800", 'a"b\\c\n\x00', "é→😀"], "plain"])
+@example([["r", "req_1", "1718000000.25", "team a", ""], [], ["c", 'one "quoted"', "2"], ["x\x7f"]])
 def test_a_batch_payload_is_the_json_of_its_calls_with_lone_surrogates_as_question_marks(calls: list[Any]) -> None:
     """The payload is joined by hand (cheaper than json.dumps): it must say exactly what json.dumps
     would, quotes, backslashes, control and non-ASCII characters included. A lone surrogate, which
