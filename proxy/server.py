@@ -22,8 +22,9 @@ CANCEL_MARGIN_SECONDS = 5
 
 class CoalescingTransport:
     """A connection's transport whose writes made in one event-loop turn leave in one send: uvicorn
-    writes a response's head and its body separately, a syscall each (~10 µs apiece on these
-    machines), though the relay sends them back to back. The rest of the transport is passed through."""
+    writes a response's head and its body separately, a syscall each, though the relay sends them
+    back to back (one write instead of two: 1.15x SSE, 1.04x JSON throughput in bench.ab). The rest
+    of the transport is passed through."""
 
     __slots__ = ("_transport", "_loop", "_pending", "_scheduled")
 

@@ -103,6 +103,7 @@ def test_a_response_leaves_the_real_proxy_in_one_write() -> None:
     writes separately; under the real server they reach the socket as one write."""
     from proxy.app import create_app
 
+    RecordingProtocol.writes.clear()
     proxy = ProxyServer(create_app(make_config("http://127.0.0.1:9", default_teams())))
     proxy.server = GracefulServer(proxy.app, http=RecordingProtocol)
     proxy.start()

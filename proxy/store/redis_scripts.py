@@ -90,7 +90,7 @@ local function migrate(t)
 end
 -- Each scope's totals are read (GET) at most once per script call and written (SET) once, at its
 -- end (flush_totals), however many operations of a batch touch them: a batch's requests mostly
--- share a key and a team, and every redis.call costs a few µs of Lua-to-Redis crossing. Readers
+-- share a key and a team, and each redis.call costs ~1 µs of Lua-to-Redis crossing. Readers
 -- get a copy; write_totals commits one, as a SET did (an operation that fails after it keeps it).
 local TOT = {}   -- totals name -> {v = numbers, raw = their bytes (nil: pack when asked), dirty, at = expire-at ms}
 local function read_totals(t)
