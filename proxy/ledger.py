@@ -200,7 +200,7 @@ def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> A
                 if cap is not None and cap < out:
                     out = cap
             if not fits:
-                return Denied(scope, dim, limit, used, held, _needed(dim, ask, need_out))
+                return Denied(scope, dim, limit, used, held, needed_to_admit(dim, ask))
         if lim.wall_clock is not None and state.wall_clock_used(now) >= lim.wall_clock:
             return Denied(scope, "wall_clock", lim.wall_clock, state.wall_clock_used(now), 0, 0)
     out = max(out, 0)
@@ -214,8 +214,11 @@ def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> A
     return Admitted(hold, out, out < ask.max_tokens)
 
 
-def _needed(dim: str, ask: Ask, need_out: int) -> int:
-    """What a request needs in a dimension to be admitted at all (a denial reports it)."""
+def needed_to_admit(dim: str, ask: Ask) -> int:
+    """What a request needs in a dimension to be admitted at all (a denial reports it; wall_clock: 0)."""
+    need_out = 1 if ask.max_tokens >= 1 else 0
+    if dim == "wall_clock":
+        return 0
     if dim == "input_tokens":
         return ask.input_tokens
     if dim == "steps":

@@ -98,7 +98,7 @@ from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
-                          output_cost, wall_clock_deadline)
+                          needed_to_admit, wall_clock_deadline)
 from proxy.periods import period_bounds
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import tightest_remaining
@@ -219,15 +219,6 @@ def _denied(scope: Scope, state: ScopeState, dim: str, needed: int, now: float) 
     limit = scope.limits.get(dim)
     assert limit is not None
     return Denied(scope, dim, limit, state.used.get(dim), state.held.get(dim), needed)
-
-
-def _admit_needed(dim: str, ask: Ask) -> int:
-    """What `ledger.admit` reports as needed in a denied dimension."""
-    need_out = 1 if ask.max_tokens >= 1 else 0
-    if dim == "cost_usd":
-        return ask.input_cost_nanos + output_cost(need_out, ask.output_nanos_per_token)
-    return {"tokens": ask.input_tokens + need_out, "input_tokens": ask.input_tokens, "steps": 1,
-            "output_tokens": need_out}.get(dim, 0)  # wall_clock: nothing
 
 
 _ROW_IS_TEXT = tuple(t is str for t in _ROW_TYPES.values())
@@ -514,7 +505,7 @@ class RedisStore:
         reply = await self._one("r", args)
         if reply[:1] == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
-            return _denied(scopes[j], _states(reply, 3)[j], dim, _admit_needed(dim, ask), now)
+            return _denied(scopes[j], _states(reply, 3)[j], dim, needed_to_admit(dim, ask), now)
         out, h1, h2, h3, h4, h5 = _ADMITTED.unpack_from(reply, 1)
         out, hold = int(out), _tuple(Amounts, (int(h1), int(h2), int(h3), int(h4), int(h5)))
         states = _states(reply, 1 + _ADMITTED.size)
