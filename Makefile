@@ -2,6 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/proxy.example.yaml
+# make run listens on loopback only; `make run HOST=0.0.0.0 PORT=9000` to expose it.
+HOST ?= 127.0.0.1
+PORT ?= 8080
 
 .PHONY: run test clean
 
@@ -19,7 +22,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed-run
 	mkdir -p data
-	$(BIN)/budget-proxy serve --config $(CONFIG) --port 8080
+	$(BIN)/budget-proxy serve --config $(CONFIG) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -2,15 +2,27 @@
 
 Auth, in this order: no admin key configured -> 404 (as /admin); a key in x-api-key or
 Authorization decides alone (admin -> page, proxy key -> 403, other -> 401); otherwise the
-session cookie set by the login form; otherwise 303 to the login page. The cookie holds
-HMAC-SHA256(admin_key, "dashboard"), never the key itself, so it changes when the admin key
-does (that is how every session is revoked); logout clears it in this browser only."""
+session cookie set by the login form; otherwise 303 to the login page.
+
+The session cookie (SPEC §8) never holds the admin key: it is `<session id>.<expiry>.<mac>`, the
+mac an HMAC-SHA256 keyed by the admin key over the id and the expiry (unix seconds). So a session
+ends by itself after 12 h (the cookie's Max-Age too), and a changed admin_key invalidates every
+session at once. Logout revokes its session server-side (see SessionRevocations: per process). The
+cookie is Secure when the request came over TLS, or with `x-forwarded-proto: https` from a peer in
+server.trusted_proxies. Failed logins are throttled per client address (see LoginThrottle)."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import hmac
+import ipaddress
+import math
+import re
+import secrets
+from collections import OrderedDict, deque
 from html import escape
-from typing import Any
+from typing import Any, Union
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -26,6 +38,12 @@ COOKIE = "bp_dashboard"
 REFRESH_SECONDS = 5
 MAX_FORM_BYTES = 4096
 DIMS = ("tokens", "input_tokens", "output_tokens", "cost_usd", "steps", "wall_clock")
+
+SESSION_SECONDS = 12 * 3600          # a login lasts this long (cookie Max-Age and server-side)
+MAX_REVOKED_SESSIONS = 10_000        # signed-out sessions remembered until they expire
+LOGIN_MAX_FAILURES = 10              # failed logins from one address within LOGIN_WINDOW_SECONDS ...
+LOGIN_WINDOW_SECONDS = 60.0          # ... block it for this long after the last of them
+MAX_TRACKED_ADDRESSES = 4096         # client addresses whose failed logins are remembered
 
 CSS = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -47,8 +65,187 @@ form.login input{width:100%;box-sizing:border-box;padding:6px;margin:8px 0 12px;
 """
 
 
-def session_token(admin_key: str) -> str:
-    return hmac.new(admin_key.encode(), b"dashboard", hashlib.sha256).hexdigest()
+_SESSION = re.compile(r"^([A-Za-z0-9_-]{16,64})\.([0-9]{1,12})\.([0-9a-f]{64})$")
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def _session_mac(admin_key: str, sid: str, expires: int) -> str:
+    msg = f"budget-proxy dashboard session\x00{sid}\x00{expires}".encode()
+    return hmac.new(admin_key.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def issue_session(admin_key: str, now: float) -> str:
+    """A new session cookie value, valid for SESSION_SECONDS from `now`."""
+    sid = secrets.token_urlsafe(18)
+    expires = int(now) + SESSION_SECONDS
+    return f"{sid}.{expires}.{_session_mac(admin_key, sid, expires)}"
+
+
+def read_session(value: str, admin_key: str, now: float) -> tuple[str, int] | None:
+    """(session id, expiry) of a cookie value signed with this admin key and not yet expired."""
+    m = _SESSION.match(value) if len(value) <= 160 else None
+    if m is None:
+        return None
+    sid, expires, mac = m[1], int(m[2]), m[3]
+    if not hmac.compare_digest(mac.encode(), _session_mac(admin_key, sid, expires).encode()):
+        return None
+    return (sid, expires) if now < expires else None
+
+
+class SessionRevocations:
+    """Sessions signed out before their expiry, remembered until it.
+
+    Revocation is per process: it lives in this process's memory, so another replica (or this one
+    after a restart) still accepts a copy of a signed-out cookie until the cookie expires; change
+    admin_key to end every session everywhere. Bounded: past `capacity` live entries, the ones that
+    expire first are forgotten and every session expiring no later than them is refused from then
+    on (it fails closed: a few other sessions end early, a revoked one never comes back)."""
+
+    def __init__(self, capacity: int = MAX_REVOKED_SESSIONS) -> None:
+        self.capacity = capacity
+        self.expiry: dict[str, int] = {}
+        self.heap: list[tuple[int, str]] = []   # (expiry, session id), soonest first
+        self.floor = 0                          # sessions expiring at or before this are refused
+
+    def __len__(self) -> int:
+        return len(self.expiry)
+
+    def revoke(self, sid: str, expires: int, now: float) -> None:
+        self._prune(now)
+        if sid in self.expiry:
+            return
+        while len(self.expiry) >= self.capacity:
+            old_expires, old = heapq.heappop(self.heap)
+            del self.expiry[old]
+            self.floor = max(self.floor, old_expires)
+        self.expiry[sid] = expires
+        heapq.heappush(self.heap, (expires, sid))
+
+    def is_revoked(self, sid: str, expires: int) -> bool:
+        return expires <= self.floor or sid in self.expiry
+
+    def _prune(self, now: float) -> None:
+        while self.heap and self.heap[0][0] <= now:   # expired: refused by its expiry anyway
+            _, sid = heapq.heappop(self.heap)
+            del self.expiry[sid]
+
+
+class _Failures:
+    __slots__ = ("times", "blocked_until")
+
+    def __init__(self, max_failures: int) -> None:
+        self.times: deque[float] = deque(maxlen=max_failures)
+        self.blocked_until = 0.0
+
+
+class LoginThrottle:
+    """Failed logins per client address: after `max_failures` within `window` seconds, every
+    login attempt from that address (right key or wrong) is refused until `window` seconds after
+    the last of those failures. A successful login clears the address's record.
+
+    Per process and bounded: at most `capacity` addresses are tracked, least recently failed
+    first out (records that no longer block anything go first), so many addresses cannot grow
+    it without bound."""
+
+    def __init__(self, max_failures: int = LOGIN_MAX_FAILURES, window: float = LOGIN_WINDOW_SECONDS,
+                 capacity: int = MAX_TRACKED_ADDRESSES) -> None:
+        self.max_failures, self.window, self.capacity = max_failures, window, capacity
+        self.entries: OrderedDict[str, _Failures] = OrderedDict()   # least recently failed first
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def wait_seconds(self, addr: str, now: float) -> float:
+        """How long `addr` must still wait before it may try again (0: it may try now)."""
+        entry = self.entries.get(addr)
+        if entry is None or not entry.blocked_until:
+            return 0.0
+        if now < entry.blocked_until:
+            return entry.blocked_until - now
+        del self.entries[addr]   # the block is over: a fresh start
+        return 0.0
+
+    def failed(self, addr: str, now: float) -> None:
+        if self.wait_seconds(addr, now) > 0:
+            return  # already blocked: the block is not extended
+        entry = self.entries.pop(addr, None)
+        if entry is None:
+            self._make_room(now)
+            entry = _Failures(self.max_failures)
+        self.entries[addr] = entry
+        times = entry.times
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        times.append(now)
+        if len(times) >= self.max_failures:
+            entry.blocked_until = now + self.window
+            times.clear()
+
+    def succeeded(self, addr: str) -> None:
+        self.entries.pop(addr, None)
+
+    def _stale(self, entry: _Failures, now: float) -> bool:
+        return entry.blocked_until <= now and (not entry.times or entry.times[-1] <= now - self.window)
+
+    def _make_room(self, now: float) -> None:
+        while self.entries and self._stale(next(iter(self.entries.values())), now):
+            self.entries.popitem(last=False)
+        while len(self.entries) >= self.capacity:
+            self.entries.popitem(last=False)
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(items: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in items)
+
+
+def _last_value(request: Request, name: str) -> str:
+    """The last comma-separated item of every `name` header, in order ("" when there is none)."""
+    values = [v.strip() for h in request.headers.getlist(name) for v in h.split(",")]
+    values = [v for v in values if v]
+    return values[-1] if values else ""
+
+
+def from_trusted_proxy(request: Request, trusted: list[str] | tuple[str, ...]) -> bool:
+    """True when the direct peer is in server.trusted_proxies."""
+    if not trusted:
+        return False
+    client = request.scope.get("client")
+    peer = _ip(client[0]) if client else None
+    if peer is None:
+        return False
+    return any(peer.version == net.version and peer in net for net in _networks(tuple(trusted)))
+
+
+def client_address(request: Request, trusted: list[str] | tuple[str, ...]) -> str:
+    """The direct peer; when that is a trusted proxy, the last address of x-forwarded-for."""
+    client = request.scope.get("client")
+    peer = client[0] if client else ""
+    if from_trusted_proxy(request, trusted):
+        forwarded = _ip(_last_value(request, "x-forwarded-for"))
+        if forwarded is not None:
+            return str(forwarded)
+    ip = _ip(peer)
+    return str(ip) if ip is not None else peer
+
+
+def is_secure(request: Request, trusted: list[str] | tuple[str, ...]) -> bool:
+    """The request arrived over TLS, or a trusted proxy says its client's did."""
+    if request.scope.get("scheme") == "https":
+        return True
+    return (from_trusted_proxy(request, trusted)
+            and _last_value(request, "x-forwarded-proto").lower() == "https")
 
 
 def fmt(dim: str, v: float | int) -> str:
@@ -82,6 +279,16 @@ def login_form(error: str | None = None, status: int = 200) -> HTMLResponse:
         f'{err}<label for="key">Admin key</label>'
         '<input id="key" name="key" type="password" autocomplete="current-password" required autofocus>'
         '<button type="submit">Sign in</button></form>'), status)
+
+
+def too_many_attempts(wait: float) -> HTMLResponse:
+    seconds = max(1, math.ceil(wait))
+    resp = page("budget-proxy: too many attempts", (
+        '<form class="login"><h2>budget-proxy dashboard</h2>'
+        '<p class="error" role="alert">Too many failed sign-in attempts from your address.</p>'
+        f'<p>Wait {seconds} s, then try again.</p></form>'), 429)
+    resp.headers["retry-after"] = str(seconds)
+    return resp
 
 
 def dim_row(label: str, dim: str, budget: dict[str, Any]) -> str:
@@ -127,11 +334,24 @@ def render_dashboard(doc: dict[str, Any], now: float) -> str:
 
 
 def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
+    revocations = SessionRevocations()
+    throttle = LoginThrottle()
+
     def admin_key(request: Request) -> str:
         key = state.runtime.config.admin_key.get_secret_value()
         if not key:
             raise NotFound(f"No route for {request.method} {request.url.path}.")
         return key
+
+    def trusted() -> list[str]:
+        return state.runtime.config.server.trusted_proxies
+
+    def session(request: Request, key: str) -> tuple[str, int] | None:
+        """The request's live session: signed with the current admin key, unexpired, not revoked."""
+        found = read_session(request.cookies.get(COOKIE, ""), key, state.clock())
+        if found is None or revocations.is_revoked(*found):
+            return None
+        return found
 
     def authorized(request: Request) -> bool:
         """True for the admin key in a header or a valid session cookie; raises 403/401."""
@@ -144,7 +364,7 @@ def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
             if state.runtime.keyring.lookup(secret) is not None:
                 raise PermissionDenied("This route needs the admin key; a proxy key cannot use it.")
             raise AuthenticationError("Invalid admin key.")
-        return hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), session_token(key).encode())
+        return session(request, key) is not None
 
     async def dashboard(request: Request) -> Response:
         try:
@@ -166,25 +386,43 @@ def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
 
     async def login(request: Request) -> Response:
         try:
-            key = admin_key(request)
+            admin_key(request)
         except ProxyError as err:
             return error_response(err)
+        addr = client_address(request, trusted())
+        wait = throttle.wait_seconds(addr, state.clock())
+        if wait > 0:
+            return too_many_attempts(wait)
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_FORM_BYTES:
                 return login_form("The form is too large.", 413)
         presented = parse_qs(body.decode("utf-8", "replace")).get("key", [""])[0].strip()
+        # Again, with no await between this check and the failure's record: attempts sent together
+        # cannot get more than LOGIN_MAX_FAILURES keys checked while their bodies were being read.
+        now = state.clock()
+        wait = throttle.wait_seconds(addr, now)
+        if wait > 0:
+            return too_many_attempts(wait)
         if not state.runtime.keyring.is_admin(presented):
+            throttle.failed(addr, now)
             return login_form("That is not the admin key.", 401)
-        resp = RedirectResponse("dashboard", status_code=303)
-        resp.set_cookie(COOKIE, session_token(key), path="/admin", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+        throttle.succeeded(addr)
+        key = state.runtime.config.admin_key.get_secret_value()  # the current one (a reload may have
+        resp = RedirectResponse("dashboard", status_code=303)    # come while the form was read)
+        resp.set_cookie(COOKIE, issue_session(key, now), max_age=SESSION_SECONDS, path="/admin",
+                        httponly=True, samesite="strict", secure=is_secure(request, trusted()))
         return resp
 
     async def logout(request: Request) -> Response:
+        key = state.runtime.config.admin_key.get_secret_value()
+        found = session(request, key) if key else None
+        if found is not None:
+            revocations.revoke(*found, now=state.clock())
         resp = RedirectResponse("login", status_code=303)
-        resp.delete_cookie(COOKIE, path="/admin", httponly=True, samesite="strict")
+        resp.delete_cookie(COOKIE, path="/admin", httponly=True, samesite="strict",
+                           secure=is_secure(request, trusted()))
         return resp
 
     return [

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import itertools
 import json
 import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,17 @@ import anthropic
 import httpx
 import pytest
 
-from proxy.dashboard import render_dashboard
+from proxy.app import build_runtime, create_app
+from proxy.config import ConfigError, parse_config
+from proxy.dashboard import (COOKIE, SESSION_SECONDS, LoginThrottle, SessionRevocations, issue_session,
+                             read_session, render_dashboard)
 from tests.conftest import ALPHA_KEY, BETA_KEY, GAMMA_KEY
+from tests.harness import make_config
 from tests.simulator import Reply
 
 ADMIN = "bp-admin-dashboard-key-4242"
 MSG = [{"role": "user", "content": "hello"}]
-TOKEN = hmac.new(ADMIN.encode(), b"dashboard", hashlib.sha256).hexdigest()
+SESSION = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,12}\.[0-9a-f]{64}$")  # id.expiry.hmac
 ODD_KEY = "<b>ops</b> & co"  # a key name that must be shown literally
 
 
@@ -73,6 +76,32 @@ def rows(html: str) -> dict[tuple[str, str], dict[str, str]]:
     return out
 
 
+def login(proxy, key: str = ADMIN, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(proxy.url + "/admin/login", data={"key": key}, headers=headers)
+
+
+def session_of(r: httpx.Response) -> str:
+    """The session cookie's value in a login response's set-cookie."""
+    m = re.match(rf"{COOKIE}=([^;]*);", r.headers["set-cookie"])
+    assert m, r.headers.get("set-cookie")
+    return m[1]
+
+
+def dash(proxy, session: str) -> httpx.Response:
+    """GET the dashboard with this session cookie (as a copied cookie would be sent)."""
+    return httpx.get(proxy.url + "/admin/dashboard", headers={"cookie": f"{COOKIE}={session}"})
+
+
+class Clock:
+    """The app's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 # --- auth rules ----------------------------------------------------------------------------------
 
 def test_everything_is_404_without_an_admin_key(proxy):
@@ -87,9 +116,13 @@ def test_without_auth_redirects_to_the_login_form(admin_proxy):
     r = httpx.get(admin_proxy.url + "/admin/dashboard", follow_redirects=True)
     assert r.status_code == 200 and r.url.path == "/admin/login"
     assert '<form class="login" method="post" action="login">' in r.text and 'type="password"' in r.text
-    # a cookie that is not the session token is no session
-    r = httpx.get(admin_proxy.url + "/admin/dashboard", cookies={"bp_dashboard": ADMIN})
-    assert r.status_code == 303
+    # a cookie that is not a session signed with the admin key is no session
+    for value in (ADMIN, issue_session("some-other-key", time.time()), "x" * 5000):
+        assert dash(admin_proxy, value).status_code == 303
+    good = issue_session(ADMIN, time.time())
+    sid, expires, mac = good.split(".")
+    assert dash(admin_proxy, good).status_code == 200
+    assert dash(admin_proxy, f"{sid}.{int(expires) + 3600}.{mac}").status_code == 303  # a longer life: no
 
 
 def test_header_auth(admin_proxy):
@@ -97,7 +130,8 @@ def test_header_auth(admin_proxy):
     r = httpx.get(url, headers={"x-api-key": ALPHA_KEY})
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert httpx.get(url, headers={"x-api-key": "bp-wrong"}).status_code == 401
-    assert httpx.get(url, headers={"x-api-key": ALPHA_KEY}, cookies={"bp_dashboard": TOKEN}).status_code == 403
+    cookie = f"{COOKIE}={issue_session(ADMIN, time.time())}"
+    assert httpx.get(url, headers={"x-api-key": ALPHA_KEY, "cookie": cookie}).status_code == 403
     for headers in ({"x-api-key": ADMIN}, {"authorization": f"Bearer {ADMIN}"}):
         r = httpx.get(url, headers=headers)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -111,8 +145,9 @@ def test_login_sets_a_session_cookie_that_works_and_logout_clears_it(admin_proxy
         assert r.status_code == 303 and r.headers["location"] == "dashboard"
         cookie = r.headers["set-cookie"]
         attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")}
-        assert {"httponly", "samesite", "path"} <= attrs and "samesite=strict" in cookie.lower()
-        assert cookie.startswith(f"bp_dashboard={TOKEN};") and ADMIN not in cookie
+        assert {"httponly", "samesite", "path", "max-age"} <= attrs and "samesite=strict" in cookie.lower()
+        assert "max-age=43200" in cookie.lower() and "secure" not in attrs  # 12 h; plain http
+        assert SESSION.match(session_of(r)) and ADMIN not in cookie
         r = browser.get("/admin/dashboard")
         assert r.status_code == 200 and "team research" in r.text
         r = browser.post("/admin/logout")
@@ -129,6 +164,194 @@ def test_a_wrong_key_reshows_the_form_with_401(admin_proxy):
     r = httpx.post(admin_proxy.url + "/admin/login", content=b"key=" + b"x" * 10_000,
                    headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 413 and "set-cookie" not in r.headers
+
+
+# --- the session (SPEC §8) -----------------------------------------------------------------------
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def clocked_proxy(start, clock):
+    return start(teams=teams(), admin_key=ADMIN, clock=clock)
+
+
+def test_a_session_expires_after_12_hours(clocked_proxy, clock):
+    r = login(clocked_proxy)
+    assert r.status_code == 303 and "max-age=43200" in r.headers["set-cookie"].lower()
+    session = session_of(r)
+    assert int(session.split(".")[1]) == int(clock.now) + SESSION_SECONDS  # the expiry it carries
+    assert dash(clocked_proxy, session).status_code == 200
+    clock.now += SESSION_SECONDS - 1
+    assert dash(clocked_proxy, session).status_code == 200
+    clock.now += 2
+    r = dash(clocked_proxy, session)
+    assert r.status_code == 303 and r.headers["location"] == "login"
+    # a new login starts a new 12 h
+    assert dash(clocked_proxy, session_of(login(clocked_proxy))).status_code == 200
+
+
+def test_logout_invalidates_a_copied_cookie(admin_proxy):
+    other = session_of(login(admin_proxy))  # another browser's session
+    with httpx.Client(base_url=admin_proxy.url) as browser:
+        r = browser.post("/admin/login", data={"key": ADMIN})
+        copied = session_of(r)
+        assert dash(admin_proxy, copied).status_code == 200
+        r = browser.post("/admin/logout")
+        assert r.status_code == 303 and r.headers["location"] == "login"
+        assert COOKIE not in browser.cookies
+    r = dash(admin_proxy, copied)
+    assert r.status_code == 303 and r.headers["location"] == "login"
+    # logging out again with the copy, or with garbage, changes nothing; the other session lives on
+    for value in (copied, "garbage"):
+        r = httpx.post(admin_proxy.url + "/admin/logout", headers={"cookie": f"{COOKIE}={value}"})
+        assert r.status_code == 303
+    assert dash(admin_proxy, copied).status_code == 303
+    assert dash(admin_proxy, other).status_code == 200
+
+
+def test_a_changed_admin_key_invalidates_every_session(admin_proxy, sim):
+    sessions = [session_of(login(admin_proxy)) for _ in range(2)]
+    assert all(dash(admin_proxy, s).status_code == 200 for s in sessions)
+    new_admin = "bp-admin-dashboard-key-rotated-7"
+    admin_proxy.state.runtime = build_runtime(make_config(sim.url, teams(), admin_key=new_admin))  # as a reload does
+    for s in sessions:
+        r = dash(admin_proxy, s)
+        assert r.status_code == 303 and r.headers["location"] == "login"
+    assert login(admin_proxy, ADMIN).status_code == 401
+    fresh = session_of(login(admin_proxy, new_admin))
+    assert dash(admin_proxy, fresh).status_code == 200
+
+
+def secure(r: httpx.Response) -> bool:
+    return "secure" in {a.strip().lower() for a in r.headers["set-cookie"].split(";")}
+
+
+def test_cookie_is_secure_only_over_tls_or_from_a_trusted_proxy(start):
+    https = {"x-forwarded-proto": "https"}
+    untrusting = start(teams=teams(), admin_key=ADMIN)
+    assert not secure(login(untrusting)) and not secure(login(untrusting, headers=https))
+    elsewhere = start(teams=teams(), admin_key=ADMIN, server={"trusted_proxies": ["10.0.0.0/8", "::1"]})
+    assert not secure(login(elsewhere, headers=https))  # the peer, 127.0.0.1, is not listed
+    trusting = start(teams=teams(), admin_key=ADMIN, server={"trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]})
+    assert secure(login(trusting, headers=https))
+    assert secure(login(trusting, headers={"x-forwarded-proto": "http, https"}))  # the last hop's word
+    assert not secure(login(trusting)) and not secure(login(trusting, headers={"x-forwarded-proto": "http"}))
+    # logout clears it with the same attributes
+    r = httpx.post(trusting.url + "/admin/logout", headers=https)
+    assert r.status_code == 303 and secure(r) and 'bp_dashboard="";' in r.headers["set-cookie"]
+
+
+async def test_cookie_is_secure_over_tls():
+    """A request whose ASGI scope says https (uvicorn serving TLS itself)."""
+    app = create_app(make_config("http://127.0.0.1:9", teams(), admin_key=ADMIN))
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="https://dashboard.example") as client:
+        r = await client.post("/admin/login", data={"key": ADMIN})
+        assert r.status_code == 303 and secure(r)
+    async with httpx.AsyncClient(transport=transport, base_url="http://dashboard.example") as client:
+        r = await client.post("/admin/login", data={"key": ADMIN})
+        assert r.status_code == 303 and not secure(r)
+
+
+def test_failed_logins_are_throttled_per_address(clocked_proxy, clock):
+    for _ in range(10):
+        clock.now += 1
+        r = login(clocked_proxy, "wrong")
+        assert r.status_code == 401
+    clock.now += 1
+    r = login(clocked_proxy)  # the 11th attempt, with the right key, 1 s after the 10th failure
+    assert r.status_code == 429 and "set-cookie" not in r.headers
+    assert r.headers["retry-after"] == "59" and "Wait 59 s" in r.text and "Too many failed" in r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert login(clocked_proxy, "wrong").status_code == 429  # not counted, does not extend the block
+    clock.now += 58  # 59 s after the 10th failure
+    r = login(clocked_proxy)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    clock.now += 1  # the minute since those failures has passed
+    r = login(clocked_proxy)
+    assert r.status_code == 303 and dash(clocked_proxy, session_of(r)).status_code == 200
+    # a success clears the record: 9 more failures do not block
+    for _ in range(9):
+        assert login(clocked_proxy, "wrong").status_code == 401
+    assert login(clocked_proxy).status_code == 303
+
+
+def test_failures_count_within_a_minute_only(clocked_proxy, clock):
+    for _ in range(9):
+        assert login(clocked_proxy, "wrong").status_code == 401
+    clock.now += 60  # those 9 are more than a minute old now
+    for _ in range(9):
+        assert login(clocked_proxy, "wrong").status_code == 401
+    assert login(clocked_proxy).status_code == 303
+
+
+def test_throttle_address_comes_from_x_forwarded_for_only_behind_a_trusted_proxy(start, clock):
+    trusting = start(teams=teams(), admin_key=ADMIN, clock=clock, server={"trusted_proxies": ["127.0.0.0/8"]})
+    attacker = {"x-forwarded-for": "198.51.100.1, 203.0.113.66"}  # the last address is the client
+    for _ in range(10):
+        assert login(trusting, "wrong", headers=attacker).status_code == 401
+    assert login(trusting, headers=attacker).status_code == 429
+    assert login(trusting, headers={"x-forwarded-for": "203.0.113.66"}).status_code == 429
+    assert login(trusting, headers={"x-forwarded-for": "203.0.113.67"}).status_code == 303  # someone else
+    # an untrusted peer's x-forwarded-for is ignored: every attempt is the peer's own
+    untrusting = start(teams=teams(), admin_key=ADMIN, clock=clock)
+    for i in range(10):
+        assert login(untrusting, "wrong", headers={"x-forwarded-for": f"192.0.2.{i}"}).status_code == 401
+    assert login(untrusting, headers={"x-forwarded-for": "192.0.2.200"}).status_code == 429
+
+
+def test_throttle_memory_is_bounded():
+    throttle = LoginThrottle(capacity=100)
+    now = 1_000.0
+    for i in range(10_000):  # an attacker with many addresses
+        for _ in range(10):
+            throttle.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", now)
+        now += 0.001
+        assert len(throttle) <= 100
+    assert throttle.wait_seconds("10.0.39.15", now) > 0  # the most recent ones are still blocked
+    assert max(len(e.times) for e in throttle.entries.values()) <= 10
+    # records that block nothing any more make room first
+    now += 61
+    throttle.failed("192.0.2.1", now)
+    assert len(throttle) == 1
+
+
+def test_revoked_sessions_are_bounded_and_fail_closed():
+    revoked = SessionRevocations(capacity=3)
+    now = 1_000.0
+    for i in range(5):
+        revoked.revoke(f"s{i}", int(now) + 100 + i, now)
+        assert len(revoked) <= 3
+    # s0 and s1 were forgotten, but everything expiring no later than s1 is refused
+    assert all(revoked.is_revoked(f"s{i}", int(now) + 100 + i) for i in range(5))
+    assert revoked.is_revoked("never-revoked", int(now) + 101)
+    assert not revoked.is_revoked("never-revoked", int(now) + 102)
+    # expired entries go first
+    revoked.revoke("late", int(now) + 500, now + 200)
+    assert len(revoked) == 1
+
+
+def test_sessions_are_signed_with_the_admin_key():
+    value = issue_session("key-a", 1_000.0)
+    sid = value.split(".")[0]
+    assert read_session(value, "key-a", 1_000.0) == (sid, 1_000 + SESSION_SECONDS)
+    assert read_session(value, "key-b", 1_000.0) is None
+    assert read_session(value, "key-a", 1_000.0 + SESSION_SECONDS) is None
+    assert issue_session("key-a", 1_000.0) != value  # a new id each time
+    assert "key-a" not in value
+
+
+def test_trusted_proxies_are_validated():
+    ok = parse_config({"server": {"trusted_proxies": ["10.0.0.1", " 172.16.0.0/12", "fd00::/8", "10.1.2.3/8"]}}, env={})
+    assert ok.proxy.server.trusted_proxies == ["10.0.0.1/32", "172.16.0.0/12", "fd00::/8", "10.0.0.0/8"]
+    assert parse_config({}, env={}).proxy.server.trusted_proxies == []
+    with pytest.raises(ConfigError) as err:
+        parse_config({"server": {"trusted_proxies": ["10.0.0.1", "proxy.local", "10.0.0.0/33"]}}, env={})
+    assert err.value.problems == [("server.trusted_proxies",
+                                   "items 1, 2 are not an IP address or CIDR network (e.g. 10.0.0.5 or 10.0.0.0/8)")]
 
 
 # --- what the page shows -------------------------------------------------------------------------
@@ -151,7 +374,7 @@ def test_page_shows_used_against_limits_and_no_secret(admin_proxy, sim):
     assert '<div class="dim warn" data-scope="research/alpha" data-dim="tokens"' in html
     assert "per day · resets" in html and "per week · resets" in html and "no period, never resets" in html
     assert "&lt;b&gt;ops&lt;/b&gt; &amp; co" in html and "<b>ops" not in html
-    for secret in (ADMIN, ALPHA_KEY, BETA_KEY, GAMMA_KEY, "sk-upstream-secret", TOKEN):
+    for secret in (ADMIN, ALPHA_KEY, BETA_KEY, GAMMA_KEY, "sk-upstream-secret", session_of(login(admin_proxy))):
         assert secret not in html
     for external in ("<script", "<link", "src=", "url(", "http://", "https://"):
         assert external not in html  # inline CSS only: works offline
@@ -328,8 +551,8 @@ async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path)
             assert dom["path"] == "/admin/dashboard"
             assert dom["cookie"] == ""  # HttpOnly: page scripts cannot read the session
             cookies = (await page.send("Network.getCookies", session=True, urls=[base]))["cookies"]
-            assert [(c["name"], c["value"], c["httpOnly"], c["sameSite"]) for c in cookies] == \
-                [("bp_dashboard", TOKEN, True, "Strict")]
+            assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [("bp_dashboard", True, "Strict")]
+            assert SESSION.match(cookies[0]["value"]) and ADMIN not in cookies[0]["value"]
             assert dom["teams"] == ["team research", "team support"]
             assert dom["keys"] == ["key alpha", f"key {ODD_KEY}", "key gamma"] and dom["bold"] == 0
             by = {(r["scope"], r["dim"]): r for r in dom["rows"]}
