@@ -22,13 +22,14 @@ from starlette.routing import Route
 
 from proxy.admin import build_admin_routes
 from proxy.dashboard import build_dashboard_routes
-from proxy.auth import Caller, KeyRing, presented_secret
+from proxy.auth import Caller, KeyRing, bearer_matches, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
 from proxy.logs import log_request
 from proxy.metrics import Metrics
-from proxy.errors import AuthenticationError, NotFound, ProxyError, StoreUnavailable, new_request_id
-from proxy.passthrough import Passthrough
+from proxy.errors import (AuthenticationError, NotFound, ProxyError, StoreUnavailable, UpstreamUnavailable,
+                          new_request_id)
+from proxy.passthrough import Passthrough, fixed_path, model_detail_path
 from proxy.pricing import PriceTable, PricingError, parse_price_table
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.openai import OpenAIAdapter
@@ -96,6 +97,14 @@ class AppState:
         self.relay = Relay(self, AnthropicAdapter())
         self.openai_relay = Relay(self, OpenAIAdapter())
 
+    def upstream_for(self, provider: str) -> UpstreamTarget:
+        """The upstream to forward to; 502 without forwarding when no API key is configured for it
+        (the provider's 401 would make the client blame its own key)."""
+        up = self.runtime.upstreams[provider]
+        if not up.api_key:
+            raise UpstreamUnavailable(f"no API key is configured for upstream '{provider}'")
+        return up
+
     def transport_for(self, provider: str) -> httpx.AsyncBaseTransport:
         t = self.transports.get(provider)
         if t is None:
@@ -104,7 +113,7 @@ class AppState:
             else:
                 u = self.runtime.config.upstreams[provider]  # type: ignore[index]
                 t = PooledTransport(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
-                                     read_timeout=u.timeout_seconds)
+                                     read_timeout=u.timeout_seconds, max_duration=u.max_duration_seconds)
             self.transports[provider] = t
         return t
 
@@ -142,7 +151,7 @@ class AppState:
     # Observation hooks: metrics and the access log.
     def observe_rejection(self, err: ProxyError, caller: Caller | None, model: str | None, route: str) -> None:
         if caller is not None:
-            label = self.metrics.model_label(model or "", self.runtime.pricing)
+            label = self.metrics.model_label(self.runtime.pricing.lookup(model) if model else None)
             outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
             self.metrics.requests.labels(caller.team, caller.key, label, route, outcome).inc()
         log_request(access_log, {
@@ -156,7 +165,7 @@ class AppState:
         self.metrics.cuts.labels(caller.team, caller.key, dimension).inc()
 
     def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None:
-        model = self.metrics.model_label(call.model, self.runtime.pricing)
+        model = self.metrics.model_label(call.price)
         self.metrics.settled(call.caller.team, call.caller.key, model, call.route, call.outcome, usage, cost_nanos)
         log_request(access_log, {
             "request_id": call.request_id, "team": call.caller.team, "key": call.caller.key, "model": call.model,
@@ -206,6 +215,9 @@ def build_routes(state: AppState) -> list[Route]:
 
     async def metrics(request: Request) -> Response:
         rt = state.runtime
+        metrics_key = rt.config.metrics_key.get_secret_value()
+        if metrics_key and not bearer_matches(dict(request.scope["headers"]), metrics_key):
+            return error_response(AuthenticationError("/metrics needs Authorization: Bearer <metrics_key>."))
         scopes = list(rt.budgets.teams.values()) + list(rt.budgets.keys.values())
         now = state.clock()
         try:
@@ -214,15 +226,16 @@ def build_routes(state: AppState) -> list[Route]:
             log.warning("metrics: store unavailable; budget_remaining not refreshed")
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    passthrough = Passthrough(state, "anthropic")
     return [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/budget", budget, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/messages/count_tokens", passthrough, methods=["POST"]),
-        Route("/v1/models", passthrough, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", passthrough, methods=["GET"]),
+        Route("/v1/messages/count_tokens", Passthrough(state, "/v1/messages/count_tokens",
+                                                       fixed_path("/v1/messages/count_tokens"), checks_model=True),
+              methods=["POST"]),
+        Route("/v1/models", Passthrough(state, "/v1/models", fixed_path("/v1/models")), methods=["GET"]),
+        Route("/v1/models/{model_id}", Passthrough(state, "/v1/models/{id}", model_detail_path), methods=["GET"]),
         *build_admin_routes(state, error_response),
         *build_dashboard_routes(state, error_response),
     ]
@@ -236,6 +249,9 @@ class BudgetProxyApp:
 
         @contextlib.asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            for name, up in state.runtime.upstreams.items():
+                if not up.api_key:
+                    log.warning("upstream '%s' has no api_key: its requests answer 502 until one is configured", name)
             await state.store.open()
             try:
                 yield

@@ -64,3 +64,11 @@ def presented_secret(headers: dict[bytes, bytes]) -> str:
         return secret.decode("ascii")
     except UnicodeDecodeError:
         raise AuthenticationError("Invalid proxy key.") from None
+
+
+def bearer_matches(headers: dict[bytes, bytes], expected: str) -> bool:
+    """`Authorization: Bearer <expected>`, compared in constant time."""
+    scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(value.strip()).digest(), hashlib.sha256(expected.encode()).digest())

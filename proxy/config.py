@@ -55,7 +55,8 @@ class _Strict(BaseModel):
 class UpstreamConfig(_Strict):
     base_url: str = "https://api.anthropic.com"
     api_key: SecretStr = SecretStr("")
-    timeout_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(600.0, gt=0)  # the wait for response headers, and each gap between body bytes
+    max_duration_seconds: float = Field(3600.0, gt=0)  # a whole response, headers and body
     connect_timeout_seconds: float = Field(10.0, gt=0)
     max_connections: int = Field(1000, gt=0)
 
@@ -124,6 +125,25 @@ class LimitsConfig(_Strict):
 
 class ServerConfig(_Strict):
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    # Peers whose x-forwarded-for / x-forwarded-proto are believed (the dashboard's login throttle
+    # and Secure cookie): IP addresses or CIDR networks. Default: none.
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _ip_networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        out, bad = [], []
+        for i, item in enumerate(v):
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                bad.append(str(i))
+        if bad:
+            which = f"item {bad[0]} is" if len(bad) == 1 else f"items {', '.join(bad)} are"
+            raise ValueError(f"{which} not an IP address or CIDR network (e.g. 10.0.0.5 or 10.0.0.0/8)")
+        return out
 
 
 class ProxyConfig(_Strict):
@@ -131,6 +151,7 @@ class ProxyConfig(_Strict):
     store: str = "sqlite:///data/ledger.db"
     pricing: str | None = None
     admin_key: SecretStr = SecretStr("")
+    metrics_key: SecretStr = SecretStr("")  # when set, /metrics needs Authorization: Bearer <it>
     limits: LimitsConfig = LimitsConfig()
     admission: AdmissionConfig = AdmissionConfig()
     server: ServerConfig = ServerConfig()

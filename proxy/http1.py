@@ -9,8 +9,10 @@ connection at a time, bodies sent whole, responses with a length, chunked or rea
 relayed raw (no decompression: the relay asks for identity), no cookies, no redirects, no proxies.
 
 Errors are httpx's, as the relay expects from any transport: ConnectError/ConnectTimeout before
-the request is written, ReadTimeout when no byte arrives for `read_timeout`, RemoteProtocolError
-when the upstream breaks the protocol or ends a body early, ReadError when the connection fails.
+the request is written; ReadTimeout when the response head is not in within `read_timeout` of the
+request, when no body byte arrives for `read_timeout`, or when the whole response takes longer
+than `max_duration`; RemoteProtocolError when the upstream breaks the protocol, sends a response
+head over MAX_HEAD_BYTES or ends a body early; ReadError when the connection fails.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ KEEPALIVE_SECONDS = 15.0
 # Past this much unread body, the socket stops being read until the relay catches up.
 HIGH_WATER_BYTES = 256 * 1024
 URL_CACHE_SIZE = 64
+# A response head (status line and headers, 1xx interim heads included) past this is refused: the
+# parser would otherwise buffer whatever an upstream sends before its blank line.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class Origin:
@@ -161,13 +166,28 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.idle_since = 0.0
         self.last_data = 0.0
+        self.sent_at = 0.0   # when the request in flight was written
+        self.deadline = 0.0  # when the response in flight has taken its maximum duration
         self.timer: asyncio.TimerHandle | None = None
+        # The head of the response in flight: True until its final (non-1xx) head is parsed; what
+        # is left of MAX_HEAD_BYTES as the parser reports it (status, header names and values);
+        # its size as received.
+        self.heading = False
+        self.head_left = MAX_HEAD_BYTES
+        self.head_raw = 0
 
     # --- the request ----------------------------------------------------------------------------
     def send(self, data: bytes) -> Reply:
         reply = self.reply = Reply(self)
-        self.last_data = self.loop.time()
-        self.timer = self.loop.call_at(self.last_data + self.pool.read_timeout, self._check_timeout)
+        now = self.sent_at = self.last_data = self.loop.time()
+        self.heading = True
+        self.head_left = MAX_HEAD_BYTES
+        self.head_raw = 0
+        deadline = self.deadline = now + self.pool.max_duration
+        quiet_until = now + self.pool.read_timeout
+        # One timer a request: it fires at the first of the read timeout and the deadline; once
+        # the head is in, it moves itself on while body bytes keep arriving.
+        self.timer = self.loop.call_at(quiet_until if quiet_until < deadline else deadline, self._check_timeout)
         self.transport.write(data)  # type: ignore[union-attr]
         return reply
 
@@ -175,13 +195,22 @@ class Connection(asyncio.Protocol):
         reply = self.reply
         if reply is None:
             return
-        quiet_until = self.last_data + self.pool.read_timeout
-        if self.loop.time() < quiet_until:
-            self.timer = self.loop.call_at(quiet_until, self._check_timeout)
-            return
+        now = self.loop.time()
+        if now >= self.deadline:  # the whole response, however its bytes trickle in
+            error = httpx.ReadTimeout(f"upstream response exceeded its maximum duration ({self.pool.max_duration:g} s)")
+        else:
+            # The read timeout bounds the whole wait for the head, dripped or not, then each gap
+            # between body bytes.
+            heading = self.heading
+            until = (self.sent_at if heading else self.last_data) + self.pool.read_timeout
+            if now < until:
+                self.timer = self.loop.call_at(until if until < self.deadline else self.deadline, self._check_timeout)
+                return
+            error = httpx.ReadTimeout("upstream read timed out waiting for the response headers" if heading
+                                      else "upstream read timed out")
         self.timer = None
         self.reply = None
-        reply._fail(httpx.ReadTimeout("upstream read timed out"))
+        reply._fail(error)
         self.close()
 
     def _done_with(self) -> None:
@@ -206,9 +235,14 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except Exception as exc:  # httptools' parse errors, and what a callback raised
             reply = self.reply
-            if reply is not None:
+            if reply is not None:  # (a callback that refused the head has failed it already)
                 reply._fail(httpx.RemoteProtocolError(f"upstream sent invalid HTTP: {exc.__class__.__name__}"))
             self.close()
+            return
+        if self.heading:  # the head is still incomplete: every byte since the request is head
+            self.head_raw += len(data)  # (the parser holds a header line until it ends: bound it here)
+            if self.head_raw > MAX_HEAD_BYTES:
+                self._head_too_large()
 
     def eof_received(self) -> bool:
         self.closed = True  # never reused: connection_lost follows, and ends or fails a reply in flight
@@ -246,17 +280,34 @@ class Connection(asyncio.Protocol):
     read_to_eof = False  # the body in flight ends where the connection does
     interim = False      # the message being parsed is a 1xx: the real response follows it
 
+    def _head_too_large(self) -> None:
+        reply = self.reply
+        if reply is not None:
+            reply._fail(httpx.RemoteProtocolError(f"upstream response head exceeds {MAX_HEAD_BYTES} bytes"))
+        self.close()
+
+    def on_status(self, status: bytes) -> None:
+        left = self.head_left = self.head_left - len(status) - 15  # (and "HTTP/1.1 200 ", CRLF)
+        if left < 0:
+            self._head_too_large()
+            raise httpx.RemoteProtocolError("response head too large")  # stops the parser
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.reply.headers_raw.append((name, value))  # type: ignore[union-attr]
+        left = self.head_left = self.head_left - len(name) - len(value) - 4  # (and ": ", CRLF)
+        if left < 0:
+            self._head_too_large()
+            raise httpx.RemoteProtocolError("response head too large")  # stops the parser
 
     def on_headers_complete(self) -> None:
         reply = self.reply
         assert reply is not None
         status = self.parser.get_status_code()
-        if status < 200:  # 100 Continue, 103 Early Hints: not the answer
+        if status < 200:  # 100 Continue, 103 Early Hints: not the answer (their heads count in the cap)
             self.interim = True
             reply.headers_raw.clear()
             return
+        self.heading = False
         reply.status_code = status
         framed = False
         for name, value in reply.headers_raw:
@@ -291,12 +342,17 @@ class Pool:
     """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
-                 read_timeout: float = 600.0, ssl_context: ssl.SSLContext | None = None) -> None:
-        """`ssl_context`: for https origins; by default the system's CAs, with hostname checks."""
+                 read_timeout: float = 600.0, max_duration: float = 3600.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`read_timeout`: the longest wait for a whole response head (dripped or not), then
+        between any two body bytes; `max_duration`: the longest a whole response (head and body) may take from
+        the moment its request is written; `ssl_context`: for https origins; by default the
+        system's CAs, with hostname checks."""
         self._ssl_context = ssl_context
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_duration = max_duration
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
         self._origins: dict[str, Origin] = {}
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}

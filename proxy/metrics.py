@@ -35,8 +35,11 @@ class Metrics:
         self.remaining = Gauge("budget_proxy_budget_remaining", "limit - used - held, per scope and dimension",
                                ["scope", "name", "dimension"], registry=r)
 
-    def model_label(self, model: str, pricing: Any) -> str:
-        return model if pricing.lookup(model) is not None and len(model) <= 100 else "other"
+    @staticmethod
+    def model_label(price: Any) -> str:
+        """The pricing table's id of the price a request was charged at, else "other": never a
+        string a client sent."""
+        return price.model_id if price is not None and price.model_id else "other"
 
     def settled(self, team: str, key: str, model: str, route: str, outcome: str, usage: Usage,
                 cost_nanos: int) -> None:

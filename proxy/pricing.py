@@ -7,6 +7,8 @@ proxy never undercharges by a rounding step.
 
 The caller reads and parses the YAML; `parse_price_table` validates the parsed data
 and lists every problem with its YAML path (`models.claude-x.input`).
+
+Model ids resolve exactly, never by prefix (SPEC §11): `PriceTable.lookup` documents the rules.
 """
 from __future__ import annotations
 
@@ -74,6 +76,11 @@ class ModelPrice:
     web_search_per_1k: Decimal = Decimal(0)
     long_context_above: int | None = None    # threshold on total input tokens
     long_context: Rates | None = None        # rates for the whole request above it
+    model_id: str = field(default="", compare=False)  # the table's id: the only model a metric label names
+    max_output_tokens: int | None = None     # the provider's output limit for one request
+    long_context_beta: str | None = None     # the long tier needs this anthropic-beta (else the model allows it)
+    source: str | None = field(default=None, compare=False)   # where the figures come from
+    checked: date | None = field(default=None, compare=False)  # when they were last checked
     _search_den: int = field(init=False, repr=False, compare=False)
     _search_nanos: int = field(init=False, repr=False, compare=False)  # nanos per search x _search_den
 
@@ -93,12 +100,18 @@ class ModelPrice:
 
 @dataclass(frozen=True, slots=True)
 class PriceTable:
-    """Model id -> price; lookup by exact id, then by the longest prefix that ends at a
-    separator (so `claude-opus-4` prices `claude-opus-4-20250514` but not `claude-opus-45`,
-    and `gpt-5` does not price `gpt-5.6`)."""
+    """Model id -> price. `lookup` tries, in order:
+
+    1. the id itself, as a model or as an explicit alias (an alias names one exact id);
+    2. the id without a trailing date, `-YYYYMMDD` or `-YYYY-MM-DD`
+       (`claude-sonnet-4-5-20250929` -> `claude-sonnet-4-5`), as a model or an alias.
+
+    Never by prefix: `gpt-5-nano` is not `gpt-5`, `o3-mini` is not `o3`. A dated id that has a
+    price of its own (`gpt-4o-2024-05-13`) has its own row, and the exact row wins."""
 
     checked: date | None
     models: Mapping[str, ModelPrice]
+    aliases: Mapping[str, str] = field(default_factory=dict)   # alias id -> model id, validated
     _cache: dict[str, ModelPrice | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def lookup(self, model: str) -> ModelPrice | None:
@@ -111,19 +124,23 @@ class PriceTable:
             return self._cache[model]
         except KeyError:
             pass
-        found = self._longest_prefix(model)
+        found = self._resolve(model)
         if len(self._cache) >= _LOOKUP_CACHE_SIZE:   # client-chosen ids must not grow memory
             self._cache.clear()
         self._cache[model] = found
         return found
 
-    def _longest_prefix(self, model: str) -> ModelPrice | None:
-        best = ""
-        for key in self.models:
-            if len(key) > len(best) and len(key) < len(model) and model.startswith(key):
-                if _at_separator(key, model[len(key)]):
-                    best = key
-        return self.models[best] if best else None
+    def _resolve(self, model: str) -> ModelPrice | None:
+        target = self.aliases.get(model)
+        if target is not None:
+            return self.models[target]
+        undated = strip_date_suffix(model)
+        if undated is None:
+            return None
+        found = self.models.get(undated)
+        if found is None and (target := self.aliases.get(undated)) is not None:
+            found = self.models[target]
+        return found
 
     def __contains__(self, model: object) -> bool:
         return isinstance(model, str) and self.lookup(model) is not None
@@ -135,9 +152,24 @@ class PriceTable:
         return len(self.models)
 
 
-def _at_separator(key: str, next_char: str) -> bool:
-    # '.' does not separate: it continues a version number (gpt-5 vs gpt-5.5).
-    return not key[-1].isalnum() or not (next_char.isalnum() or next_char == ".")
+def strip_date_suffix(model: str) -> str | None:
+    """`model` without a trailing `-YYYYMMDD` or `-YYYY-MM-DD` that is a calendar date, else None."""
+    if len(model) > 9 and model[-9] == "-" and _digits(model[-8:]):
+        y, m, d, cut = model[-8:-4], model[-4:-2], model[-2:], 9
+    elif (len(model) > 11 and model[-11] == "-" and model[-6] == "-" and model[-3] == "-"
+          and _digits(model[-10:-6]) and _digits(model[-5:-3]) and _digits(model[-2:])):
+        y, m, d, cut = model[-10:-6], model[-5:-3], model[-2:], 11
+    else:
+        return None
+    try:
+        date(int(y), int(m), int(d))
+    except ValueError:
+        return None
+    return model[:-cut]
+
+
+def _digits(s: str) -> bool:
+    return s.isascii() and s.isdigit()
 
 
 class PricingError(ValueError):
@@ -149,10 +181,11 @@ class PricingError(ValueError):
 # --- money -------------------------------------------------------------------------
 
 
-def cost_nanos(price: ModelPrice, usage: Usage) -> int:
+def cost_nanos(price: ModelPrice, usage: Usage, long_context: bool = True) -> int:
     """Exact cost of one call, rounded up to a whole nano-dollar. Above the long-context
-    threshold every token of the request, output included, is priced at the long rates."""
-    r = price.rates_for(usage.total_input_tokens)
+    threshold every token of the request, output included, is priced at the long rates;
+    `long_context=False`: the usage is not one sampling call's, so the tier never applies."""
+    r = price.rates_for(usage.total_input_tokens) if long_context else price.rates
     n_in, n_out, n_5m, n_1h, n_read = r._nanos
     tokens = (usage.input_tokens * n_in + usage.output_tokens * n_out + usage.cache_write_5m_tokens * n_5m
               + usage.cache_write_1h_tokens * n_1h + usage.cache_read_tokens * n_read)
@@ -232,27 +265,41 @@ class _RatesIn(_Strict):
         )
 
 
+_Id = Annotated[str, Field(min_length=1)]
+
+
 class _LongContextIn(_RatesIn):
     above_input_tokens: int = Field(ge=0, strict=True)
+    requires_beta: _Id | None = None    # the anthropic-beta a request names to get this context
 
 
 class _ModelIn(_RatesIn):
     web_search_per_1k: _Rate | None = None
     long_context: _LongContextIn | None = None
+    # Optional in a user's file; every entry of the shipped table carries all three.
+    max_output_tokens: int | None = Field(None, ge=1, strict=True)
+    source: _Id | None = None
+    checked: date | None = None
 
-    def price(self) -> ModelPrice:
+    def price(self, model_id: str) -> ModelPrice:
         lc = self.long_context
         return ModelPrice(
             rates=self.rates(),
             web_search_per_1k=self.web_search_per_1k if self.web_search_per_1k is not None else Decimal(0),
             long_context_above=lc.above_input_tokens if lc else None,
             long_context=lc.rates() if lc else None,
+            model_id=model_id,
+            max_output_tokens=self.max_output_tokens,
+            long_context_beta=lc.requires_beta if lc else None,
+            source=self.source,
+            checked=self.checked,
         )
 
 
 class _TableIn(_Strict):
     checked: date | None = None
     models: dict[str, _ModelIn]
+    aliases: dict[str, str] = {}
 
     @field_validator("models")
     @classmethod
@@ -262,13 +309,31 @@ class _TableIn(_Strict):
         return v
 
 
+def _alias_problems(data: dict) -> list[tuple[str, str]]:
+    """What pydantic cannot see: an alias must name a model of this table and must not be one."""
+    models, aliases = data.get("models"), data.get("aliases")
+    if not isinstance(models, dict) or not isinstance(aliases, dict):
+        return []
+    problems = []
+    for alias, target in aliases.items():
+        if not isinstance(alias, str) or not isinstance(target, str):
+            continue                                 # a type problem pydantic reports
+        if not alias.strip():
+            problems.append(("aliases", "alias ids must not be empty"))
+        elif alias in models:
+            problems.append((f"aliases.{alias}", "shadows a model id: an alias may not replace a model's price"))
+        elif target not in models:
+            problems.append((f"aliases.{alias}", f"its target {target!r} is not a model in this table"))
+    return problems
+
+
 _MESSAGES = {
     "missing": "required",
     "extra_forbidden": "unknown field",
     "model_type": "must be a mapping",
     "dict_type": "must be a mapping",
-    "greater_than_equal": "must be >= 0",
-    "less_than_equal": "must be <= 1000000",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
 }
 
 
@@ -276,19 +341,26 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors(include_input=False, include_url=False):
         loc = [str(p) for p in e["loc"]]
-        msg = _MESSAGES.get(e["type"], e["msg"].removeprefix("Value error, "))
+        ctx = e.get("ctx") or {}
+        if e["type"] in ("greater_than_equal", "less_than_equal"):
+            msg = f"must be >= {ctx['ge']}" if "ge" in ctx else f"must be <= {ctx['le']}"
+        else:
+            msg = _MESSAGES.get(e["type"], e["msg"].removeprefix("Value error, "))
         if loc and loc[-1] == "[key]":
-            loc, msg = loc[:-1], "model id must be a string"
+            loc, msg = loc[:-1], ("alias" if loc[0] == "aliases" else "model id") + " must be a string"
         problems.append((".".join(loc), msg))
     return problems
 
 
 def parse_price_table(data: Any) -> PriceTable:
-    """Validate a parsed pricing YAML (SPEC §3); raise PricingError listing every problem."""
+    """Validate a parsed pricing YAML (SPEC §3, §11); raise PricingError listing every problem."""
     if not isinstance(data, dict):
         raise PricingError([("", "the pricing file must be a YAML mapping")])
+    problems = _alias_problems(data)
     try:
         table = _TableIn.model_validate(data)
     except ValidationError as err:
-        raise PricingError(_problems(err)) from None
-    return PriceTable(table.checked, {k: m.price() for k, m in table.models.items()})
+        raise PricingError(_problems(err) + problems) from None
+    if problems:
+        raise PricingError(problems)
+    return PriceTable(table.checked, {k: m.price(k) for k, m in table.models.items()}, dict(table.aliases))

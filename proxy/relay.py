@@ -16,6 +16,7 @@ import httpx
 
 from proxy import pricing as pricing_mod
 from proxy.auth import Caller, presented_secret
+from proxy.billing import NO_BILL, Bill, bill_cost_nanos, one_call_may_be_long, price_for
 from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
 from proxy.denials import budget_error, cut_message
 from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
@@ -39,7 +40,14 @@ log = logging.getLogger("budget_proxy.access")
 # and stopping the meter inside a chunk only to look at the clock cost ~10%.
 PUSH_INTERVAL_SECONDS = 1.0
 LARGE_BODY_BYTES = 256 * 1024
-NO_LIMIT = 1 << 62
+# The live estimate runs ahead of the real count (bytes / 3 against ~4 bytes a token of English), so
+# up to this multiple of the forwarded max_tokens it is charged as max_tokens (the provider cannot
+# generate more). Past it the upstream is generating past the limit it was sent: every estimated
+# token counts, and the stream is cut once it passes its hold, as with clamping off.
+ESTIMATE_TOLERANCE = 1.5
+# A client still waiting for the response headers this long is watched for a disconnect, which
+# cancels the upstream request and releases the hold (earlier, the answer is usually in).
+HEADERS_WATCH_SECONDS = 0.25
 
 
 @dataclass(slots=True, eq=False)
@@ -54,7 +62,7 @@ class Call:
     price: Any
     res: Reservation
     clamped_to: int | None
-    hold_room: int = -1            # live output within the hold (NO_LIMIT: the cap fits in it)
+    hold_room: int = -1            # live output within the hold
     pushed_at: float = 0.0         # when the running charge was last pushed to the store
     pushed_output: int = 0         # the live output figure then
     client_gone: bool = False
@@ -64,6 +72,46 @@ class Call:
     generation: int = 0            # the config generation this call was admitted under
     shutting_down: bool = False    # set when the proxy's grace period ends
     upstream: Any = None           # the upstream response while a stream is relayed
+    betas: bytes = b""             # the request's anthropic-beta header (a long context is opted into)
+
+
+class ClientWatch:
+    """Awaits the upstream's response headers for a call and, from HEADERS_WATCH_SECONDS on, watches
+    the client too: a client gone before the headers cancels the upstream request (ClientGone).
+    Most answers come sooner, so most requests pay for one timer, not for a watching task."""
+
+    __slots__ = ("call", "receive", "task", "watcher", "gone")
+
+    def __init__(self, call: Call, receive: Receive) -> None:
+        self.call = call
+        self.receive = receive
+        self.task: asyncio.Task[Any] | None = None
+        self.watcher: asyncio.Future[None] | None = None
+        self.gone = False
+
+    async def until_done(self, opening: Any) -> UpstreamReply:
+        self.task = asyncio.current_task()
+        timer = asyncio.get_running_loop().call_later(HEADERS_WATCH_SECONDS, self._start)
+        try:
+            return await opening
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            self.task.uncancel()  # type: ignore[union-attr]
+            raise ClientGone from None
+        finally:
+            timer.cancel()
+            if self.watcher is not None:
+                self.watcher.cancel()
+
+    def _start(self) -> None:
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = self.call.client_gone = True
+        self.task.cancel()  # type: ignore[union-attr]
 
 
 class Relay:
@@ -149,6 +197,7 @@ class Relay:
         rt = self.state.runtime
         headers = dict(scope["headers"])
         caller = seen["caller"] = self.authenticate(headers)
+        self.state.upstream_for(self.provider)  # 502 at once when no upstream key is configured
         raw = await read_body(receive, rt.config.limits.max_body_bytes, headers)
         facts = self.adapter.parse_request(raw)
         seen["model"] = facts.model
@@ -181,7 +230,8 @@ class Relay:
             raise InvalidRequest("The request body could not be rewritten to fit the budget.") from None
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
                     output_cap=clamped_to if clamped_to is not None else facts.max_tokens,
-                    generation=self.state.generation, pushed_at=now)  # (the reserve told the store)
+                    generation=self.state.generation, pushed_at=now,  # (the reserve told the store)
+                    betas=headers.get(b"anthropic-beta", b""))
         return call, raw, facts
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -205,9 +255,14 @@ class Relay:
         qs = scope.get("query_string", b"")
         url = up.base_url + self.adapter.path + ("?" + qs.decode("latin-1") if qs else "")
         t0 = time.perf_counter()
+        watch = ClientWatch(call, receive)
         try:
-            resp = await open_upstream(self.state.transport_for(self.provider), url,
-                                       upstream_headers(scope["headers"], self.provider, up.api_key), body)
+            resp = await watch.until_done(open_upstream(self.state.transport_for(self.provider), url,
+                                          upstream_headers(scope["headers"], self.provider, up.api_key), body))
+        except ClientGone:
+            call.outcome = "client_disconnected"  # before any response: the hold goes back, nothing charged
+            await self.settle(call, None, Usage())
+            return
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))
             return
@@ -245,14 +300,16 @@ class Relay:
             call.outcome = f"upstream_{resp.status_code // 100}xx"
             await self.settle(call, None, Usage())  # an upstream error before any message charges nothing
         else:
-            usage = self.adapter.usage_from_response(payload)
-            if usage is None:
+            reported = self.adapter.usage_from_response(payload)
+            if reported is None:
                 # A message came back but says nothing of its usage: charge what was held (the
                 # worst case admission allowed) rather than nothing.
                 call.outcome = "usage_unknown"
                 hold = call.res.admitted.hold
-                usage = Usage(input_tokens=hold.input_tokens, output_tokens=hold.output_tokens)
-            await self.settle(call, usage, usage)
+                usage, bill = Usage(input_tokens=hold.input_tokens, output_tokens=hold.output_tokens), NO_BILL
+            else:
+                usage, bill = reported
+            await self.settle(call, usage, usage, bill)
         headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
@@ -375,11 +432,9 @@ class Relay:
             if watcher is not None:
                 watcher.cancel()
             await resp.aclose()
-            usage = meter.final_usage() if meter.started else Usage()
-            if not meter.usage_reported:
-                usage = self.capped(call, usage)
+            usage = self.stream_usage(call, meter)
             # (no shield, which costs a task per stream: settle survives this task's cancellation)
-            await self.settle(call, usage if meter.started else None, usage)
+            await self.settle(call, usage, usage if usage is not None else Usage(), meter.bill)
         # As for a whole reply, the charge is committed before the response ends (SPEC §6).
         if head is not None:
             await send(head)
@@ -422,13 +477,29 @@ class Relay:
                     return Denied(scope, dim, limit, st.used.get(dim), st.held.get(dim), 0)
         return None
 
+    def stream_usage(self, call: Call, meter: Any) -> Usage | None:
+        """What a stream that ended is charged; None when it produced no message (no step). A
+        stream that never sent its message start but relayed output is charged the estimate of
+        that output plus the input admission estimated: an upstream lie does not make it free."""
+        if meter.started:
+            usage = meter.final_usage()
+            return usage if meter.usage_reported else self.capped(call, usage)
+        live = meter.live_usage()
+        if live.output_tokens == 0:
+            return None
+        estimated_input = call.res.admitted.hold.input_tokens
+        return self.capped(call, Usage(input_tokens=max(live.total_input_tokens, estimated_input),
+                                       output_tokens=live.output_tokens))
+
     @staticmethod
     def capped(call: Call, u: Usage) -> Usage:
-        """The running estimate errs high; the upstream never generates past the max_tokens it
-        was sent, so the estimate never counts past it either. Reported figures are settled as
-        reported."""
+        """The running estimate errs high; an honest upstream never generates past the max_tokens
+        it was sent, so an estimate within ESTIMATE_TOLERANCE of it counts as max_tokens. Reported
+        figures are settled as reported."""
         cap = call.output_cap
-        return u if cap is None or u.output_tokens <= cap else u.with_output(cap)
+        if cap is None or u.output_tokens <= cap or u.output_tokens > cap * ESTIMATE_TOLERANCE:
+            return u
+        return u.with_output(cap)
 
     async def enforce(self, call: Call, meter: Any) -> Denied | None:
         """Push the running charge to the store when it outgrows the hold (the store may grow
@@ -462,9 +533,9 @@ class Relay:
                 room = affordable
         cap = call.output_cap
         if cap is not None and room >= cap:
-            # The charged output never counts past the cap (capped()), so it can never outgrow
-            # this hold, however far the raw estimate runs past the cap.
-            return NO_LIMIT
+            # Up to the tolerance the charged output never counts past the cap (capped()), so it
+            # stays inside this hold; past it, the next decision charges the estimate in full.
+            return int(cap * ESTIMATE_TOLERANCE)
         return room
 
     def wall_clock_denial(self, call: Call) -> Denied:
@@ -472,15 +543,25 @@ class Relay:
         return Denied(scope, "wall_clock", scope.limits.wall_clock or 0, scope.limits.wall_clock or 0, 0, 0)
 
     def cost(self, call: Call, usage: Usage) -> int:
-        return 0 if call.price is None else pricing_mod.cost_nanos(call.price, usage)
+        """The running charge, at the rates admission reserved at."""
+        if call.price is None:
+            return 0
+        return pricing_mod.cost_nanos(call.price, usage, one_call_may_be_long(call.price, call.betas))
 
-    async def settle(self, call: Call, usage: Usage | None, charged: Usage) -> None:
+    def billed_cost(self, call: Call, usage: Usage, bill: Bill) -> int:
+        """The settled charge: at the served model's rates, each itemised call at its own."""
+        table = self.state.runtime.pricing
+        served = price_for(table, bill.model, call.price)
+        whole = served is not None and one_call_may_be_long(served, call.betas)
+        return bill_cost_nanos(table, call.price, bill, usage, whole)
+
+    async def settle(self, call: Call, usage: Usage | None, charged: Usage, bill: Bill = NO_BILL) -> None:
         """Charge `charged` (+ one step when a message was produced, i.e. usage is not None) and
         release the rest of the hold; log one usage row. Runs once per call."""
         if call.res.settled:
             return
         steps = 1 if usage is not None else 0
-        cost = self.cost(call, charged)
+        cost = self.billed_cost(call, charged, bill)
         actual = Amounts.of_usage(charged, cost, steps)
         now = self.state.clock()
         row = UsageRow(now, call.caller.team, call.caller.key, call.model, call.route, charged.input_tokens,

@@ -81,9 +81,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
     """The project's upstream transport: one keep-alive pool (proxy/http1.py) for one upstream."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
-                 read_timeout: float = 600.0) -> None:
+                 read_timeout: float = 600.0, max_duration: float = 3600.0) -> None:
+        """`read_timeout` bounds the wait for the response head and each gap between body bytes;
+        `max_duration` bounds a whole response, head and body (see proxy.http1.Pool)."""
         self.pool = Pool(max_connections=max_connections, connect_timeout=connect_timeout,
-                         read_timeout=read_timeout)
+                         read_timeout=read_timeout, max_duration=max_duration)
 
     def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Awaitable[Reply]:
         """Send the request; done once the response headers are in (the body is not read). The

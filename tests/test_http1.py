@@ -293,3 +293,199 @@ async def test_https_upstreams_are_spoken_to_over_verified_tls(tls_files):
         await default.aclose()
     finally:
         served.close()
+
+
+# --- hardening (SPEC §8): the response head's size, the whole response's duration -----------------
+
+def head_of(size: int, status: bytes = b"200 OK") -> bytes:
+    """A response head of about `size` bytes (headers of 1 KiB each), ending in its blank line."""
+    line = b"x-pad-%05d: " + b"a" * 1000 + b"\r\n"
+    lines = [line % i for i in range(size // len(line % 0))]
+    return b"HTTP/1.1 " + status + b"\r\n" + b"".join(lines) + b"\r\n"
+
+
+@pytest.mark.parametrize("size,ok", [(60 * 1024, True), (70 * 1024, False)])
+async def test_a_response_head_over_64_kib_is_a_protocol_error(size, ok):
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(head_of(size)[:-2] + b"content-length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        if ok:
+            reply = await pool.request("POST", base + "/", [], b"")
+            assert reply.status_code == 200 and len(reply.headers_raw) > 50
+            assert await reply.aread() == b"ok"
+        else:
+            with pytest.raises(httpx.RemoteProtocolError, match="head exceeds 65536 bytes"):
+                await pool.request("POST", base + "/", [], b"")
+            assert all(conn.closed for conn in pool._open)  # the connection is closed, never reused
+        await pool.aclose()
+
+
+async def test_one_endless_header_line_is_refused_before_it_ends():
+    """The parser holds a header until its line ends: an upstream that never ends one is cut off at
+    the cap, not buffered (nor timed out: the bytes keep coming)."""
+    closed = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-endless: ")
+        for _ in range(1000):  # up to 16 MiB, never a line end
+            if reader.at_eof():
+                break
+            writer.write(b"a" * 16384)
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        await reader.read()
+        closed.set()
+
+    async with RawServer(handler) as base:
+        pool = Pool(read_timeout=30)
+        with pytest.raises(httpx.RemoteProtocolError, match="head exceeds"):
+            await pool.request("POST", base + "/", [], b"")
+        await asyncio.wait_for(closed.wait(), 10)
+        await pool.aclose()
+
+
+async def test_interim_heads_count_toward_the_head_cap():
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(head_of(40 * 1024, b"103 Early Hints") + head_of(40 * 1024)[:-2] + b"content-length: 0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as base:
+        pool = Pool()
+        with pytest.raises(httpx.RemoteProtocolError, match="head exceeds"):
+            await pool.request("POST", base + "/", [], b"")
+        await pool.aclose()
+
+
+async def test_the_head_cap_is_per_response_on_a_kept_alive_connection():
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            writer.write(head_of(40 * 1024)[:-2] + b"content-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool()
+        for _ in range(3):  # 120 KiB of heads in all, on one connection
+            reply = await pool.request("POST", base + "/", [], b"")
+            assert await reply.aread() == b"ok"
+        await pool.aclose()
+    assert server.connections == 1
+
+
+def drip_server(prefix: bytes, drip: bytes, closed: asyncio.Event) -> RawServer:
+    """Writes `prefix` at once, then `drip` one byte every 50 ms; notes when the client closes."""
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(prefix)
+        await writer.drain()
+        for byte in drip:
+            await asyncio.sleep(0.05)
+            if reader.at_eof():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+        await reader.read()
+        closed.set()
+
+    return RawServer(handler)
+
+
+@pytest.mark.parametrize("read_timeout,max_duration,match", [
+    (0.3, 0.5, "upstream"),  # both bound it: whichever ends it, a ReadTimeout
+    (0.3, 60, "waiting for the response headers"),  # the read timeout bounds the whole wait for the head...
+    (30, 0.5, "maximum duration"),  # ...and so does the response's maximum duration
+])
+async def test_a_dripped_head_is_a_read_timeout(read_timeout, max_duration, match):
+    """A byte every 50 ms, well within the read timeout's gap, never completing the head: the
+    gap alone would never end it."""
+    closed = asyncio.Event()
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(200))
+    loop = asyncio.get_running_loop()
+    async with drip_server(b"", head, closed) as base:
+        pool = Pool(read_timeout=read_timeout, max_duration=max_duration)
+        started = loop.time()
+        with pytest.raises(httpx.ReadTimeout, match=match):
+            await pool.request("POST", base + "/", [], b"")
+        assert loop.time() - started < 10  # (it ended: no assertion on when, within that)
+        await asyncio.wait_for(closed.wait(), 5)  # and the connection was closed
+        await pool.aclose()
+
+
+async def test_a_dripped_body_is_bounded_by_the_maximum_duration_not_the_read_timeout():
+    closed = asyncio.Event()
+    async with drip_server(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n", b"x" * 1000, closed) as base:
+        pool = Pool(read_timeout=0.3, max_duration=0.5)
+        reply = await pool.request("POST", base + "/", [], b"")
+        got = b""
+        with pytest.raises(httpx.ReadTimeout, match="maximum duration"):
+            async for chunk in asyncio_timeout_guard(reply.aiter_raw(), 5):
+                got += chunk
+        assert got and set(got) == {ord("x")} and len(got) < 1000  # bytes flowed until the deadline
+        await asyncio.wait_for(closed.wait(), 5)
+        await pool.aclose()
+
+
+async def test_a_body_that_keeps_coming_is_not_bounded_by_the_read_timeout_in_total():
+    """The read timeout bounds each gap between body bytes, not the body."""
+    closed = asyncio.Event()
+    async with drip_server(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n", b"x" * 12, closed) as base:
+        pool = Pool(read_timeout=0.3, max_duration=60)  # (12 bytes 50 ms apart: 0.6 s in all)
+        reply = await pool.request("POST", base + "/", [], b"")
+        assert await asyncio.wait_for(reply.aread(), 10) == b"x" * 12
+        await pool.aclose()
+
+
+async def asyncio_timeout_guard(chunks, seconds: float):
+    """The chunks of an iterator, failing the test (TimeoutError) if it has not ended after `seconds`."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    it = chunks.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), max(until - loop.time(), 0.001))
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
+@pytest.mark.parametrize("sent,match", [
+    (b"", "waiting for the response headers"),  # silence before the head,
+    (b"HTTP/1.1 200 OK\r\n", "waiting for the response headers"),  # or within it,
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\npart", "read timed out$"),  # or a body that stalls
+])
+async def test_silence_is_bounded_by_the_read_timeout_well_before_the_maximum_duration(sent, match):
+    closed = asyncio.Event()
+    async with drip_server(sent, b"", closed) as base:
+        pool = Pool(read_timeout=0.2, max_duration=60)
+        with pytest.raises(httpx.ReadTimeout, match=match):
+            reply = await asyncio.wait_for(pool.request("POST", base + "/", [], b""), 10)
+            await asyncio.wait_for(reply.aread(), 10)
+        await asyncio.wait_for(closed.wait(), 5)
+        await pool.aclose()
+
+
+async def test_the_maximum_duration_is_per_response_on_a_kept_alive_connection():
+    async def handler(reader, writer):
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.1)
+            writer.write(answer("200 OK", b"ok"))
+            await writer.drain()
+
+    server = RawServer(handler)
+    async with server as base:
+        pool = Pool(max_duration=0.4)
+        for _ in range(6):  # 0.6 s or more in all, each response well within its own 0.4 s
+            reply = await pool.request("POST", base + "/", [], b"")
+            assert await reply.aread() == b"ok"
+        await pool.aclose()
+    assert server.connections == 1

@@ -206,8 +206,9 @@ def test_usage_from_a_whole_response():
     resp = {"id": "chatcmpl-abc", "object": "chat.completion", "model": "gpt-4.1-2025-04-14",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
             "usage": USAGE_8_1}
-    u = A.usage_from_response(json.dumps(resp).encode())
+    u, bill = A.usage_from_response(json.dumps(resp).encode())
     assert u == Usage(input_tokens=176, cache_read_tokens=1024, output_tokens=40)
+    assert bill.model == "gpt-4.1-2025-04-14"  # the model that served is what is priced
     assert (u.total_input_tokens, u.total_tokens) == (1200, 1240)
 
 

@@ -330,3 +330,122 @@ async def test_a_stream_that_arrives_whole_goes_out_in_one_body_write_after_its_
     assert sent[0][2] == sent[1][2] == 1  # settled (its usage row logged) before the head and the body left
     assert b"".join(chunks) == sse
     assert app.state.store.rows[0].outcome == "completed" and app.state.store.rows[0].output_tokens == 3
+
+
+# --- hardening (SPEC §8) through the pool and the app: a hostile upstream --------------------
+
+def _hardened_config(base: str, **upstream):
+    from proxy.config import parse_config
+
+    return parse_config({"upstreams": {"anthropic": {"base_url": base, "api_key": "sk-upstream-secret", **upstream}},
+                         "store": "memory://", "teams": default_teams()}, env={})
+
+
+def test_max_duration_seconds_defaults_to_an_hour_and_must_be_positive():
+    from proxy.config import ConfigError, UpstreamConfig
+
+    assert UpstreamConfig().max_duration_seconds == 3600
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="max_duration_seconds"):
+            _hardened_config("http://127.0.0.1:1", max_duration_seconds=bad)
+
+
+async def test_the_config_s_deadlines_reach_the_pool():
+    app = create_app(_hardened_config("http://127.0.0.1:1", timeout_seconds=7, max_duration_seconds=90))
+    try:
+        pool = app.state.transport_for("anthropic").pool
+        assert (pool.read_timeout, pool.max_duration) == (7, 90)
+    finally:
+        await app.state.close_transports()
+    assert PooledTransport().pool.max_duration == 3600
+
+
+async def test_pooled_transport_bounds_a_dripped_body_by_its_maximum_duration(local_server):
+    routes, base = local_server
+
+    async def drip(request):
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(200):  # a byte every 50 ms: 10 s if nothing stopped it
+            await resp.write(b"x")
+            await asyncio.sleep(0.05)
+        return resp
+
+    routes["/drip"] = drip
+    t = PooledTransport(read_timeout=0.3, max_duration=0.5)
+    resp = await t.handle_async_request(httpx.Request("GET", base + "/drip"))
+    with pytest.raises(httpx.ReadTimeout, match="maximum duration"):
+        async for _ in resp.aiter_raw():
+            pass
+    await resp.aclose()
+    await t.aclose()
+
+
+async def _through_the_app(handler, headers: dict[str, str] | None = None, **upstream):
+    """POST /v1/messages through the app and its own pool to a raw loopback upstream."""
+    from tests.test_http1 import RawServer
+
+    async with RawServer(handler) as base:
+        app = create_app(_hardened_config(base, **upstream))
+        try:
+            return await _post(app, headers)
+        finally:
+            await app.state.close_transports()
+
+
+async def test_hop_by_hop_headers_and_cookies_are_dropped_both_ways():
+    from tests.test_http1 import read_request
+
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        head, _ = await read_request(reader)
+        seen.append(head.lower())
+        body = json.dumps(MESSAGE).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_up_1\r\n"
+                     b"Set-Cookie: tenant=alpha; Path=/\r\nset-cookie2: old=1\r\n"
+                     b"Connection: keep-alive, X-Upstream-Hop\r\nx-upstream-hop: internal\r\nx-upstream-kept: 1\r\n"
+                     b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        await reader.read()
+
+    resp = await _through_the_app(handler, {"connection": "x-client-hop, keep-alive", "x-client-hop": "secret",
+                                            "x-client-kept": "1"})
+    assert resp.status_code == 200 and resp.json()["id"] == "msg_1"
+    assert resp.headers["request-id"] == "req_up_1" and resp.headers["x-upstream-kept"] == "1"
+    for dropped in ("set-cookie", "set-cookie2", "x-upstream-hop"):
+        assert dropped not in resp.headers
+    [head] = seen
+    assert b"\r\nx-client-kept: 1\r\n" in head
+    assert b"x-client-hop" not in head and b": secret\r\n" not in head
+
+
+async def test_an_upstream_head_over_64_kib_is_a_502():
+    from tests.test_http1 import head_of, read_request
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(head_of(70 * 1024)[:-2] + b"content-length: 2\r\n\r\n{}")
+        await writer.drain()
+        await reader.read()
+
+    resp = await _through_the_app(handler)
+    assert resp.status_code == 502
+    assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "api_error"
+
+
+async def test_an_upstream_dripping_its_head_past_the_maximum_duration_is_a_504():
+    from tests.test_http1 import read_request
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        for i in range(200):  # a byte every 50 ms, never a whole head
+            if reader.at_eof():  # (the proxy gave up on it)
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\n"[i:i + 1] or b"x")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    resp = await asyncio.wait_for(_through_the_app(handler, timeout_seconds=30, max_duration_seconds=0.5), 10)
+    assert resp.status_code == 504
+    assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "api_error"

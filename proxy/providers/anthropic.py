@@ -7,24 +7,19 @@ from bisect import bisect_right
 from itertools import accumulate
 from typing import Any, Sequence
 
+from proxy.billing import NO_BILL, Bill, total_of
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
 from proxy.providers import RequestFacts, json_object
 from proxy.sse import SSEEvent, SSERun, expand, run_reader, run_sizes, split
 from proxy.usage import Usage
+from proxy.validate import check_model, parse_body
 
 
 def parse_request(raw: bytes) -> RequestFacts:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: field required (a non-empty string).")
+    body = parse_body(raw)
+    model = check_model(body.get("model"))
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise InvalidRequest("max_tokens: must be a positive integer.")
@@ -102,12 +97,52 @@ def _trailing_usage(raw: bytes) -> Any:
     return usage if isinstance(usage, dict) and text[end:].strip() == "}" else None
 
 
-def usage_from_response(raw: bytes) -> Usage | None:
+def _billed(iteration: dict[str, Any]) -> bool:
+    """An iteration counts unless the provider marks it as not billed."""
+    return iteration.get("billed") is not False
+
+
+def iterations_from(u: Any) -> tuple[tuple[str | None, Usage], ...] | None:
+    """The billed sampling calls of `usage.iterations` as (model or None, usage); None when the
+    usage is not itemised."""
+    items = u.get("iterations") if isinstance(u, dict) else None
+    if not isinstance(items, list) or not items:
+        return None
+    parts = []
+    for it in items:
+        if isinstance(it, dict) and _billed(it):
+            model = it.get("model")
+            parts.append((model if isinstance(model, str) and model else None, usage_from(it)))
+    return tuple(parts)
+
+
+def billed_usage(u: Any, usage: Usage, bill: Bill) -> tuple[Usage, Bill]:
+    """`usage` (the top-level figures) and `bill`, or, when `u` itemises the call, the sum of its
+    billed iterations and a bill naming them."""
+    parts = iterations_from(u)
+    if parts is None:
+        return usage, bill
+    return total_of(parts, usage.web_search_requests), Bill(bill.model, parts)
+
+
+# The response's model: the first "model" member (the API sends it before the content). The bytes
+# '"model":' only ever occur as a key (a quote inside a JSON string is escaped).
+_MODEL_MEMBER = re.compile(rb'"model":\s*"([^"\\]{1,256})"')
+
+
+def served_model(raw: bytes) -> str | None:
+    m = _MODEL_MEMBER.search(raw)
+    return None if m is None else m[1].decode("utf-8", "replace")
+
+
+def usage_from_response(raw: bytes) -> tuple[Usage, Bill] | None:
     usage = _trailing_usage(raw)
     if usage is None:
         obj = json_object(raw)
         usage = None if obj is None else obj.get("usage")
-    return usage_from(usage) if isinstance(usage, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    return billed_usage(usage, usage_from(usage), Bill(served_model(raw)))
 
 
 def cut_event(message: str, error_type: str = "rate_limit_error", error_code: str = "budget_exceeded") -> bytes:
@@ -187,6 +222,23 @@ def _plain_text_delta(data: str) -> str | None:
     return None if m is None else m[1]
 
 
+_DATA_TYPE = re.compile(r'\{\s*"type"\s*:\s*"([a-z_]{1,40})"')
+
+
+def event_type(data: str) -> str | None:
+    """The `type` a data-only event's JSON names (its leading member in the API's own order, else
+    parsed)."""
+    m = _DATA_TYPE.match(data)
+    if m is not None:
+        return m[1]
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 _CONTENT_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
@@ -194,18 +246,22 @@ class AnthropicStreamMeter:
     """Running usage of one Anthropic stream. Every usage figure is a running total: each
     message_delta overwrites, never adds (PROTOCOL §3.2)."""
 
-    __slots__ = ("started", "finished", "upstream_error", "_reported", "_delta_seen", "_estimate")
+    __slots__ = ("started", "finished", "upstream_error", "bill", "_top", "_reported", "_delta_seen", "_estimate")
 
     def __init__(self) -> None:
         self.started = False
         self.finished = False
         self.upstream_error: str | None = None
-        self._reported = Usage()
+        self.bill = NO_BILL  # the served model (message_start) and the billed iterations (message_delta)
+        self._top = Usage()       # the top-level running totals
+        self._reported = Usage()  # what is billed: the top-level totals, or the sum of the iterations
         self._delta_seen = False
         self._estimate = OutputEstimate()
 
     def feed(self, event: SSEEvent) -> int:
         name = event.event
+        if name is None:  # a data-only event (some compatible gateways): its JSON's type names it
+            name = event_type(event.data)
         if name == "content_block_delta":
             text = _plain_text_delta(event.data)
             if text is not None:
@@ -224,11 +280,15 @@ class AnthropicStreamMeter:
             return UNCHANGED
         if name == "message_start":
             try:
-                usage = json.loads(event.data)["message"]["usage"]
+                message = json.loads(event.data)["message"]
+                usage = message["usage"]
             except (ValueError, KeyError, TypeError, RecursionError):
-                usage = None
+                message = usage = None
             self.started = True
-            self._reported = usage_from(usage)
+            model = message.get("model") if isinstance(message, dict) else None
+            self.bill = Bill(model if isinstance(model, str) else None)
+            self._top = usage_from(usage)
+            self._reported, self.bill = billed_usage(usage, self._top, self.bill)
             return REPORTED
         if name == "message_delta":
             try:
@@ -236,7 +296,10 @@ class AnthropicStreamMeter:
                 usage = body.get("usage")
             except (ValueError, AttributeError, RecursionError):
                 return UNCHANGED
-            self._reported = usage_from(usage, previous=self._reported)
+            self._top = usage_from(usage, previous=self._top)
+            if not self.bill.parts or iterations_from(usage) is not None:
+                # (an itemised report stands until another itemises: the top level leaves parts out)
+                self._reported, self.bill = billed_usage(usage, self._top, self.bill)
             self._delta_seen = self._delta_seen or isinstance(usage, dict)
             if _stop_reason(body):
                 self.finished = True  # the final delta: the message is complete, nothing left to cut

@@ -16,12 +16,14 @@ import json
 import re
 from typing import Any, Sequence
 
+from proxy.billing import NO_BILL, Bill
 from proxy.errors import InvalidRequest
 from proxy.estimate import estimate_openai_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate, feed_events
 from proxy.providers import RequestFacts, json_object
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
+from proxy.validate import check_model, parse_body
 
 LIMIT_FIELDS = ("max_completion_tokens", "max_tokens")  # the first is the current name
 # A chunk whose choices are empty: the only kind that can be the usage chunk. Checked on the
@@ -44,15 +46,8 @@ def choices(body: dict[str, Any]) -> int:
 
 
 def parse_request(raw: bytes) -> RequestFacts:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise InvalidRequest("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: field required (a non-empty string).")
+    body = parse_body(raw)
+    model = check_model(body.get("model"))
     if not isinstance(body.get("messages"), list):
         raise InvalidRequest("messages: field required (a list of messages).")
     for name in LIMIT_FIELDS:  # null means "not set", as the API reads it
@@ -102,10 +97,15 @@ def usage_from(u: Any) -> Usage:
                  cache_read_tokens=cached, output_tokens=_int(u.get("completion_tokens")))
 
 
-def usage_from_response(raw: bytes) -> Usage | None:
+def _model_of(obj: dict[str, Any]) -> str | None:
+    model = obj.get("model")
+    return model if isinstance(model, str) and model else None
+
+
+def usage_from_response(raw: bytes) -> tuple[Usage, Bill] | None:
     obj = json_object(raw)
     usage = None if obj is None else obj.get("usage")
-    return usage_from(usage) if isinstance(usage, dict) else None
+    return (usage_from(usage), Bill(_model_of(obj))) if isinstance(usage, dict) else None  # type: ignore[arg-type]
 
 
 def cut_event(message: str, error_type: str = "insufficient_quota", error_code: str = "budget_exceeded") -> bytes:
@@ -151,9 +151,11 @@ class OpenAIStreamMeter:
     chunk is the whole request's usage and the final truth. A stream cut (or dropped) before it
     settles at the live figure."""
 
-    __slots__ = ("started", "finished", "upstream_error", "_input_estimate", "_reported", "_final", "_estimate")
+    __slots__ = ("started", "finished", "upstream_error", "bill", "_input_estimate", "_reported", "_final",
+                 "_estimate")
 
     def __init__(self, input_estimate: int) -> None:
+        self.bill = NO_BILL  # the served model, as the chunks name it
         self.started = False
         self.finished = False
         self.upstream_error: str | None = None
@@ -178,7 +180,9 @@ class OpenAIStreamMeter:
             kind = (error.get("type") or error.get("code")) if isinstance(error, dict) else None
             self.upstream_error = str(kind or "error")
             return UNCHANGED
-        self.started = True
+        if not self.started:
+            self.started = True
+            self.bill = Bill(_model_of(chunk))
         grew = self._add_output(chunk.get("choices"))
         usage = chunk.get("usage")
         if isinstance(usage, dict):
