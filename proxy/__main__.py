@@ -65,7 +65,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"config {args.path} is valid: {len(cfg.teams)} teams, "
           f"{sum(len(t.keys) for t in cfg.teams.values())} keys")
+    for line in pricing_report(loaded):
+        print(line)
     return 0
+
+
+def pricing_report(loaded: LoadedConfig) -> list[str]:
+    """The pricing file in use, its date, and every model a key's allow-list names (a glob
+    without wildcards) that the table cannot price."""
+    from proxy.app import load_pricing, shipped_pricing_path
+
+    path = loaded.resolve(loaded.proxy.pricing) if loaded.proxy.pricing else shipped_pricing_path()
+    table = load_pricing(loaded)
+    checked = table.checked.isoformat() if table.checked else "no date"
+    lines = [f"pricing {path}{'' if loaded.proxy.pricing else ' (shipped)'}: checked {checked}, "
+             f"{len(table)} models, {len(table.aliases)} aliases"]
+    unpriced = [(f"{team_name}/{key_name}", model)
+                for team_name, team in loaded.proxy.teams.items()
+                for key_name, key in team.keys.items()
+                for model in key.models or ()
+                if not any(c in model for c in "*?[") and model not in table]
+    for where, model in unpriced:
+        lines.append(f"  no price for {model!r}, allowed to {where}")
+    if unpriced:
+        policy = loaded.proxy.admission.unpriced_models
+        effect = "cost 0" if policy == "allow" else "are refused where a cost budget applies"
+        lines.append(f"{len(unpriced)} allowed model(s) have no price: requests for them {effect} "
+                     f"(admission.unpriced_models: {policy})")
+    return lines
 
 
 def usage_rows(doc: dict) -> list[tuple[str, ...]]:

@@ -144,6 +144,7 @@ class Ask:
     input_cost_nanos: int              # that input priced
     max_tokens: int                    # as the client sent it
     output_nanos_per_token: Decimal    # at the rate that applies to this request; 0 when unpriced
+    min_output: int = 1                # fewer output tokens than this cannot be forwarded (extended thinking)
 
 
 class Admitted(NamedTuple):
@@ -183,7 +184,7 @@ def _output_cap(dim: str, room: int, ask: Ask) -> int | None:
 def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> Admitted | Denied:
     """Admit with the largest output hold every scope can cover, or name the first scope and
     dimension (key before team; SPEC order within a scope) that cannot fit input + one output token."""
-    need_out = 1 if ask.max_tokens >= 1 else 0
+    need_out = min(ask.min_output, ask.max_tokens) if ask.max_tokens >= 1 else 0
     out = ask.max_tokens
     for scope, state in scopes:
         lim = scope.limits
@@ -216,7 +217,7 @@ def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> A
 
 def needed_to_admit(dim: str, ask: Ask) -> int:
     """What a request needs in a dimension to be admitted at all (a denial reports it; wall_clock: 0)."""
-    need_out = 1 if ask.max_tokens >= 1 else 0
+    need_out = min(ask.min_output, ask.max_tokens) if ask.max_tokens >= 1 else 0
     if dim == "wall_clock":
         return 0
     if dim == "input_tokens":

@@ -21,6 +21,7 @@ UNCHANGED, GREW, REPORTED = 0, 1, 2  # GREW: the output estimate rose; REPORTED:
 class StreamMeter(Protocol):
     started: bool        # a message began: the call counts as a step
     finished: bool       # the provider's own end-of-message arrived
+    complete: bool       # the stream ended as the provider ends one (message_stop, [DONE])
     upstream_error: str | None  # error type of an upstream error event, if one came
     usage_reported: bool  # the provider reported its final output figure (then it is the truth)
 

@@ -78,7 +78,7 @@ class ModelPrice:
     long_context: Rates | None = None        # rates for the whole request above it
     model_id: str = field(default="", compare=False)  # the table's id: the only model a metric label names
     max_output_tokens: int | None = None     # the provider's output limit for one request
-    long_context_beta: str | None = None     # the long tier needs this anthropic-beta (else the model allows it)
+    long_context_beta: str | None = None     # the anthropic-beta a request needs to reach the long tier
     source: str | None = field(default=None, compare=False)   # where the figures come from
     checked: date | None = field(default=None, compare=False)  # when they were last checked
     _search_den: int = field(init=False, repr=False, compare=False)
@@ -133,13 +133,13 @@ class PriceTable:
     def _resolve(self, model: str) -> ModelPrice | None:
         target = self.aliases.get(model)
         if target is not None:
-            return self.models[target]
+            return self.models.get(target)
         undated = strip_date_suffix(model)
         if undated is None:
             return None
         found = self.models.get(undated)
         if found is None and (target := self.aliases.get(undated)) is not None:
-            found = self.models[target]
+            found = self.models.get(target)
         return found
 
     def __contains__(self, model: object) -> bool:

@@ -22,7 +22,7 @@ from proxy.denials import budget_error, cut_message
 from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
                           StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.ledger import NANOS_PER_USD, ZERO, Amounts, Ask, Denied
+from proxy.ledger import NANOS_PER_USD, ZERO, Amounts, Ask, Denied, admit
 from proxy.meter import GREW, REPORTED, UNCHANGED
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEDecoder, SSEError, SSERun, split
@@ -165,14 +165,17 @@ class Relay:
         return None
 
     def ask_for(self, facts: RequestFacts, raw: bytes, input_tokens: int, price: Any) -> Ask:
-        max_tokens = facts.max_tokens if facts.max_tokens is not None else self.adapter.default_max_tokens
+        max_tokens = facts.max_tokens
+        if max_tokens is None:  # no limit sent: the model's own bounds it (nothing is injected)
+            max_tokens = getattr(price, "max_output_tokens", None) or self.adapter.default_max_tokens
+        least = self.adapter.min_output(facts) if self.state.runtime.config.admission.clamp_max_tokens else 1
         if price is None:
-            return Ask(input_tokens, 0, max_tokens, Decimal(0))
+            return Ask(input_tokens, 0, max_tokens, Decimal(0), least)
         kind = "input"
         if b'"cache_control"' in raw:
             kind = "cache_write_1h" if b'"1h"' in raw else "cache_write_5m"
         return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), max_tokens,
-                   pricing_mod.output_nanos_per_token(price, input_tokens))
+                   pricing_mod.output_nanos_per_token(price, input_tokens), least)
 
     # --- the route ---------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -221,18 +224,31 @@ class Relay:
             self.state.observe_denial(caller, res.dimension)
             raise budget_error(res, caller, now)
         clamped_to = None
-        if facts.max_tokens is None or (res.admitted.clamped and rt.config.admission.clamp_max_tokens):
+        if res.admitted.clamped and rt.config.admission.clamp_max_tokens:
             clamped_to = res.admitted.output_tokens
+            if clamped_to < min(ask.min_output, ask.max_tokens):  # (a store that does not know min_output)
+                await self.state.store.settle(res, ZERO, None)
+                raise await self.too_little_output(scopes, ask, caller, now)
         try:
             raw = self.adapter.upstream_body(facts, raw, clamped_to)
         except Exception:  # (a body at the edge of what json can nest) never leave the hold behind
             await self.state.store.settle(res, ZERO, None)
             raise InvalidRequest("The request body could not be rewritten to fit the budget.") from None
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
-                    output_cap=clamped_to if clamped_to is not None else facts.max_tokens,
+                    output_cap=clamped_to if clamped_to is not None else ask.max_tokens,
                     generation=self.state.generation, pushed_at=now,  # (the reserve told the store)
                     betas=headers.get(b"anthropic-beta", b""))
         return call, raw, facts
+
+    async def too_little_output(self, scopes: Any, ask: Ask, caller: Caller, now: float) -> ProxyError:
+        """The 429 for a request the budget admits only with less output than it can be forwarded
+        with (extended thinking): the scope and dimension as the pure ledger words it."""
+        states = await self.state.store.states(scopes, now)
+        denied = admit(ask, list(zip(scopes, states)), now)
+        if not isinstance(denied, Denied):  # (room came free meanwhile: name the tightest anyway)
+            denied = Denied(scopes[0], "output_tokens", ask.min_output, 0, 0, ask.min_output)
+        self.state.observe_denial(caller, denied.dimension)
+        return budget_error(denied, caller, now)
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
         rem = call.res.remaining
@@ -410,14 +426,21 @@ class Relay:
                 rest = decoder.flush()
                 for ev in rest:
                     meter.feed(ev)
-                tail = b"".join(ev.raw for ev in rest if self.adapter.forwardable(ev, facts)) + decoder.pending
-                call.outcome = ("completed" if meter.finished else
+                tail = b"".join(ev.raw for ev in rest if self.adapter.forwardable(ev, facts))
+                call.outcome = ("completed" if meter.complete else
                                 "upstream_error" if meter.upstream_error else "upstream_dropped")
+                if call.outcome == "completed":
+                    tail += decoder.pending  # (bytes after the end: passed through as they came)
             except (httpx.HTTPError, SSEError):
                 call.outcome = "upstream_dropped"
             except Exception as exc:  # a bug must not tear the client's body or lose the charge
                 log.error("stream relay failed: request_id=%s error=%s", call.request_id, exc.__class__.__name__)
                 call.outcome = "proxy_error"
+            if call.outcome in ("upstream_dropped", "proxy_error") and not call.client_gone:
+                # Truncation is never silent: an SDK would take what came as a complete message.
+                # (An unfinished event's bytes are not relayed: the error event must parse.)
+                tail += self.adapter.cut_event("the upstream connection ended mid-stream", error_type="api_error",
+                                               error_code="upstream_dropped")
             if call.client_gone:
                 call.outcome = "client_disconnected"
             elif call.shutting_down and not meter.finished:

@@ -124,11 +124,18 @@ def test_count_tokens_and_models_are_forwarded(proxy, sim):
     assert "/v1/messages/count_tokens" in paths and "/v1/models" in paths
 
 
-def test_upstream_drop_ends_the_stream_cleanly_and_proxy_keeps_serving(proxy, sim):
+def test_upstream_drop_ends_the_stream_with_an_error_event_and_proxy_keeps_serving(proxy, sim):
+    """SPEC §11: truncation is never silent. The body still ends cleanly (no RemoteProtocolError),
+    with an api_error event the SDK raises, after the text that did come."""
     sim.queue(Reply(text="a b c d e f g h", drop_after=3))
-    with client(proxy).messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=MSG) as stream:
-        text = "".join(stream.text_stream)  # no RemoteProtocolError: the proxy ends the body cleanly
-    assert text and text != "a b c d e f g h"
+    got = []
+    with pytest.raises(anthropic.APIStatusError) as err:
+        with client(proxy).messages.stream(model="claude-haiku-4-5", max_tokens=100, messages=MSG) as stream:
+            for piece in stream.text_stream:
+                got.append(piece)
+    assert err.value.type == "api_error" and err.value.status_code == 200
+    assert err.value.body["error"]["details"] == {"error_code": "upstream_dropped"}
+    assert got and "".join(got) != "a b c d e f g h"
     assert client(proxy).messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG).content
 
 

@@ -449,10 +449,12 @@ def test_a_request_without_a_limit_gets_one_from_the_remaining_budget(up, osim):
     assert r.headers["x-budget-clamped-max-tokens"] == "93"
     assert osim.completions_requests()[-1].json["max_completion_tokens"] == 93
     assert settled(p)["tokens"] == 100
-    # with room to spare, the default output hold is what is set
-    p2 = up(teams(team={"tokens": 1_000_000}))
-    oai(p2).chat.completions.create(model=GPT, messages=MSG)
-    assert osim.completions_requests()[-1].json["max_completion_tokens"] == 16384
+    # with room for the model's whole output, no limit is injected (SPEC §11)
+    p2 = up(teams(team={"tokens": 10_000_000}))
+    r2 = oai(p2).chat.completions.with_raw_response.create(model=GPT, messages=MSG)
+    sent = osim.completions_requests()[-1].json
+    assert "max_completion_tokens" not in sent and "max_tokens" not in sent
+    assert "x-budget-clamped-max-tokens" not in r2.headers
 
 
 def test_hidden_reasoning_is_bounded_by_the_clamped_limit(up, osim):
@@ -497,11 +499,16 @@ def test_an_upstream_error_chunk_mid_stream_settles_what_was_generated(up, osim)
     assert settled(p) == usage(EST + 12, EST, 12, settled(p)["cost_usd"], 1)
 
 
-def test_upstream_drop_ends_the_stream_cleanly_and_charges_the_estimate(up, osim):
+def test_upstream_drop_ends_the_stream_with_an_error_chunk_and_charges_the_estimate(up, osim):
+    """SPEC §11: no APIConnectionError (the body ends cleanly), but an error chunk, not silence."""
     p = up(teams(team={"tokens": 1000}))
     osim.queue(Reply(chunks=CHUNKS_12, drop_after=5))
-    got = [ch.choices[0].delta.content for ch in oai(p).chat.completions.create(model=GPT, messages=MSG, stream=True)]
-    assert got == ["", *CHUNKS_12[:5]]  # no APIConnectionError: the proxy ended the body cleanly
+    got = []
+    with pytest.raises(openai.APIError) as err:
+        for ch in oai(p).chat.completions.create(model=GPT, messages=MSG, stream=True):
+            got.append(ch.choices[0].delta.content)
+    assert got == ["", *CHUNKS_12[:5]]
+    assert err.value.code == "upstream_dropped" and "ended mid-stream" in err.value.message
     assert settled(p)["tokens"] == EST + 20
     osim.queue(Reply(text="still serving"))
     assert oai(p).chat.completions.create(model=GPT, messages=MSG).choices[0].message.content == "still serving"

@@ -61,7 +61,7 @@ data: [DONE]
 
 def test_the_adapter_is_a_provider():
     p: Provider = A
-    assert (p.name, p.path, p.default_max_tokens) == ("openai", "/v1/chat/completions", 16384)
+    assert (p.name, p.path, p.default_max_tokens) == ("openai", "/v1/chat/completions", 128_000)
     assert A.count_tokens_body(facts()) is None
 
 

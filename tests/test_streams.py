@@ -120,6 +120,17 @@ def stream_text(proxy, key=ALPHA_KEY, max_tokens=1000, model=MODEL) -> str:
         return "".join(s.text_stream)
 
 
+def dropped_stream_text(proxy) -> str:
+    """The text of a stream the upstream dropped, which ends with the SPEC §11 error event."""
+    got: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as err:
+        with client(proxy, ALPHA_KEY).messages.stream(model=MODEL, max_tokens=1000, messages=MSG) as s:
+            for piece in s.text_stream:
+                got.append(piece)
+    assert err.value.type == "api_error" and err.value.body["error"]["details"]["error_code"] == "upstream_dropped"
+    return "".join(got)
+
+
 def raw_stream(proxy, max_tokens=1000) -> httpx.Response:
     """The whole streamed body read to its end (no SDK, so the client never hangs up early)."""
     return httpx.post(proxy.url + "/v1/messages",
@@ -413,7 +424,7 @@ def test_upstream_error_event_outcome(start, sim):
 def test_upstream_drop_settles_the_estimate(start, sim):
     proxy = start(teams=teams(key_budget={"tokens": 10**6}))
     sim.queue(Reply(chunks=[CHUNK] * 10, input_tokens=25, drop_after=3))
-    assert stream_text(proxy) == CHUNK * 3                   # the proxy ends our body cleanly
+    assert dropped_stream_text(proxy) == CHUNK * 3           # the proxy ends our body with an error event
     [row] = wait_rows(proxy, 1)
     out = 3 * PER_DELTA
     assert row.outcome == "upstream_dropped" and row.steps == 1
@@ -435,7 +446,7 @@ def test_every_ending_settles_exactly_once(start, sim):
     assert b"overloaded_error" in raw_stream(proxy).content
     # upstream drop
     sim.queue(Reply(chunks=[CHUNK] * 5, drop_after=2))
-    assert stream_text(proxy) == CHUNK * 2
+    assert dropped_stream_text(proxy) == CHUNK * 2
     # client disconnect
     sim.queue(Reply(chunks=[CHUNK] * 5, gate="g", gate_after=1))
     with c.messages.stream(model=MODEL, max_tokens=100, messages=MSG) as s:

@@ -26,8 +26,32 @@ def parse_request(raw: bytes) -> RequestFacts:
     return RequestFacts(body, model, max_tokens, body.get("stream") is True)
 
 
+# Extended thinking: budget_tokens must be at least this and below max_tokens, or the API refuses.
+THINKING_MIN_BUDGET = 1024
+
+
+def thinking_budget(body: dict[str, Any]) -> int | None:
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) else None
+
+
+def min_output(facts: RequestFacts) -> int:
+    """The fewest output tokens the request can be forwarded with once clamped: with a thinking
+    budget, its minimum plus one (budget_tokens < max_tokens)."""
+    return 1 if thinking_budget(facts.body) is None else THINKING_MIN_BUDGET + 1
+
+
 def with_max_tokens(facts: RequestFacts, max_tokens: int) -> bytes:
-    return json.dumps({**facts.body, "max_tokens": max_tokens}, separators=(",", ":")).encode()
+    """The body with max_tokens lowered, and a thinking budget lowered below it (never below the
+    API's minimum: the relay forwards no clamp below min_output)."""
+    body = {**facts.body, "max_tokens": max_tokens}
+    budget = thinking_budget(body)
+    if budget is not None and budget >= max_tokens:
+        body["thinking"] = {**body["thinking"], "budget_tokens": max(THINKING_MIN_BUDGET, max_tokens - 1)}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def count_tokens_body(facts: RequestFacts) -> bytes:
@@ -246,11 +270,12 @@ class AnthropicStreamMeter:
     """Running usage of one Anthropic stream. Every usage figure is a running total: each
     message_delta overwrites, never adds (PROTOCOL §3.2)."""
 
-    __slots__ = ("started", "finished", "upstream_error", "bill", "_top", "_reported", "_delta_seen", "_estimate")
+    __slots__ = ("started", "finished", "complete", "upstream_error", "bill", "_top", "_reported", "_delta_seen", "_estimate")
 
     def __init__(self) -> None:
         self.started = False
         self.finished = False
+        self.complete = False  # message_stop came: the stream ended as the API ends one
         self.upstream_error: str | None = None
         self.bill = NO_BILL  # the served model (message_start) and the billed iterations (message_delta)
         self._top = Usage()       # the top-level running totals
@@ -305,7 +330,7 @@ class AnthropicStreamMeter:
                 self.finished = True  # the final delta: the message is complete, nothing left to cut
             return REPORTED
         if name == "message_stop":
-            self.finished = True
+            self.finished = self.complete = True
         elif name == "error":
             try:
                 self.upstream_error = str(json.loads(event.data)["error"]["type"])
@@ -384,6 +409,8 @@ class AnthropicAdapter:
     @staticmethod
     def estimate_input(facts: RequestFacts) -> int:
         return estimate_input_tokens(facts.body)
+
+    min_output = staticmethod(min_output)
 
     @staticmethod
     def count_tokens_body(facts: RequestFacts) -> bytes | None:

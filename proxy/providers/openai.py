@@ -151,11 +151,12 @@ class OpenAIStreamMeter:
     chunk is the whole request's usage and the final truth. A stream cut (or dropped) before it
     settles at the live figure."""
 
-    __slots__ = ("started", "finished", "upstream_error", "bill", "_input_estimate", "_reported", "_final",
+    __slots__ = ("started", "finished", "complete", "upstream_error", "bill", "_input_estimate", "_reported", "_final",
                  "_estimate")
 
     def __init__(self, input_estimate: int) -> None:
         self.bill = NO_BILL  # the served model, as the chunks name it
+        self.complete = False  # data: [DONE] came after the final chunk
         self.started = False
         self.finished = False
         self.upstream_error: str | None = None
@@ -168,6 +169,7 @@ class OpenAIStreamMeter:
         data = event.data
         if data.startswith("[DONE]"):  # the SDK's own test
             self.finished = self.upstream_error is None
+            self.complete = self.finished and self.started
             return UNCHANGED
         try:
             chunk = json.loads(data)
@@ -234,9 +236,9 @@ class OpenAIStreamMeter:
 class OpenAIAdapter:
     name = "openai"
     path = "/v1/chat/completions"
-    # The output hold for a request that sets no limit, and the max_completion_tokens then
-    # forwarded: gpt-4o's whole output window, half of gpt-4.1's. A client that wants more sets it.
-    default_max_tokens = 16384
+    # The output hold for a request that sets no limit when the pricing table does not give the
+    # model's max_output_tokens (nothing is forwarded for it unless clamping lowers it).
+    default_max_tokens = 128_000
 
     parse_request = staticmethod(parse_request)
     upstream_body = staticmethod(upstream_body)
@@ -249,6 +251,10 @@ class OpenAIAdapter:
     @staticmethod
     def estimate_input(facts: RequestFacts) -> int:
         return estimate_openai_input_tokens(facts.body)
+
+    @staticmethod
+    def min_output(facts: RequestFacts) -> int:
+        return 1
 
     @staticmethod
     def count_tokens_body(facts: RequestFacts) -> bytes | None:
