@@ -33,6 +33,7 @@ from proxy.passthrough import Passthrough, fixed_path, model_detail_path
 from proxy.pricing import PriceTable, PricingError, parse_price_table
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.openai import OpenAIAdapter
+from proxy.ratio import OutputRatios
 from proxy.relay import Relay
 from proxy.store import LedgerStore, open_store
 from proxy.upstream import PooledTransport
@@ -92,6 +93,7 @@ class AppState:
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
         self.metrics = Metrics()
+        self.output_ratios = OutputRatios()  # bytes per output token, learned (proxy/ratio.py)
         self.generation = 0                 # bumped by every reload that took effect
         self.active_streams: set[Any] = set()
         self.relay = Relay(self, AnthropicAdapter())
@@ -266,6 +268,9 @@ class BudgetProxyApp:
 
         self.router = Starlette(routes=build_routes(state), lifespan=lifespan,
                                 exception_handlers={404: not_found, 405: not_found})
+        # A path with a trailing slash is not a route: a 404, never a redirect built from the
+        # client's Host header.
+        self.router.router.redirect_slashes = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -18,6 +18,7 @@ from proxy.usage import Usage
 class Bill(NamedTuple):
     model: str | None = None                          # the model the response names
     parts: tuple[tuple[str | None, Usage], ...] = ()  # billed iterations: (their model or None, usage)
+    tool_loop: bool = False  # server tools ran: the usage sums several sampling calls
 
 
 NO_BILL = Bill()
@@ -51,7 +52,8 @@ def bill_cost_nanos(table: PriceTable, requested: ModelPrice | None, bill: Bill,
     `requested` prices whatever the response does not name a priced model for."""
     served = price_for(table, bill.model, requested)
     if not bill.parts:
-        return 0 if served is None else cost_nanos(served, usage, long_context=whole_is_one_call)
+        one_call = whole_is_one_call and not bill.tool_loop
+        return 0 if served is None else cost_nanos(served, usage, long_context=one_call)
     cost = 0
     searches = usage.web_search_requests
     for model, part in bill.parts:

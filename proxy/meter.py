@@ -24,6 +24,7 @@ class StreamMeter(Protocol):
     complete: bool       # the stream ended as the provider ends one (message_stop, [DONE])
     upstream_error: str | None  # error type of an upstream error event, if one came
     usage_reported: bool  # the provider reported its final output figure (then it is the truth)
+    output_bytes: int     # generated content relayed so far, in bytes (what the estimate counts)
 
     def feed(self, event: SSEEvent) -> int:
         """Take one event; UNCHANGED, GREW or REPORTED (the relay checks the budget on the last two)."""
@@ -56,12 +57,18 @@ def feed_events(meter: StreamMeter, events: Sequence[SSEEvent], start: int, room
 
 
 class OutputEstimate:
-    """Counts generated content bytes; tokens = ceil(bytes / 3)."""
+    """Counts generated content bytes; tokens = ceil(bytes / bytes-per-token), the latter in
+    thousandths (proxy/ratio.py learns it; bytes / 3 by default)."""
 
-    __slots__ = ("bytes",)
+    __slots__ = ("bytes", "milli")
 
-    def __init__(self) -> None:
+    def __init__(self, bytes_per_token_milli: int = 3000) -> None:
         self.bytes = 0
+        self.milli = bytes_per_token_milli
+
+    def bytes_within(self, tokens: int) -> int:
+        """The most bytes whose estimate is at most `tokens`."""
+        return tokens * self.milli // 1000
 
     def add(self, text: str) -> None:
         # surrogatepass: JSON may carry a lone surrogate escape, which plain encode() rejects
@@ -69,4 +76,4 @@ class OutputEstimate:
 
     @property
     def tokens(self) -> int:
-        return -(-self.bytes // 3)
+        return -(-self.bytes * 1000 // self.milli)

@@ -334,7 +334,10 @@ class Relay:
                    receive: Receive, send: Send, facts: RequestFacts) -> None:
         """Relay a stream event by event, metering each; cut it in place of the next event when a
         budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
-        meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens)
+        ratio_key = (call.caller.team + "/" + call.caller.key, call.price.model_id if call.price else call.model)
+        ratios = self.state.output_ratios
+        meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens,
+                                       ratios.bytes_per_token_milli(*ratio_key))
         decoder = SSEDecoder(runs=self.adapter.event_runs)
         call.status = 200
         # The head goes out with the first bytes of the body: one write (server.CoalescingTransport)
@@ -458,6 +461,8 @@ class Relay:
             usage = self.stream_usage(call, meter)
             # (no shield, which costs a task per stream: settle survives this task's cancellation)
             await self.settle(call, usage, usage if usage is not None else Usage(), meter.bill)
+            if meter.complete and meter.usage_reported and usage is not None:
+                ratios.learn(*ratio_key, usage.output_tokens, meter.output_bytes)
         # As for a whole reply, the charge is committed before the response ends (SPEC §6).
         if head is not None:
             await send(head)
@@ -500,6 +505,16 @@ class Relay:
                     return Denied(scope, dim, limit, st.used.get(dim), st.held.get(dim), 0)
         return None
 
+    def live_usage(self, call: Call, meter: Any) -> Usage:
+        """The running charge: the meter's figure, its input at least what admission estimated
+        until the provider reports one (a stream without message_start is no cheaper)."""
+        u = meter.live_usage()
+        if not meter.started:
+            estimated = call.res.admitted.hold.input_tokens
+            if u.total_input_tokens < estimated:
+                u = u._replace(input_tokens=u.input_tokens + estimated - u.total_input_tokens)
+        return self.capped(call, u)
+
     def stream_usage(self, call: Call, meter: Any) -> Usage | None:
         """What a stream that ended is charged; None when it produced no message (no step). A
         stream that never sent its message start but relayed output is charged the estimate of
@@ -507,12 +522,8 @@ class Relay:
         if meter.started:
             usage = meter.final_usage()
             return usage if meter.usage_reported else self.capped(call, usage)
-        live = meter.live_usage()
-        if live.output_tokens == 0:
-            return None
-        estimated_input = call.res.admitted.hold.input_tokens
-        return self.capped(call, Usage(input_tokens=max(live.total_input_tokens, estimated_input),
-                                       output_tokens=live.output_tokens))
+        live = self.live_usage(call, meter)
+        return None if live.output_tokens == 0 else live
 
     @staticmethod
     def capped(call: Call, u: Usage) -> Usage:
@@ -529,7 +540,7 @@ class Relay:
         the hold or refuse: a cut) or the last push is a second old, then work out how far
         output may grow before the next decision. Between decisions the meter compares one
         integer per event (see pump)."""
-        u = self.capped(call, meter.live_usage())
+        u = self.live_usage(call, meter)
         amounts = Amounts.of_usage(u, self.cost(call, u), 1)
         now = self.state.clock()
         if now - call.pushed_at < PUSH_INTERVAL_SECONDS and amounts.within(call.res.hold):

@@ -312,21 +312,25 @@ def test_wall_clock_running_out_cuts_a_stream_in_flight(up, sim):
 @pytest.mark.filterwarnings("ignore:The model 'claude-sonnet-4-5:DeprecationWarning")
 def test_long_context_and_web_search_are_priced(up, sim):
     """claude-sonnet-4-5 above 200K input with the 1M-context beta: the whole request at $6 / $22.50
-    (read $0.60); plus $10 per 1000 searches. The estimate was tiny: the provider's usage is the
-    final truth. Without the beta no single call can pass 200K (SPEC §11): the input is a
-    server-tool loop's sum, at the standard $3 / $15 (read $0.30)."""
+    (read $0.60). The estimate was tiny: the provider's usage is the final truth. Without the beta,
+    or with server tools (here 3 web searches at $10 per 1000: the input is a loop's sum), no single
+    call passed 200K (SPEC §11): the standard $3 / $15 (read $0.30)."""
     p = up(teams(team={"cost_usd": 5}))
+    beta = {"anthropic-beta": "files-api-2025-04-14, context-1m-2025-08-07"}
+    sim.queue(Reply(input_tokens=150_000, cache_read=60_000, output_tokens=100))
+    create(p, model="claude-sonnet-4-5-20250929", max_tokens=100, extra_headers=beta)
+    long = 150_000 * 6_000 + 60_000 * 600 + 100 * 22_500
+    assert long == 938_250_000
+    assert used(p) == usage(210_100, 210_000, 100, 0.93825, 1)
     sim.queue(Reply(input_tokens=150_000, cache_read=60_000, output_tokens=100, web_search_requests=3))
-    create(p, model="claude-sonnet-4-5-20250929", max_tokens=100,
-           extra_headers={"anthropic-beta": "files-api-2025-04-14, context-1m-2025-08-07"})
-    cost = 150_000 * 6_000 + 60_000 * 600 + 100 * 22_500 + 3 * 10_000_000
-    assert cost == 968_250_000
-    assert used(p) == usage(210_100, 210_000, 100, 0.96825, 1)
-    sim.queue(Reply(input_tokens=150_000, cache_read=60_000, output_tokens=100, web_search_requests=3))
+    create(p, model="claude-sonnet-4-5-20250929", max_tokens=100, extra_headers=beta)
+    looped = 150_000 * 3_000 + 60_000 * 300 + 100 * 15_000 + 3 * 10_000_000
+    assert looped == 499_500_000
+    sim.queue(Reply(input_tokens=150_000, cache_read=60_000, output_tokens=100))
     create(p, model="claude-sonnet-4-5-20250929", max_tokens=100)
-    standard = 150_000 * 3_000 + 60_000 * 300 + 100 * 15_000 + 3 * 10_000_000
-    assert standard == 499_500_000
-    assert used(p) == usage(2 * 210_100, 2 * 210_000, 200, 0.96825 + 0.4995, 2)
+    no_beta = 150_000 * 3_000 + 60_000 * 300 + 100 * 15_000
+    assert no_beta == 469_500_000
+    assert used(p) == usage(3 * 210_100, 3 * 210_000, 300, 1.907250, 3)
 
 
 def test_stream_usage_totals_are_running_totals_not_summed(up, sim):

@@ -1,8 +1,10 @@
-"""The proxy as a real process on a SQLite ledger: restarts, SIGTERM and kill -9 (SPEC §2, §6).
+"""The proxy as a real process on a SQLite ledger: restarts, SIGTERM and kill -9 (SPEC §2, §6, §8).
 
 `python -m proxy serve` runs in a subprocess in front of the in-process Anthropic simulator.
-SPEC §6: every settled charge is committed before the response ends, so a kill -9 loses at most
-the usage of requests then in flight; holds are never persisted and never outlive the process.
+SPEC §6: every settled charge is committed before the response ends; holds are never persisted and
+never outlive the process. SPEC §8 raises §6: the running charge of a stream is persisted at least
+every second, so a kill -9 loses at most the last second of each stream in flight, never a whole
+stream's charge (on SQLite and, when Redis is reachable, on a Redis ledger too).
 SPEC §2: SIGTERM stops accepting, lets in-flight requests finish within the grace period, settles
 every charge and closes the store.
 
@@ -10,18 +12,22 @@ No sleeps: every wait is a bounded poll on something observable (the process, /h
 simulator's gates)."""
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import anthropic
 import httpx
 import pytest
+import redis
 import yaml
 
 from tests.conftest import ALPHA_KEY, BETA_KEY
@@ -115,10 +121,10 @@ def without_wall_clock(doc: dict[str, Any]) -> list[tuple[str, dict, dict]]:
 def proxy_process(sim, tmp_path) -> Callable[..., ProxyProcess]:
     made: list[ProxyProcess] = []
 
-    def make(grace: float = 10, team_budget: dict | None = None) -> ProxyProcess:
+    def make(grace: float = 10, team_budget: dict | None = None, store: str | None = None) -> ProxyProcess:
         cfg = {
             "upstreams": {"anthropic": {"base_url": sim.url, "api_key": "sk-upstream-secret", "timeout_seconds": 30}},
-            "store": f"sqlite:///{tmp_path}/l.db",  # an absolute path: sqlite:////tmp/...
+            "store": store or f"sqlite:///{tmp_path}/l.db",  # an absolute path: sqlite:////tmp/...
             "server": {"shutdown_grace_seconds": grace},
             "teams": {"research": {
                 "budget": team_budget or {"tokens": 100_000, "steps": 100, "cost_usd": 10},
@@ -177,7 +183,7 @@ def test_sigterm_and_restart_keep_every_charge(proxy_process, sim):
     assert p.budget()["scopes"][1]["used"]["tokens"] == expected["tokens"] + 10
 
 
-def test_kill_9_with_a_stream_in_flight_leaves_no_hold(proxy_process, sim):
+def test_kill_9_with_a_stream_in_flight_leaves_no_hold_and_keeps_its_running_charge(proxy_process, sim):
     p = proxy_process().start()
     expected = charged_requests(p, sim)
     settled = without_wall_clock(p.budget())
@@ -212,11 +218,14 @@ def test_kill_9_with_a_stream_in_flight_leaves_no_hold(proxy_process, sim):
     print(f"\nkill -9 with a stream in flight: held before {during['held']['tokens']} tokens, "
           f"used {during['used']['tokens']}; after restart used {after['scopes'][1]['used']['tokens']}, "
           f"held {after['scopes'][1]['held']}")
-    assert without_wall_clock(after) == settled  # the completed requests' charges, and no hold
     for s in after["scopes"]:
-        assert s["held"] == ZERO_HELD
-    assert after["scopes"][1]["used"]["tokens"] == expected["tokens"]
-    assert after["scopes"][1]["remaining"]["tokens"] == 100_000 - expected["tokens"]
+        assert s["held"] == ZERO_HELD  # no hold survives
+    # the completed requests' charges, and the stream's running charge as it was pushed (SPEC §8):
+    # everything it was charged before the kill (the gate held it since), now settled
+    used = {k: v for k, v in during["used"].items() if k != "wall_clock"}
+    assert without_wall_clock(after)[1][1] == used
+    assert used["tokens"] >= expected["tokens"] + 100 and used["steps"] == expected["steps"] + 1
+    assert after["scopes"][1]["remaining"]["tokens"] == 100_000 - used["tokens"]
 
 
 def test_sigterm_lets_an_in_flight_request_finish_and_charges_it(proxy_process, sim):
@@ -318,3 +327,161 @@ def test_a_stream_still_running_when_the_grace_period_ends_is_cut_and_charged(pr
     assert used["tokens"] > expected["tokens"] + 7
     for s in p.budget()["scopes"]:
         assert s["held"] == ZERO_HELD
+
+
+# --- kill -9 in the middle of a long stream (SPEC §8: at most the last second is lost) --------------------------------
+
+PACED_CHUNKS = [f"w{i:03d} abcdefg " for i in range(300)]  # 300 text deltas of 13 bytes
+EVENT_DELAY = 0.03                                         # ~33 events a second: a 9+ s stream
+PACED_BYTES = [len(c) for c in PACED_CHUNKS]
+PACED_INPUT = 100
+PACED_OUTPUT = math.ceil(sum(PACED_BYTES) / 3)   # reported at the end = the relay's bytes/3 estimate of it all
+PUSH_INTERVAL = 1.0                              # proxy/relay.py PUSH_INTERVAL_SECONDS
+# Pushes happen at events, so the last one before the kill can be up to one event gap more than a
+# second old; and the kill may land in the millisecond between a push and its group commit.
+PUSH_SLACK = 2 * EVENT_DELAY + 0.1
+REDIS_CRASH_DB = 12  # no other test uses it
+
+
+class PacedStream:
+    """A client reading one long paced stream in a thread, noting when each text delta arrived."""
+
+    def __init__(self, p: ProxyProcess) -> None:
+        self.p = p
+        self.got: list[tuple[float, int]] = []  # (monotonic time, text bytes received so far)
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        total = 0
+        try:
+            with self.p.client().messages.stream(model=HAIKU, max_tokens=4096, messages=MSG) as s:
+                for text in s.text_stream:
+                    total += len(text.encode())
+                    self.got.append((time.monotonic(), total))
+        except BaseException as exc:  # the proxy dies under it
+            self.errors.append(exc)
+
+    def receiving_for(self) -> float:
+        got = self.got
+        return got[-1][0] - got[0][0] if got else 0.0
+
+    def bytes_by(self, t: float) -> int:
+        return max((b for at, b in self.got if at <= t), default=0)
+
+
+def generated_bytes(sim) -> int:
+    """What the upstream generated for the last stream: the text of the deltas it sent."""
+    return sum(PACED_BYTES[:sim.streams[-1].text_deltas_sent])
+
+
+def kill_mid_stream(p: ProxyProcess, sim) -> dict[str, Any]:
+    """Run the paced stream, kill -9 the proxy once the client has received text for over 2 s;
+    return what the client received and what the upstream generated."""
+    sim.queue(Reply(chunks=PACED_CHUNKS, input_tokens=PACED_INPUT, output_tokens=PACED_OUTPUT,
+                    event_delay=EVENT_DELAY))
+    client = PacedStream(p)
+    client.thread.start()
+    deadline = time.monotonic() + 60
+    while client.receiving_for() <= 2.5:
+        assert time.monotonic() < deadline and client.thread.is_alive(), (client.errors, len(client.got))
+        client.thread.join(0.02)  # a bounded pause that also notices the client ending
+    killed_at = time.monotonic()
+    p.signal(signal.SIGKILL)
+    assert p.wait_exit() == -signal.SIGKILL
+    client.thread.join(15)
+    assert not client.thread.is_alive() and client.errors, "the client should have seen the connection go"
+    assert sim.wait_idle(10) and sim.streams[-1].outcome == "aborted"
+    received = client.got[-1][1]
+    by_1s = client.bytes_by(killed_at - PUSH_INTERVAL)
+    floor = client.bytes_by(killed_at - PUSH_INTERVAL - PUSH_SLACK)
+    generated = generated_bytes(sim)
+    assert 0 < floor <= by_1s <= received <= generated < sum(PACED_BYTES)  # killed mid-stream
+    return {"received_bytes": received, "receiving_s": round(killed_at - client.got[0][0], 2),
+            "bytes_1s_before_kill": by_1s, "floor_bytes": floor, "generated_bytes": generated}
+
+
+def check_ledger(p: ProxyProcess, seen: dict[str, Any], label: str) -> dict[str, Any]:
+    """After the restart: the key's used tokens and cost count at least what was generated up to a
+    push interval before the kill, and no more than what was generated at all."""
+    doc = p.budget()
+    key_used = doc["scopes"][0]["used"]
+    team_used = doc["scopes"][1]["used"]
+    lo_tokens = PACED_INPUT + math.ceil(seen["floor_bytes"] / 3)
+    hi_tokens = PACED_INPUT + math.ceil(seen["generated_bytes"] / 3)
+    lo_cost, hi_cost = (PACED_INPUT * H_IN + (lo_tokens - PACED_INPUT) * H_OUT) / 1e9, \
+        (PACED_INPUT * H_IN + (hi_tokens - PACED_INPUT) * H_OUT) / 1e9
+    figures = (f"{label}: client received {seen['received_bytes']} text bytes "
+               f"(~{math.ceil(seen['received_bytes'] / 3)} output tokens) over {seen['receiving_s']} s, "
+               f"{seen['bytes_1s_before_kill']} bytes (~{math.ceil(seen['bytes_1s_before_kill'] / 3)} tokens) "
+               f"by 1 s before the kill; the upstream generated {seen['generated_bytes']} bytes; "
+               f"ledger after restart: key used {key_used['tokens']} tokens ({PACED_INPUT} input + "
+               f"{key_used['output_tokens']} output), ${key_used['cost_usd']}, {key_used['steps']} step(s); "
+               f"asserted bounds {lo_tokens}..{hi_tokens} tokens")
+    print("\n" + figures)
+    assert lo_tokens <= key_used["tokens"] <= hi_tokens, figures
+    assert key_used["input_tokens"] == PACED_INPUT, figures
+    assert lo_cost - 1e-9 <= key_used["cost_usd"] <= hi_cost + 1e-9, figures
+    assert key_used["steps"] == 1, figures
+    assert {k: v for k, v in team_used.items() if k != "wall_clock"} == \
+        {k: v for k, v in key_used.items() if k != "wall_clock"}, figures
+    return key_used
+
+
+def test_kill_9_mid_stream_loses_at_most_the_last_second_sqlite(proxy_process, sim, tmp_path):
+    p = proxy_process().start()
+    seen = kill_mid_stream(p, sim)
+    p.start()  # same config, same ledger: the running charge it left is folded in
+    used = check_ledger(p, seen, "kill -9 mid-stream, SQLite")
+    for s in p.budget()["scopes"]:
+        assert s["held"] == ZERO_HELD
+    db = sqlite3.connect(tmp_path / "l.db")
+    try:
+        rows = db.execute("SELECT team, key, input_tokens, output_tokens, cost_nanos, steps, outcome FROM usage_log"
+                          ).fetchall()
+        assert db.execute("SELECT COUNT(*) FROM inflight").fetchone() == (0,)
+    finally:
+        db.close()
+    assert rows == [("research", "alpha", PACED_INPUT, used["output_tokens"], round(used["cost_usd"] * 1e9), 1,
+                     "interrupted")]
+
+
+@pytest.fixture
+def redis_ledger() -> Iterator[str]:
+    """A fresh key prefix in Redis DB 12, deleted afterwards; skipped without Redis unless
+    BUDGET_PROXY_REQUIRE_REDIS is set (then it fails)."""
+    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_CRASH_DB, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
+            pytest.fail(f"Redis at 127.0.0.1:6379 is required (BUDGET_PROXY_REQUIRE_REDIS) but unreachable: {exc}")
+        pytest.skip("Redis at 127.0.0.1:6379 is not reachable (set BUDGET_PROXY_REQUIRE_REDIS to fail instead)")
+    prefix = f"bp-crash-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    for k in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(k)
+    client.close()
+
+
+def test_kill_9_mid_stream_loses_at_most_the_last_second_redis(proxy_process, sim, redis_ledger):
+    url = f"redis://127.0.0.1:6379/{REDIS_CRASH_DB}?prefix={redis_ledger}&hold_ttl=3&renew_every=1"
+    p = proxy_process(store=url).start()
+    seen = kill_mid_stream(p, sim)
+    p.start()
+    # at once: the running charge is counted in used (its hold too, until it expires)
+    check_ledger(p, seen, "kill -9 mid-stream, Redis, before the hold expired")
+    deadline = time.monotonic() + 30
+    while any(s["held"] != ZERO_HELD for s in p.budget()["scopes"]):  # the hold expires on its own (hold_ttl 3 s)
+        assert time.monotonic() < deadline, p.budget()
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait_exit(0.1)  # a bounded pause that also notices the proxy dying
+    used = check_ledger(p, seen, "kill -9 mid-stream, Redis, after the hold expired")
+    log = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_CRASH_DB, decode_responses=True)
+    try:
+        rows = [fields for _, fields in log.xrange(redis_ledger + "log")]
+    finally:
+        log.close()
+    assert [(r["team"], r["key"], int(r["input_tokens"]), int(r["output_tokens"]), int(r["cost_nanos"]),
+             r["outcome"]) for r in rows] == [
+        ("research", "alpha", PACED_INPUT, used["output_tokens"], round(used["cost_usd"] * 1e9), "hold_expired")]

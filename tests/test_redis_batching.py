@@ -345,3 +345,13 @@ def test_a_batch_payload_is_the_json_of_its_calls_with_lone_surrogates_as_questi
     want = [fixed(c) if isinstance(c, str) else [fixed(x) for x in c] for c in calls]
     assert json.loads(_payload(calls)) == want
     assert _payload(calls) == json.dumps(calls, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+
+
+def test_a_batch_payload_never_fails_on_a_value_that_is_not_a_string() -> None:
+    """A usage row built wrong (None, bytes, an object in a text field) must not fail the whole batch's
+    script call, and with it other tenants' reserves, charges and settles: such values go as null or
+    their str(), and the settle script writes a null as ''."""
+    calls = [["s", "id-1", "claude\udfff"], ["s", "id-2", None, b"x\xff", 5, object()]]
+    got = json.loads(_payload(calls))
+    assert got[0] == ["s", "id-1", "claude?"]
+    assert got[1][:5] == ["s", "id-2", None, "b'x\\xff'", 5] and got[1][5].startswith("<object object")

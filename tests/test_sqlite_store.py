@@ -1,7 +1,8 @@
 """SqliteStore's group commit (proxy/store/sqlite.py): settlements that arrive while a transaction is
 being written share the next one, summed into one upsert per (scope, period). What is on disk must be
-what the same settlements would have written one statement at a time, all or nothing per batch, and
-committed before settle() returns."""
+what the same settlements would have written one statement at a time, all or nothing per batch (but
+for a usage row that cannot be written: it never takes the others with it, test_store_durability.py),
+and committed before settle() returns."""
 from __future__ import annotations
 
 import asyncio
@@ -78,7 +79,7 @@ async def test_settlements_that_arrive_together_share_one_transaction(tmp_path: 
     await store.open()
     batches: list[int] = []
     write = store._write
-    monkeypatch.setattr(store, "_write", lambda totals, rows: (batches.append(len(rows)), write(totals, rows))[1])
+    monkeypatch.setattr(store, "_write", lambda totals, rows, *rest: (batches.append(len(rows)), write(totals, rows, *rest))[1])
     reservations = await reserve_many(store, 16)
 
     async def settle_after(res: Reservation, ticks: int) -> None:

@@ -48,8 +48,9 @@ class Provider(Protocol):
         """The body to forward: `raw` byte for byte unless max_tokens must be set or lowered."""
 
     def usage_from_response(self, raw: bytes) -> Usage | None: ...
-    def new_meter(self, facts: RequestFacts, input_estimate: int) -> StreamMeter:
-        """A meter for one stream; `input_estimate` is what admission reserved for input."""
+    def new_meter(self, facts: RequestFacts, input_estimate: int, bytes_per_token_milli: int) -> StreamMeter:
+        """A meter for one stream; `input_estimate` is what admission reserved for input, and
+        output is estimated at `bytes_per_token_milli` / 1000 bytes a token until reported."""
     def forwardable(self, event: SSEEvent, facts: RequestFacts) -> bool: ...
     def cut_event(self, message: str, error_type: str = "rate_limit_error",
                   error_code: str = "budget_exceeded") -> bytes:

@@ -121,23 +121,37 @@ def _trailing_usage(raw: bytes) -> Any:
     return usage if isinstance(usage, dict) and text[end:].strip() == "}" else None
 
 
-def _billed(iteration: dict[str, Any]) -> bool:
-    """An iteration counts unless the provider marks it as not billed."""
-    return iteration.get("billed") is not False
+def _declined(item: dict[str, Any], later: list[Any]) -> bool:
+    """A fallback's declined attempt: a `message` iteration that generated nothing, followed by
+    the `fallback_message` that served. A refusal without output is not billed (docs/budgets.md)."""
+    return (item.get("type") == "message" and _int(item.get("output_tokens")) == 0
+            and any(isinstance(x, dict) and x.get("type") == "fallback_message" for x in later))
 
 
 def iterations_from(u: Any) -> tuple[tuple[str | None, Usage], ...] | None:
     """The billed sampling calls of `usage.iterations` as (model or None, usage); None when the
-    usage is not itemised."""
+    usage is not itemised. Not billed: an iteration marked `billed: false`, a declined attempt."""
     items = u.get("iterations") if isinstance(u, dict) else None
     if not isinstance(items, list) or not items:
         return None
     parts = []
-    for it in items:
-        if isinstance(it, dict) and _billed(it):
+    for i, it in enumerate(items):
+        if isinstance(it, dict) and it.get("billed") is not False and not _declined(it, items[i + 1:]):
             model = it.get("model")
             parts.append((model if isinstance(model, str) and model else None, usage_from(it)))
     return tuple(parts)
+
+
+_SERVER_TOOL_BLOCK = re.compile(rb'"type":\s*"server_tool_use"')
+
+
+def ran_server_tools(u: Any, content: bytes) -> bool:
+    """Server tools ran (a block of theirs, or a request counted): the usage sums a loop of
+    sampling calls, none of which need have been long."""
+    stu = u.get("server_tool_use") if isinstance(u, dict) else None
+    if isinstance(stu, dict) and any(_int(v) for v in stu.values()):
+        return True
+    return _SERVER_TOOL_BLOCK.search(content) is not None
 
 
 def billed_usage(u: Any, usage: Usage, bill: Bill) -> tuple[Usage, Bill]:
@@ -146,7 +160,7 @@ def billed_usage(u: Any, usage: Usage, bill: Bill) -> tuple[Usage, Bill]:
     parts = iterations_from(u)
     if parts is None:
         return usage, bill
-    return total_of(parts, usage.web_search_requests), Bill(bill.model, parts)
+    return total_of(parts, usage.web_search_requests), bill._replace(parts=parts)
 
 
 # The response's model: the first "model" member (the API sends it before the content). The bytes
@@ -166,7 +180,7 @@ def usage_from_response(raw: bytes) -> tuple[Usage, Bill] | None:
         usage = None if obj is None else obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    return billed_usage(usage, usage_from(usage), Bill(served_model(raw)))
+    return billed_usage(usage, usage_from(usage), Bill(served_model(raw), (), ran_server_tools(usage, raw)))
 
 
 def cut_event(message: str, error_type: str = "rate_limit_error", error_code: str = "budget_exceeded") -> bytes:
@@ -272,7 +286,7 @@ class AnthropicStreamMeter:
 
     __slots__ = ("started", "finished", "complete", "upstream_error", "bill", "_top", "_reported", "_delta_seen", "_estimate")
 
-    def __init__(self) -> None:
+    def __init__(self, bytes_per_token_milli: int = 3000) -> None:
         self.started = False
         self.finished = False
         self.complete = False  # message_stop came: the stream ended as the API ends one
@@ -281,7 +295,7 @@ class AnthropicStreamMeter:
         self._top = Usage()       # the top-level running totals
         self._reported = Usage()  # what is billed: the top-level totals, or the sum of the iterations
         self._delta_seen = False
-        self._estimate = OutputEstimate()
+        self._estimate = OutputEstimate(bytes_per_token_milli)
 
     def feed(self, event: SSEEvent) -> int:
         name = event.event
@@ -322,6 +336,8 @@ class AnthropicStreamMeter:
             except (ValueError, AttributeError, RecursionError):
                 return UNCHANGED
             self._top = usage_from(usage, previous=self._top)
+            if self._top.web_search_requests and not self.bill.tool_loop:
+                self.bill = self.bill._replace(tool_loop=True)
             if not self.bill.parts or iterations_from(usage) is not None:
                 # (an itemised report stands until another itemises: the top level leaves parts out)
                 self._reported, self.bill = billed_usage(usage, self._top, self.bill)
@@ -329,6 +345,10 @@ class AnthropicStreamMeter:
             if _stop_reason(body):
                 self.finished = True  # the final delta: the message is complete, nothing left to cut
             return REPORTED
+        if name == "content_block_start":
+            if not self.bill.tool_loop and "server_tool_use" in event.data:
+                self.bill = self.bill._replace(tool_loop=ran_server_tools(None, event.data.encode()))
+            return UNCHANGED
         if name == "message_stop":
             self.finished = self.complete = True
         elif name == "error":
@@ -340,9 +360,9 @@ class AnthropicStreamMeter:
 
     def feed_events(self, events: Sequence[SSEEvent], start: int, room: int) -> tuple[int, int]:
         # feed() inlined for the text deltas that make up most of a stream: the live output
-        # passes `room` exactly when the reported figure or ceil(bytes / 3) does.
-        limit_bytes = -1 if self._reported.output_tokens > room else 3 * room
+        # passes `room` exactly when the reported figure or the byte estimate does.
         estimate = self._estimate
+        limit_bytes = -1 if self._reported.output_tokens > room else estimate.bytes_within(room)
         match = _match_text_delta
         i = start
         while i < len(events):
@@ -391,6 +411,10 @@ class AnthropicStreamMeter:
     def usage_reported(self) -> bool:
         return self._delta_seen
 
+    @property
+    def output_bytes(self) -> int:
+        return self._estimate.bytes
+
     def final_usage(self) -> Usage:
         return self._reported if self._delta_seen else self.live_usage()
 
@@ -421,8 +445,8 @@ class AnthropicAdapter:
         return raw if max_tokens is None else with_max_tokens(facts, max_tokens)
 
     @staticmethod
-    def new_meter(facts: RequestFacts, input_estimate: int) -> AnthropicStreamMeter:
-        return AnthropicStreamMeter()
+    def new_meter(facts: RequestFacts, input_estimate: int, bytes_per_token_milli: int = 3000) -> AnthropicStreamMeter:
+        return AnthropicStreamMeter(bytes_per_token_milli)
 
     @staticmethod
     def forwardable(event: SSEEvent, facts: RequestFacts) -> bool:

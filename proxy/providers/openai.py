@@ -154,7 +154,7 @@ class OpenAIStreamMeter:
     __slots__ = ("started", "finished", "complete", "upstream_error", "bill", "_input_estimate", "_reported", "_final",
                  "_estimate")
 
-    def __init__(self, input_estimate: int) -> None:
+    def __init__(self, input_estimate: int, bytes_per_token_milli: int = 3000) -> None:
         self.bill = NO_BILL  # the served model, as the chunks name it
         self.complete = False  # data: [DONE] came after the final chunk
         self.started = False
@@ -163,7 +163,7 @@ class OpenAIStreamMeter:
         self._input_estimate = input_estimate  # what admission estimated
         self._reported: Usage | None = None
         self._final = False
-        self._estimate = OutputEstimate()
+        self._estimate = OutputEstimate(bytes_per_token_milli)
 
     def feed(self, event: SSEEvent) -> int:
         data = event.data
@@ -182,8 +182,8 @@ class OpenAIStreamMeter:
             kind = (error.get("type") or error.get("code")) if isinstance(error, dict) else None
             self.upstream_error = str(kind or "error")
             return UNCHANGED
-        if not self.started:
-            self.started = True
+        self.started = True
+        if self.bill.model is None:  # (the first chunk that names one: some gateways lead with a filter chunk)
             self.bill = Bill(_model_of(chunk))
         grew = self._add_output(chunk.get("choices"))
         usage = chunk.get("usage")
@@ -229,6 +229,10 @@ class OpenAIStreamMeter:
     def usage_reported(self) -> bool:
         return self._reported is not None
 
+    @property
+    def output_bytes(self) -> int:
+        return self._estimate.bytes
+
     def final_usage(self) -> Usage:
         return self._reported if self._reported is not None else self.live_usage()
 
@@ -261,5 +265,5 @@ class OpenAIAdapter:
         return None  # Chat Completions has no token-counting endpoint: the heuristic it is
 
     @staticmethod
-    def new_meter(facts: RequestFacts, input_estimate: int) -> OpenAIStreamMeter:
-        return OpenAIStreamMeter(input_estimate)
+    def new_meter(facts: RequestFacts, input_estimate: int, bytes_per_token_milli: int = 3000) -> OpenAIStreamMeter:
+        return OpenAIStreamMeter(input_estimate, bytes_per_token_milli)

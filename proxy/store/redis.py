@@ -59,6 +59,21 @@ end exactly as if it had settled normally. A settle that finds no reservation at
 record aged out after a day) adds its whole actual to the scopes it names: it may count the charges
 at expiry twice, never zero times.
 
+Crash durability (SPEC §8). Nothing of a request in flight lives only in the process: each charge()
+(the relay pushes a stream's running charge about once a second) is a script call that sets the
+reservation's charged amounts in its record and moves them from held to charged (c1..c5) in every
+scope's totals, so `used` (settled + charged) counts them at once, on every replica. A kill -9 loses
+at most what each stream generated after its last push. The dead process's reservations then expire
+as above: their charged part becomes settled (never released like the unused hold), with a
+"hold_expired" usage-log row (team and key from the record; the store is told no model or route).
+A live record is kept as long as the longest-lived totals it points to (PXAT), so it cannot vanish
+before a purge has settled its charges; an expired one is kept a day for a late settle to correct.
+
+Row isolation (SPEC §8). A usage row never fails its settlement or the batch: _payload sends a lone
+surrogate as '?' (cjson refuses it, as it refuses a \\udfff escape) and anything that is not a string
+as its str() or null; the settle script writes its totals and tombstone before the row, runs each
+item under pcall, and if XADD refuses a value (a null) writes the row again with such values as ''.
+
 Growth. Totals of a period expire RETENTION (35 days) after the period ends (`period: none` totals
 live on: one key per scope); settle tombstones after 10 minutes, expired reservations after a day; a
 live reservation lives as long as the totals it points to. The usage log is a stream capped near
@@ -237,14 +252,22 @@ _quote = json.encoder.encode_basestring  # (in C) one str as a JSON string, non-
 def _payload(args: Sequence[str | list[str]]) -> bytes:
     """A script's arguments (strings, or lists of strings: a batch's items) as the one JSON array its
     ARGV[4] carries. A lone surrogate (a client's JSON may carry one, e.g. in the model name)
-    becomes '?': Lua's cjson refuses it. Joined here rather than by json.dumps: a third cheaper."""
+    becomes '?': Lua's cjson refuses it (and would refuse a \\udfff escape too). Joined here rather
+    than by json.dumps: a third cheaper. Never fails: a value that is not a string (a usage row
+    built wrong) goes as its str(), or as null (None), which the settle script writes as ''."""
     try:
         text = "[" + ",".join([_quote(a) if type(a) is str else "[" + ",".join(map(_quote, a)) + "]"
                                for a in args]) + "]"
     except TypeError:  # (not only strings)
-        text = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(args, ensure_ascii=False, separators=(",", ":"), default=_as_text)
     return text.encode("utf-8", "replace")
 
+
+def _as_text(v: Any) -> str:
+    try:
+        return str(v)
+    except Exception:
+        return ""
 
 
 
@@ -253,7 +276,15 @@ def _actual_of(settle_args: list[str]) -> dict[str, int]:
 
 
 def _row(entry: dict[str, str]) -> UsageRow:
-    return UsageRow(**{k: conv(entry.get(k, "0" if conv is not str else "")) for k, conv in _ROW_TYPES.items()})
+    """A usage-log entry as a UsageRow; a field missing or unreadable is 0 or '' (one odd entry must not
+    make the whole log unreadable)."""
+    values: dict[str, Any] = {}
+    for k, conv in _ROW_TYPES.items():
+        try:
+            values[k] = conv(entry.get(k, "0" if conv is not str else ""))
+        except (TypeError, ValueError, OverflowError):
+            values[k] = conv()
+    return UsageRow(**values)
 
 
 # Batches are sent while others await their replies (each script is atomic, and a request's own
@@ -579,6 +610,9 @@ class RedisStore:
                     outcome = (await self._call_batch([["s", *args]]))[0]
                 except StoreUnavailable:
                     continue
+                except Exception:  # (never let one settlement's retry die before it is logged as unsettled)
+                    log.exception("redis store: settle retry failed")
+                    continue
                 if outcome[:1] == b"!":
                     log.error("redis store: settle failed: %s", outcome[1:].decode(errors="replace"))
                     continue
@@ -592,7 +626,8 @@ class RedisStore:
     def _unsettled(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
         self._live.pop(res.id, None)
         log.error("redis store: UNSETTLED request %s (its charges so far count when its hold expires): %s",
-                  res.id, json.dumps({"actual": _actual_of(args), "row": row._asdict() if row else None}))
+                  res.id, json.dumps({"actual": _actual_of(args), "row": row._asdict() if row else None},
+                                     default=_as_text))
 
     async def release(self, res: Reservation) -> None:
         """Drop a reservation without a usage row: its charges so far count as settled, the rest of

@@ -423,7 +423,16 @@ local row = 8 + 2 * n   -- the row's values follow, in ROW_FIELDS order
 if #A > row then
   local entry = {}
   for i = 1, #ROW_FIELDS do entry[2 * i - 1], entry[2 * i] = ROW_FIELDS[i], A[row + i] end
-  redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry))
+  if not pcall(redis.call, 'XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry)) then
+    -- a value XADD refuses (a JSON null, a missing field): the row with those as '', never a failed
+    -- settlement (its totals and tombstone are written above)
+    for i = 1, #ROW_FIELDS do
+      local v = A[row + i]
+      if type(v) == 'number' then v = tostring(v) elseif type(v) ~= 'string' then v = '' end
+      entry[2 * i] = v
+    end
+    redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry))
+  end
 end
 -- (no purge here: reserve, charge and states purge before they read, so no decision and no view
 -- ever sees an expired hold)
