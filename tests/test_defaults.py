@@ -54,6 +54,14 @@ def test_replicas_compose_keeps_the_store_url_whole():
             assert store == "redis://redis:6379/0?prefix=budget-proxy:", name
 
 
+def test_replicas_compose_publishes_only_the_load_balancer():
+    """The replicas are reached through the balancer (deploy/nginx.conf), never directly from the host."""
+    doc = yaml.safe_load((ROOT / "docker-compose.replicas.yml").read_text())
+    published = {service for service, _ in published_ports(doc)}
+    assert published == {name for name, s in doc["services"].items() if str(s.get("image", "")).startswith("nginx:")}
+    assert not published & {name for name, s in doc["services"].items() if "build" in s or name == "redis"}
+
+
 def test_host_ip_reads_every_form():
     assert host_ip("127.0.0.1:8080:8080") == "127.0.0.1"
     assert host_ip("127.0.0.1:8080:8080/tcp") == "127.0.0.1"

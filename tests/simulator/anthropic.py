@@ -72,6 +72,7 @@ class Reply(BaseReply):
     stop_reason: str | None = None  # override (e.g. "pause_turn"); max_tokens truncation wins
     full_delta_usage: bool = False  # final message_delta also carries input and cache counts
     error_event_after: int | None = None  # stream: after N text deltas send `event: error`, end cleanly
+    data_only: bool = False  # stream: frames without `event:` lines (data only, as some gateways send)
 
 
 @dataclass
@@ -176,6 +177,11 @@ def sse(name: str, payload: dict) -> bytes:
     return f"event: {name}\ndata: {compact_json(payload)}\n\n".encode()
 
 
+def sse_data_only(name: str, payload: dict) -> bytes:
+    """The frame without its `event:` line: a reader must type it by the data's `type`."""
+    return f"data: {compact_json(payload)}\n\n".encode()
+
+
 def error_body(error_type: str, message: str, request_id: str, code: str | None = None) -> dict:
     error: dict[str, Any] = {"type": error_type, "message": message}
     if code is not None:
@@ -273,11 +279,12 @@ class AnthropicSimulator(LoopbackSimulator):
 
     def _plan(self, request: web.Request, rec: Recorded, reply: Reply, n: int) -> Wire:
         plan = plan_reply(reply, rec.json, f"msg_sim_{n:06d}", f"toolu_sim_{n:06d}")
+        frame = sse_data_only if reply.data_only else sse
 
         def error_frame() -> bytes:
-            return sse("error", error_body(reply.error_type or "overloaded_error", reply.error_message or "Overloaded",
-                                           request[REQUEST_ID], reply.error_code))
-        return Wire(plan.message, plan.events, lambda event: sse(*event), plan.text_delta_at, plan.cut_index,
+            return frame("error", error_body(reply.error_type or "overloaded_error", reply.error_message or "Overloaded",
+                                             request[REQUEST_ID], reply.error_code))
+        return Wire(plan.message, plan.events, lambda event: frame(*event), plan.text_delta_at, plan.cut_index,
                     reply.error_event_after, error_frame)
 
     # -- routes ------------------------------------------------------------------------------
