@@ -34,7 +34,7 @@ from proxy.ledger import Amounts, Ask, Limits, Scope  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
 from bench.store_latency import run  # noqa: E402  (on uvloop, as `budget-proxy serve` runs)
 from bench.targets import REDIS_DB, REDIS_URL, clear_redis, redis_server_pid  # noqa: E402
-from proxy.store.base import Reservation, UsageRow, open_store  # noqa: E402
+from proxy.store import Reservation, UsageRow, open_store  # noqa: E402
 
 SCOPES = (Scope("key", "k", "key:bench/k", Limits(tokens=10**15, steps=10**12), "day"),
           Scope("team", "bench", "team:bench", Limits(cost_nanos=10**18), "month"))
@@ -50,7 +50,8 @@ async def one(store: Any, rid: str, stream: bool, upstream_s: float) -> None:
         await asyncio.sleep(upstream_s)
     if stream:
         for charged in RUNNING:
-            assert await store.charge(res, charged, time.time()) is None
+            res = await store.charge(res, charged, time.time())
+            assert isinstance(res, Reservation), res
     row = UsageRow(time.time(), "bench", "k", "claude-x", "/v1/messages", 1_200, 0, 0, 0, 300, 0, 8_100_000, 1,
                    0.5, "completed", rid)
     await store.settle(res, ACTUAL, row)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis  # noqa: E402
 
 from proxy.ledger import Amounts, Ask, Limits, Scope  # noqa: E402
-from proxy.store.base import Reservation, UsageRow, open_store  # noqa: E402
+from proxy.store import Reservation, UsageRow, open_store  # noqa: E402
 
 SCOPES = [Scope("key", "k", "key:bench/k", Limits(tokens=10**12, steps=10**9), "day"),
           Scope("team", "bench", "team:bench", Limits(cost_nanos=10**15), "month")]

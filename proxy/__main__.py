@@ -1,4 +1,4 @@
-"""CLI: serve, check-config, usage, hash-key, keygen."""
+"""CLI: serve, check-config, usage, hash-key, keygen, keys."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,9 @@ import os
 import secrets
 import sys
 
+from proxy import cli_keys
 from proxy.config import ConfigError, LoadedConfig, key_digest, load_config
+from proxy.ledger import DIMENSIONS
 
 
 def default_config_path() -> str:
@@ -54,7 +56,7 @@ def _fmt_limit(v: object) -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = load_or_exit(args.path)
     cfg = loaded.proxy
-    dims = ("tokens", "input_tokens", "output_tokens", "cost_usd", "steps", "wall_clock", "period")
+    dims = (*DIMENSIONS, "period")
     rows = [("team", "key", *dims)]
     for team_name, team in cfg.teams.items():
         rows.append((team_name, "*", *(_fmt_limit(getattr(team.budget, d)) for d in dims)))
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_hash_key)
     p = sub.add_parser("keygen", help="print a new random proxy key")
     p.set_defaults(fn=cmd_keygen)
+    cli_keys.add_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,7 +1,9 @@
 """create_app(config, store=, transport=, clock=): the ASGI app, its routes and lifespan.
 
-The hot route (/v1/messages) is dispatched before Starlette's router and middleware; every
-other route goes through Starlette. State lives on the app object, never in module globals."""
+Each provider's metered route (/v1/messages, /v1/chat/completions) is dispatched before
+Starlette's router and middleware, by a dict lookup on the path; every other route goes through
+Starlette. The app names no provider: the registry (proxy/providers/registry.py) lists them and
+each says what its routes and errors are. State lives on the app object, never in module globals."""
 from __future__ import annotations
 
 import asyncio
@@ -29,12 +31,13 @@ from proxy.logs import log_request
 from proxy.metrics import Metrics
 from proxy.errors import (AuthenticationError, NotFound, ProxyError, StoreUnavailable, UpstreamUnavailable,
                           new_request_id)
-from proxy.passthrough import Passthrough, fixed_path, model_detail_path
+from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, PricingError, parse_price_table
-from proxy.providers.anthropic import AnthropicAdapter
-from proxy.providers.openai import OpenAIAdapter
+from proxy.providers.registry import PROVIDERS, provider_for_path, provider_named
 from proxy.ratio import OutputRatios
+from proxy.runs import RUN_HEADER, RunBudgets
 from proxy.relay import Relay
+from proxy.runtime_keys import RuntimeKeys
 from proxy.store import LedgerStore, open_store
 from proxy.upstream import PooledTransport
 from proxy.views import scope_view
@@ -63,6 +66,7 @@ class Runtime:
     budgets: Budgets
     pricing: PriceTable
     upstreams: dict[str, UpstreamTarget]
+    runs: RunBudgets
 
 
 def load_pricing(loaded: LoadedConfig) -> PriceTable:
@@ -81,7 +85,8 @@ def load_pricing(loaded: LoadedConfig) -> PriceTable:
 def build_runtime(loaded: LoadedConfig, pricing: PriceTable | None = None) -> Runtime:
     cfg = loaded.proxy
     ups = {name: UpstreamTarget(u.base_url, u.api_key.get_secret_value()) for name, u in cfg.upstreams.items()}
-    return Runtime(cfg, KeyRing(cfg), Budgets(cfg), pricing if pricing is not None else load_pricing(loaded), ups)
+    return Runtime(cfg, KeyRing(cfg), Budgets(cfg), pricing if pricing is not None else load_pricing(loaded), ups,
+                   RunBudgets(cfg))
 
 
 class AppState:
@@ -96,8 +101,19 @@ class AppState:
         self.output_ratios = OutputRatios()  # bytes per output token, learned (proxy/ratio.py)
         self.generation = 0                 # bumped by every reload that took effect
         self.active_streams: set[Any] = set()
-        self.relay = Relay(self, AnthropicAdapter())
-        self.openai_relay = Relay(self, OpenAIAdapter())
+        # One relay per known provider, by its metered path; one serves only while its provider
+        # is configured (a reload may add or remove it).
+        self.relays: dict[str, Relay] = {p.path: Relay(self, p) for p in PROVIDERS.values()}
+        self.runtime_keys = RuntimeKeys(store)  # keys minted through /admin/keys, cached briefly
+
+    async def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
+        """A config key at once, without awaiting; any other key through the store (401 if none)."""
+        secret = presented_secret(headers)
+        return self.runtime.keyring.lookup(secret) or await self.runtime_caller(secret)
+
+    async def runtime_caller(self, secret: str) -> Caller:
+        """The runtime key `secret` names, or a 401 saying why not (unknown, revoked, expired)."""
+        return await self.runtime_keys.caller(secret, self.runtime, self.clock())
 
     def upstream_for(self, provider: str) -> UpstreamTarget:
         """The upstream to forward to; 502 without forwarding when no API key is configured for it
@@ -158,7 +174,7 @@ class AppState:
             self.metrics.requests.labels(caller.team, caller.key, label, route, outcome).inc()
         log_request(access_log, {
             "team": caller.team if caller else None, "key": caller.key if caller else None, "model": model,
-            "route": route, "status": err.status, "outcome": "rejected", "error": err.anthropic_type})
+            "route": route, "status": err.status, "outcome": "rejected", "error": err.kind})
 
     def observe_denial(self, caller: Caller, dimension: str) -> None:
         self.metrics.denials.labels(caller.team, caller.key, dimension).inc()
@@ -180,8 +196,9 @@ class AppState:
         self.metrics.upstream_seconds_for(route).observe(seconds)
 
 
-def error_response(err: ProxyError, provider: str = "anthropic") -> Response:
-    status, headers, payload = err.render(provider, new_request_id())
+def error_response(err: ProxyError, provider: str | None = None) -> Response:
+    """`err` in the shape of the provider named `provider` (the default provider's when None)."""
+    status, headers, payload = provider_named(provider).render_error(err, new_request_id())
     return Response(payload, status_code=status,
                     headers={k.decode(): v.decode() for k, v in headers if k != b"content-length"})
 
@@ -199,10 +216,11 @@ def build_routes(state: AppState) -> list[Route]:
 
     async def budget(request: Request) -> Response:
         try:
-            caller = state.runtime.keyring.lookup(presented_secret(dict(request.scope["headers"])))
-            if caller is None:
-                raise AuthenticationError("Invalid proxy key.")
+            headers = dict(request.scope["headers"])
+            caller = await state.authenticate(headers)
             scopes = state.runtime.budgets.scopes_for(caller)
+            if RUN_HEADER in headers:  # the run's scope first (no header: the key's and team's only)
+                scopes = state.runtime.runs.with_run(caller, headers, scopes)
             now = state.clock()
             try:
                 states = await state.store.states(scopes, now)
@@ -233,14 +251,16 @@ def build_routes(state: AppState) -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/budget", budget, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/messages/count_tokens", Passthrough(state, "/v1/messages/count_tokens",
-                                                       fixed_path("/v1/messages/count_tokens"), checks_model=True),
-              methods=["POST"]),
-        Route("/v1/models", Passthrough(state, "/v1/models", fixed_path("/v1/models")), methods=["GET"]),
-        Route("/v1/models/{model_id}", Passthrough(state, "/v1/models/{id}", model_detail_path), methods=["GET"]),
+        *passthrough_routes(state),
         *build_admin_routes(state, error_response),
         *build_dashboard_routes(state, error_response),
     ]
+
+
+def passthrough_routes(state: AppState) -> list[Route]:
+    """Every provider's unmetered routes (count_tokens, models), each in its provider's shape."""
+    return [Route(r.template, Passthrough(state, p.name, r), methods=[r.method])
+            for p in PROVIDERS.values() for r in p.passthrough_routes]
 
 
 class BudgetProxyApp:
@@ -263,7 +283,7 @@ class BudgetProxyApp:
 
         async def not_found(request: Request, exc: Exception) -> Response:
             path = request.url.path
-            provider = "openai" if path.startswith("/v1/chat") else "anthropic"
+            provider = provider_for_path(path).name
             return error_response(NotFound(f"No route for {request.method} {path}."), provider)
 
         self.router = Starlette(routes=build_routes(state), lifespan=lifespan,
@@ -274,11 +294,9 @@ class BudgetProxyApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            if path == "/v1/messages":
-                return await self.state.relay(scope, receive, send)
-            if path == "/v1/chat/completions" and "openai" in self.state.runtime.upstreams:
-                return await self.state.openai_relay(scope, receive, send)
+            relay = self.state.relays.get(scope["path"])
+            if relay is not None and relay.provider in self.state.runtime.upstreams:
+                return await relay(scope, receive, send)
         await self.router(scope, receive, send)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from proxy.errors import ProxyError, RequestTooLarge
+from proxy.providers.registry import provider_named
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -34,7 +35,8 @@ async def read_body(receive: Receive, limit: int, headers: dict[bytes, bytes]) -
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_error(send: Send, err: ProxyError, request_id: str, provider: str = "anthropic") -> None:
-    status, headers, payload = err.render(provider, request_id)
+async def send_error(send: Send, err: ProxyError, request_id: str, provider: str | None = None) -> None:
+    """`err` in the shape of the provider named `provider` (the default provider's when None)."""
+    status, headers, payload = provider_named(provider).render_error(err, request_id)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -5,16 +5,26 @@ import fnmatch
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.config import ProxyConfig
 from proxy.errors import AuthenticationError
 
+if TYPE_CHECKING:
+    from proxy.ledger import Limits, Scope
+
 
 @dataclass(frozen=True, slots=True)
 class Caller:
+    """Who is calling. A config key's scopes are found by name (proxy/budgets.py, proxy/runs.py);
+    a runtime key (proxy/runtime_keys.py) has no config entry, so it carries its own."""
+
     team: str
     key: str
     models: tuple[str, ...] | None
+    scope: Scope | None = None            # a runtime key's key scope; None: a config key
+    run_limits: Limits | None = None      # a runtime key's run budget (None: no run scope)
+    runs_required: bool = False           # a runtime key's `runs: required`
 
     def may_use(self, model: str) -> bool:
         return self.models is None or any(fnmatch.fnmatchcase(model, pat) for pat in self.models)

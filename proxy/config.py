@@ -8,13 +8,17 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
+
+from proxy.providers.registry import DEFAULT, PROVIDERS
 
 PERIODS = ("none", "hour", "day", "week", "month")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -53,7 +57,7 @@ class _Strict(BaseModel):
 
 
 class UpstreamConfig(_Strict):
-    base_url: str = "https://api.anthropic.com"
+    base_url: str = ""  # not given: the provider's default_base_url (ProxyConfig fills it in)
     api_key: SecretStr = SecretStr("")
     timeout_seconds: float = Field(600.0, gt=0)  # the wait for response headers, and each gap between body bytes
     max_duration_seconds: float = Field(3600.0, gt=0)  # a whole response, headers and body
@@ -68,13 +72,32 @@ class UpstreamConfig(_Strict):
         return v.rstrip("/")
 
 
-class Budget(_Strict):
-    tokens: int | None = Field(None, ge=0)
-    input_tokens: int | None = Field(None, ge=0)
-    output_tokens: int | None = Field(None, ge=0)
-    cost_usd: Decimal | None = Field(None, ge=0)
-    steps: int | None = Field(None, ge=0)
-    wall_clock: float | None = None
+def _known_provider(name: str) -> str:
+    """An upstream is named after the provider that speaks its API (proxy/providers/registry.py)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"not a known provider; use one of: {', '.join(sorted(PROVIDERS))}")
+    return name
+
+
+ProviderName = Annotated[str, AfterValidator(_known_provider)]
+
+
+def _budget_limits() -> Any:
+    """A budget's limits, one per dimension (proxy/dimensions.py, declared there once): a count is
+    an int, an amount with a scale (cost_usd, in USD) a decimal, both >= 0; the wall clock a duration."""
+    from pydantic import create_model
+
+    from proxy import dimensions
+
+    limits: dict[str, Any] = {d.name: (Decimal | None if d.scale != 1 else int | None, Field(None, ge=0))
+                              for d in dimensions.METERED}
+    return create_model("BudgetLimits", __base__=_Strict, **limits,
+                        **{dimensions.WALL_CLOCK.name: (float | None, None)})
+
+
+class Budget(_budget_limits()):  # type: ignore[misc]
+    """A key's or team's limits (None: unlimited) and the period they reset on."""
+
     period: Literal["none", "hour", "day", "week", "month"] = "none"
 
     @field_validator("wall_clock", mode="before")
@@ -87,7 +110,17 @@ class KeyConfig(_Strict):
     key: SecretStr | None = None
     key_sha256: str | None = None
     budget: Budget = Budget()
+    # Each agent run's own budget (x-budget-run: RUN_ID), enforced with the key's and team's.
+    run_budget: Budget | None = None
+    runs: Literal["optional", "required"] = "optional"
     models: list[str] | None = None
+
+    @field_validator("run_budget")
+    @classmethod
+    def _run_budget_has_no_period(cls, v: Budget | None) -> Budget | None:
+        if v is not None and v.period != "none":
+            raise ValueError("a run budget has no period: a run's budget lasts as long as the run")
+        return v
 
     @field_validator("key_sha256")
     @classmethod
@@ -117,6 +150,15 @@ class AdmissionConfig(_Strict):
     clamp_max_tokens: bool = True
     input_estimate: Literal["heuristic", "count_tokens"] = "heuristic"
     unpriced_models: Literal["deny", "allow"] = "deny"
+    run_ttl: float = 7 * 86400  # a run scope is forgotten this long after its last request
+
+    @field_validator("run_ttl", mode="before")
+    @classmethod
+    def _ttl(cls, v: Any) -> float:
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("must be longer than 0 s")
+        return seconds
 
 
 class LimitsConfig(_Strict):
@@ -147,7 +189,7 @@ class ServerConfig(_Strict):
 
 
 class ProxyConfig(_Strict):
-    upstreams: dict[Literal["anthropic", "openai"], UpstreamConfig] = {"anthropic": UpstreamConfig()}
+    upstreams: dict[ProviderName, UpstreamConfig] = Field(default_factory=dict)
     store: str = "sqlite:///data/ledger.db"
     pricing: str | None = None
     admin_key: SecretStr = SecretStr("")
@@ -166,11 +208,13 @@ class ProxyConfig(_Strict):
 
     @model_validator(mode="after")
     def _upstream_defaults(self) -> ProxyConfig:
-        if "anthropic" not in self.upstreams:
-            self.upstreams["anthropic"] = UpstreamConfig()  # type: ignore[index]
-        openai = self.upstreams.get("openai")
-        if openai is not None and "base_url" not in openai.model_fields_set:
-            self.upstreams["openai"] = openai.model_copy(update={"base_url": "https://api.openai.com"})
+        """The default provider's upstream is always there; an upstream without a base_url
+        gets its provider's."""
+        ups = self.upstreams
+        ups.setdefault(DEFAULT, UpstreamConfig())
+        for name, up in ups.items():
+            if "base_url" not in up.model_fields_set:
+                ups[name] = up.model_copy(update={"base_url": PROVIDERS[name].default_base_url})
         return self
 
 
@@ -186,24 +230,54 @@ class LoadedConfig:
         return p if p.is_absolute() or self.path is None else self.path.parent / p
 
 
-def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]]) -> Any:
+def _read_secret_file(path: str) -> str:
+    """A `${VAR}_FILE` secret's content: bytes as UTF-8, newlines kept as written."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def _env_value(name: str, default: str | None, env: dict[str, str], path: str, problems: list[tuple[str, str]],
+               read_file: Callable[[str], str]) -> str:
+    """`${NAME}` / `${NAME:-default}`: NAME, else the file named by NAME_FILE (Docker/Kubernetes secrets,
+    in place of the default too), else the default. Problems name the variable, never a value."""
+    value, file = env.get(name, ""), env.get(f"{name}_FILE", "")
+    if value and file:
+        problems.append((path, f"both {name} and {name}_FILE are set; set only one"))
+        return ""
+    if file:
+        try:
+            text = read_file(file)
+        except UnicodeDecodeError:
+            problems.append((path, f"the file named by {name}_FILE is not UTF-8 text"))
+            return ""
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            problems.append((path, f"cannot read the file named by {name}_FILE ({file}): {reason}"))
+            return ""
+        for newline in ("\r\n", "\n"):  # one trailing newline, as `echo` or an editor leaves it
+            if text.endswith(newline):
+                return text[:-len(newline)]
+        return text
+    if default is not None:
+        return value or default  # as in the shell: unset or empty takes the default
+    if name in env:
+        return env[name]
+    problems.append((path, f"environment variable {name} is not set and has no default"))
+    return ""
+
+
+def expand_env(node: Any, env: dict[str, str], path: str, problems: list[tuple[str, str]],
+               read_file: Callable[[str], str] = _read_secret_file) -> Any:
+    """Every `${NAME}` / `${NAME:-default}` in the string values of `node` (docs/configuration.md)."""
     if isinstance(node, dict):
-        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()}
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k), problems, read_file)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [expand_env(v, env, f"{path}.{i}" if path else str(i), problems) for i, v in enumerate(node)]
+        return [expand_env(v, env, f"{path}.{i}" if path else str(i), problems, read_file)
+                for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
-
-    def substitute(m: re.Match[str]) -> str:
-        name, default = m.group(1), m.group(2)
-        if default is not None:
-            return env.get(name) or default  # as in the shell: unset or empty takes the default
-        if name in env:
-            return env[name]
-        problems.append((path, f"environment variable {name} is not set and has no default"))
-        return ""
-
-    return _VAR.sub(substitute, node)
+    return _VAR.sub(lambda m: _env_value(m.group(1), m.group(2), env, path, problems, read_file), node)
 
 
 def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:

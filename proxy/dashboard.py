@@ -32,12 +32,13 @@ from starlette.routing import Route
 from proxy.admin import usage_document
 from proxy.auth import presented_secret
 from proxy.errors import AuthenticationError, NotFound, PermissionDenied, ProxyError, StoreUnavailable
+from proxy.ledger import BY_NAME, DIMENSIONS
 from proxy.periods import iso
 
 COOKIE = "bp_dashboard"
 REFRESH_SECONDS = 5
 MAX_FORM_BYTES = 4096
-DIMS = ("tokens", "input_tokens", "output_tokens", "cost_usd", "steps", "wall_clock")
+DIMS = DIMENSIONS  # (proxy/dimensions.py)
 
 SESSION_SECONDS = 12 * 3600          # a login lasts this long (cookie Max-Age and server-side)
 MAX_REVOKED_SESSIONS = 10_000        # signed-out sessions remembered until they expire
@@ -249,12 +250,14 @@ def is_secure(request: Request, trusted: list[str] | tuple[str, ...]) -> bool:
 
 
 def fmt(dim: str, v: float | int) -> str:
-    if dim == "cost_usd":
+    """An amount in its dimension's unit: USD as money, seconds as a duration, a count with separators."""
+    unit = BY_NAME[dim].unit if dim in BY_NAME else ""
+    if unit == "USD":
         if v >= 1 or v == 0:
             return f"${v:,.2f}"
         digits = f"{v:.6f}".rstrip("0")
         return "$" + digits if digits != "0." else "<$0.000001"
-    if dim == "wall_clock":
+    if unit == "s":
         s = int(v)
         if v < 60:
             return f"{v:.1f}s"

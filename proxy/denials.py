@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxy.auth import Caller
 from proxy.errors import BudgetExceeded
-from proxy.ledger import Denied, in_unit
+from proxy.ledger import BY_NAME, Denied, in_unit
 from proxy.periods import iso, period_bounds
 
 RETRY_AFTER_MAX_SECONDS = 60  # SDKs sleep for whatever retry-after says: only send it for a near reset
@@ -22,11 +22,13 @@ def budget_error(denied: Denied, caller: Caller, now: float) -> BudgetExceeded:
     _, resets = period_bounds(scope.period, now)
     who = whose(denied, caller)
     limit, used, held, needed = (in_unit(dim, v) for v in (denied.limit, denied.used, denied.held, denied.needed))
-    unit = {"cost_usd": " USD", "wall_clock": " s"}.get(dim, "")
+    d = BY_NAME.get(dim)
+    unit = f" {d.unit}" if d is not None and d.unit else ""
     if dim == "wall_clock":
         what = f"wall-clock budget of {who} is spent: {used:.1f}{unit} of {limit}{unit} elapsed"
-    elif dim == "steps":
-        what = f"step budget of {who} is spent: {used} of {limit} steps used" + (f", {held} in flight" if held else "")
+    elif d is not None and d.noun:  # a count spent whole (steps)
+        what = (f"{d.noun} budget of {who} is spent: {used} of {limit} {d.noun}s used"
+                + (f", {held} in flight" if held else ""))
     else:
         left = max(0, limit - used - held)
         what = (f"{dim} budget of {who} cannot cover this request: used {used} of {limit}{unit}"

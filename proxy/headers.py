@@ -7,6 +7,8 @@ the headers it names (RFC 9110 §7.6.1: they concern this hop alone).
 """
 from __future__ import annotations
 
+from proxy.providers.registry import PROVIDERS
+
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
@@ -14,7 +16,7 @@ HOP_BY_HOP = frozenset({
 # Never forwarded upstream: the client's credentials (the upstream key replaces them), the
 # proxy's own cookies, what the proxy recomputes (host, length, encoding), and Expect (the proxy
 # has the whole body before it forwards: there is nothing to wait for a 100 Continue about).
-DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization", b"cookie",
+DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization", b"cookie", b"x-budget-run",
                               b"accept-encoding", b"expect"}
 # Never forwarded to the client: an upstream's cookies (one tenant's session must never reach
 # another through the shared upstream key), and what the server recomputes.
@@ -34,7 +36,8 @@ def connection_names(value: bytes, already_dropped: frozenset[bytes]) -> frozens
 
 
 def upstream_headers(client: list[tuple[bytes, bytes]], provider: str, api_key: str) -> list[tuple[str, str]]:
-    """The client's headers (ASGI: names lower-case) as the upstream gets them."""
+    """The client's headers (ASGI: names lower-case) as the upstream gets them, with the upstream
+    key sent the way the provider named `provider` takes it."""
     out = []
     connection = None
     for k, v in client:
@@ -49,7 +52,7 @@ def upstream_headers(client: list[tuple[bytes, bytes]], provider: str, api_key: 
             out = [h for h in out if h[0] not in names]
     out.append(("accept-encoding", "identity"))  # metering needs the plain body
     if api_key:
-        out.append(("x-api-key", api_key) if provider == "anthropic" else ("authorization", f"Bearer {api_key}"))
+        out.append(PROVIDERS[provider].upstream_auth(api_key))
     return out
 
 

@@ -7,124 +7,153 @@ A request's footprint on a scope is max(hold, charged) per dimension; admission 
 growth both require  used + held + new <= limit  in every limited dimension of every
 scope, so two requests can never both take the last of a budget.
 
+The dimensions are proxy/dimensions.py's: Amounts, Limits and the admission rules below are
+derived from that declaration when this module is imported (docs/budgets.md).
+
 Money is integer nano-dollars. Nothing here does I/O or reads a clock: `now` is passed in.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import namedtuple
+from dataclasses import dataclass, field, make_dataclass
 from decimal import Decimal
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-from proxy.usage import Usage
+from proxy import dimensions as declared
+from proxy.dimensions import Dimension, spelled
 
-METERED = ("tokens", "input_tokens", "output_tokens", "cost_usd", "steps")
-DIMENSIONS = METERED + ("wall_clock",)
+DIMS: tuple[Dimension, ...] = declared.METERED   # the metered dimensions, in denial order
+METERED = tuple(d.name for d in DIMS)
+DIMENSIONS = METERED + (declared.WALL_CLOCK.name,)
+FIELDS = tuple(d.field for d in DIMS)            # Amounts' and Limits' attributes, SQLite's columns
+BY_NAME = {d.name: d for d in (*DIMS, declared.WALL_CLOCK)}
+INDEX = {**{d.field: i for i, d in enumerate(DIMS)}, **{d.name: i for i, d in enumerate(DIMS)}}
 NANOS_PER_USD = 10**9
-
-
-def usd(nanos: int | float) -> float:
-    return round(nanos / NANOS_PER_USD, 9)
+# (dimension, header, scale) of each dimension sent as x-budget-remaining-* after admission, in METERED order
+REMAINING_HEADERS = tuple((d.name, b"x-budget-remaining-" + d.header.encode(), d.scale) for d in DIMS if d.header)
+_DIGITS = {d.name: len(str(d.scale)) - 1 for d in DIMS if d.scale != 1}  # (a power of ten)
 
 
 def in_unit(dim: str, v: int | float) -> int | float:
-    """A dimension's amount as users see it: cost in USD, everything else as stored."""
-    return usd(v) if dim == "cost_usd" else v
+    """A dimension's amount as users see it (cost in USD), from its stored unit (nanos)."""
+    digits = _DIGITS.get(dim)
+    return v if digits is None else round(v / BY_NAME[dim].scale, digits)
 
 
-class Amounts(NamedTuple):
-    """Per metered dimension, in tokens, nanos and steps. Immutable; a tuple underneath because a
-    frozen dataclass costs ~1 µs to build and every request builds a dozen of these."""
+def output_cost(tokens: int, nanos_per_token: Decimal) -> int:
+    return math.ceil(tokens * nanos_per_token)
 
-    tokens: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_nanos: int = 0
-    steps: int = 0
+
+# --- Amounts: generated from the declaration -------------------------------------------------------
+# Python spellings of what a request needs (Dimension.base, per_output) and counts (counts).
+_BASE = {"input_tokens": "ask.input_tokens", "input_cost_nanos": "ask.input_cost_nanos", "one": "1", "zero": "0"}
+_PER = {"token": "out", "rate": "output_cost(out, ask.output_nanos_per_token)", "zero": "0"}
+_COUNTS = {"cost": "cost_nanos", "steps": "steps"}
+
+
+def _amount_functions(dims: tuple[Dimension, ...]) -> str:
+    """The source of Amounts' arithmetic and of the ledger's per-request amounts, unrolled over the
+    dimensions: every request builds a dozen Amounts, and a loop over the fields costs up to twice
+    as much. Each function is one tuple build."""
+    n = len(dims)
+    a, b = spelled("a{i}", n) + ",", spelled("b{i}", n) + ","
+    both = f"    {a} = self\n    {b} = o\n"
+    need = ", ".join(_BASE[d.base] for d in dims)
+    hold = ", ".join(" + ".join(x for x in (_BASE[d.base], _PER[d.per_output]) if x != "0") or "0" for d in dims)
+    counts = ", ".join(_COUNTS.get(d.counts, "usage." + d.counts) for d in dims)
+    return (f"def add(self, o):\n{both}    return _new(Amounts, ({spelled('a{i} + b{i}', n)},))\n"
+            f"def sub(self, o):\n{both}    return _new(Amounts, ({spelled('a{i} - b{i}', n)},))\n"
+            f"def max_(self, o):\n{both}    return _new(Amounts, ({spelled('a{i} if a{i} >= b{i} else b{i}', n)},))\n"
+            f"def within(self, o):\n{both}    return {spelled('a{i} <= b{i}', n, ' and ')}\n"
+            f"def nonneg(self):\n    {a} = self\n    if {spelled('a{i} >= 0', n, ' and ')}:\n        return self\n"
+            f"    return _new(Amounts, ({spelled('a{i} if a{i} > 0 else 0', n)},))\n"
+            f"def of_usage(cls, usage, cost_nanos, steps):\n    return _new(cls, ({counts},))\n"
+            f"def bases(ask):\n    return ({need},)\n"
+            f"def hold_of(ask, out):\n    return _new(Amounts, ({hold},))\n")
+
+
+_generated: dict[str, Any] = {"_new": tuple.__new__, "output_cost": output_cost}
+exec(_amount_functions(DIMS), _generated)
+
+
+class Amounts(namedtuple("Amounts", FIELDS, defaults=(0,) * len(FIELDS))):  # type: ignore[misc]
+    """Per metered dimension (FIELDS: tokens, nanos, steps...). Immutable; a tuple underneath because a
+    frozen dataclass costs ~1 µs to build and every request builds a dozen of these. Arithmetic builds
+    the result with tuple.__new__ directly: no per-field keyword handling."""
+
+    __slots__ = ()
+    __add__ = _generated["add"]
+    __sub__ = _generated["sub"]
+    max = _generated["max_"]
+    nonneg = _generated["nonneg"]           # every dimension at least 0
+    within = _generated["within"]           # every dimension <= o's (self.max(o) == o, without building it)
+    of_usage = classmethod(_generated["of_usage"])  # (usage, cost_nanos, steps): what a request counts
 
     def get(self, dim: str) -> int:
-        return self[_DIM_INDEX[dim]]
+        return self[INDEX[dim]]
 
-    # Arithmetic builds the result with tuple.__new__ directly: no per-field keyword handling.
-    def __add__(self, o: Amounts) -> Amounts:  # type: ignore[override]
-        a, b, c, d, e = self
-        f, g, h, i, j = o
-        return _new(Amounts, (a + f, b + g, c + h, d + i, e + j))
-
-    def __sub__(self, o: Amounts) -> Amounts:
-        a, b, c, d, e = self
-        f, g, h, i, j = o
-        return _new(Amounts, (a - f, b - g, c - h, d - i, e - j))
-
-    def max(self, o: Amounts) -> Amounts:
-        a, b, c, d, e = self
-        f, g, h, i, j = o
-        return _new(Amounts, (a if a >= f else f, b if b >= g else g, c if c >= h else h, d if d >= i else i,
-                              e if e >= j else j))
-
-    def nonneg(self) -> Amounts:
-        a, b, c, d, e = self
-        if a >= 0 and b >= 0 and c >= 0 and d >= 0 and e >= 0:
-            return self
-        return _new(Amounts, (a if a > 0 else 0, b if b > 0 else 0, c if c > 0 else 0, d if d > 0 else 0,
-                              e if e > 0 else 0))
-
-    def within(self, o: Amounts) -> bool:
-        """Every dimension <= o's (self.max(o) == o, without building it)."""
-        a, b, c, d, e = self
-        f, g, h, i, j = o
-        return a <= f and b <= g and c <= h and d <= i and e <= j
-
-    def is_zero(self) -> bool:
-        return self == ZERO
-
-    def as_tuple(self) -> tuple[int, int, int, int, int]:
-        return tuple(self)  # type: ignore[return-value]
-
-    @classmethod
-    def of_usage(cls, usage: Usage, cost_nanos: int, steps: int) -> Amounts:
-        return _new(cls, (usage.total_tokens, usage.total_input_tokens, usage.output_tokens, cost_nanos, steps))
+    def as_tuple(self) -> tuple[int, ...]:
+        return tuple(self)
 
 
+_generated["Amounts"] = Amounts
+_bases = _generated["bases"]       # (ask) -> per dimension, what a request needs before any output
+_hold_of = _generated["hold_of"]   # (ask, out) -> the hold of a request admitted with `out` output tokens
 _new = tuple.__new__
-_DIM_INDEX = {"tokens": 0, "input_tokens": 1, "output_tokens": 2, "cost_usd": 3, "cost_nanos": 3, "steps": 4}
 ZERO = Amounts()
+# per dimension: 0 when output does not count, 1 when each token does, 2 when its price does
+_PER_KIND = tuple(("zero", "token", "rate").index(d.per_output) for d in DIMS)
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    tokens: int | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_nanos: int | None = None
-    steps: int | None = None
-    wall_clock: float | None = None  # seconds since the first request of the period
-    # metered(), worked out once: every admission and settlement reads it for each scope
-    _metered: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False, default=())
+# --- Limits: generated from the declaration ---------------------------------------------------------
+class _LimitsBase:
+    __slots__ = ()
 
     def __post_init__(self) -> None:
-        pairs = (("tokens", self.tokens), ("input_tokens", self.input_tokens), ("output_tokens", self.output_tokens),
-                 ("cost_usd", self.cost_nanos), ("steps", self.steps))
-        object.__setattr__(self, "_metered", tuple((d, v) for d, v in pairs if v is not None))
+        """Work out once what every admission and settlement reads for each scope."""
+        given = [(i, d.name, getattr(self, d.field)) for i, d in enumerate(DIMS)]
+        given = [(i, name, v) for i, name, v in given if v is not None]
+        object.__setattr__(self, "_metered", tuple((name, v) for _, name, v in given))
+        object.__setattr__(self, "_indexed", tuple(given))
+        object.__setattr__(self, "_reported", tuple(g for g in given if DIMS[g[0]].header))
 
-    def get(self, dim: str) -> int | float | None:
-        return self.cost_nanos if dim == "cost_usd" else getattr(self, dim)
+    def get(self: Any, dim: str) -> int | float | None:
+        d = BY_NAME.get(dim)
+        return getattr(self, dim if d is None else d.field)
 
-    def metered(self) -> tuple[tuple[str, int], ...]:
+    def metered(self: Any) -> tuple[tuple[str, int], ...]:
         """(dimension, limit) for every limited metered dimension, in METERED order."""
-        return self._metered
+        return self._metered  # type: ignore[no-any-return]
 
-    def any(self) -> bool:
-        return bool(self._metered) or self.wall_clock is not None
+
+def _private() -> Any:
+    return field(init=False, repr=False, compare=False, default=())
+
+
+Limits: Any = make_dataclass(
+    "Limits",
+    [(f, "int | None", field(default=None)) for f in FIELDS]
+    + [("wall_clock", "float | None", field(default=None)),
+       ("_metered", "tuple", _private()),   # (name, limit) of every limited metered dimension
+       ("_indexed", "tuple", _private()),   # (index, name, limit), the same
+       ("_reported", "tuple", _private())],  # (index, name, limit) of those sent as x-budget-remaining-*
+    bases=(_LimitsBase,), frozen=True, slots=True)
+Limits.__module__ = __name__
+Limits.__doc__ = """A scope's limits, per metered dimension in its stored unit (FIELDS: tokens=, cost_nanos=, ...) and
+wall_clock= seconds since the first request of the period; None: no limit. Frozen."""
 
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    kind: str      # "key" | "team"
-    name: str      # as in the config (a key's name, never its secret)
-    id: str        # unique in the store: "team:research", "key:research/ci-bot"
+    kind: str      # "key" | "team" | "run"
+    name: str      # as in the config (a key's name, never its secret); a run's: its run id
+    id: str        # unique in the store: "team:research", "key:research/ci-bot", "run:research/ci-bot/RUN"
     limits: Limits
     period: str    # none | hour | day | week | month
+    # A run's (proxy/runs.py): the store forgets the scope this many seconds after its last request
+    # (admission.run_ttl). None, every other scope: kept (a period's totals for RETENTION on Redis).
+    ttl: float | None = None
 
 
 class ScopeState(NamedTuple):
@@ -163,84 +192,58 @@ class Denied:
     needed: int | float   # what the request needed in that dimension
 
 
-def output_cost(tokens: int, nanos_per_token: Decimal) -> int:
-    return math.ceil(tokens * nanos_per_token)
-
-
-def _output_cap(dim: str, room: int, ask: Ask) -> int | None:
-    """Most output tokens that fit in `room` of one dimension; None when output does not count there."""
-    if dim == "tokens":
-        return room - ask.input_tokens
-    if dim == "output_tokens":
-        return room
-    if dim == "cost_usd":
-        if ask.output_nanos_per_token <= 0:
-            return None if room >= ask.input_cost_nanos else -1
-        spare = room - ask.input_cost_nanos
-        return -1 if spare < 0 else int(spare // ask.output_nanos_per_token)
-    return None
-
-
 def admit(ask: Ask, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> Admitted | Denied:
     """Admit with the largest output hold every scope can cover, or name the first scope and
-    dimension (key before team; SPEC order within a scope) that cannot fit input + one output token."""
+    dimension (key before team; METERED order within a scope) that cannot fit input + one output token.
+    Per dimension: `room` must cover what the request needs before output (Dimension.base), and
+    where output counts, the most output tokens the rest covers caps the hold."""
     need_out = min(ask.min_output, ask.max_tokens) if ask.max_tokens >= 1 else 0
     out = ask.max_tokens
+    rate = ask.output_nanos_per_token
+    base = _bases(ask)
     for scope, state in scopes:
-        lim = scope.limits
-        for dim, limit in lim.metered():
-            used, held = state.used.get(dim), state.held.get(dim)
-            room = limit - used - held
-            if dim == "input_tokens":
-                fits = room >= ask.input_tokens
-            elif dim == "steps":
-                fits = room >= 1
+        used, held = state.used, state.held
+        for i, dim, limit in scope.limits._indexed:
+            room = limit - used[i] - held[i] - base[i]
+            kind = _PER_KIND[i]
+            if kind == 0:
+                fits = room >= 0
             else:
-                cap = _output_cap(dim, room, ask)
+                if kind == 1:
+                    cap: int | None = room
+                elif rate <= 0:
+                    cap = None if room >= 0 else -1
+                else:
+                    cap = -1 if room < 0 else int(room // rate)
                 fits = cap is None or cap >= need_out
                 if cap is not None and cap < out:
                     out = cap
             if not fits:
-                return Denied(scope, dim, limit, used, held, needed_to_admit(dim, ask))
-        if lim.wall_clock is not None and state.wall_clock_used(now) >= lim.wall_clock:
-            return Denied(scope, "wall_clock", lim.wall_clock, state.wall_clock_used(now), 0, 0)
+                return Denied(scope, dim, limit, used[i], held[i], needed_to_admit(dim, ask))
+        wc = scope.limits.wall_clock
+        if wc is not None and state.wall_clock_used(now) >= wc:
+            return Denied(scope, "wall_clock", wc, state.wall_clock_used(now), 0, 0)
     out = max(out, 0)
-    hold = Amounts(
-        tokens=ask.input_tokens + out,
-        input_tokens=ask.input_tokens,
-        output_tokens=out,
-        cost_nanos=ask.input_cost_nanos + output_cost(out, ask.output_nanos_per_token),
-        steps=1,
-    )
-    return Admitted(hold, out, out < ask.max_tokens)
+    return Admitted(_hold_of(ask, out), out, out < ask.max_tokens)
 
 
 def needed_to_admit(dim: str, ask: Ask) -> int:
     """What a request needs in a dimension to be admitted at all (a denial reports it; wall_clock: 0)."""
-    need_out = min(ask.min_output, ask.max_tokens) if ask.max_tokens >= 1 else 0
-    if dim == "wall_clock":
+    i = INDEX.get(dim)
+    if i is None:
         return 0
-    if dim == "input_tokens":
-        return ask.input_tokens
-    if dim == "steps":
-        return 1
-    if dim == "tokens":
-        return ask.input_tokens + need_out
-    if dim == "output_tokens":
-        return need_out
-    return ask.input_cost_nanos + output_cost(need_out, ask.output_nanos_per_token)
+    need_out = min(ask.min_output, ask.max_tokens) if ask.max_tokens >= 1 else 0
+    return _hold_of(ask, need_out)[i]
 
 
 def check_growth(growth: Amounts, scopes: Sequence[tuple[Scope, ScopeState]], now: float) -> Denied | None:
     """May a request in flight grow its footprint by `growth`? None when every scope has room."""
     for scope, state in scopes:
-        for dim, limit in scope.limits.metered():
-            g = growth.get(dim)
-            if g <= 0:
-                continue
-            used, held = state.used.get(dim), state.held.get(dim)
-            if used + held + g > limit:
-                return Denied(scope, dim, limit, used, held, g)
+        used, held = state.used, state.held
+        for i, dim, limit in scope.limits._indexed:
+            g = growth[i]
+            if g > 0 and used[i] + held[i] + g > limit:
+                return Denied(scope, dim, limit, used[i], held[i], g)
         wc = scope.limits.wall_clock
         if wc is not None and state.wall_clock_used(now) >= wc:
             return Denied(scope, "wall_clock", wc, state.wall_clock_used(now), 0, 0)
@@ -260,8 +263,23 @@ def wall_clock_deadline(scopes: Sequence[tuple[Scope, ScopeState]], now: float) 
 def remaining(scope: Scope, state: ScopeState, now: float) -> dict[str, int | float]:
     """limit - used - held, never below 0, for every limited dimension (wall_clock in seconds)."""
     out: dict[str, int | float] = {}
-    for dim, limit in scope.limits.metered():
-        out[dim] = max(0, limit - state.used.get(dim) - state.held.get(dim))
+    used, held = state.used, state.held
+    for i, dim, limit in scope.limits._indexed:
+        out[dim] = max(0, limit - used[i] - held[i])
     if scope.limits.wall_clock is not None:
         out["wall_clock"] = max(0.0, scope.limits.wall_clock - state.wall_clock_used(now))
+    return out
+
+
+def tightest_remaining(scopes: Sequence[Scope], states: Sequence[ScopeState]) -> dict[str, int]:
+    """Per dimension sent as x-budget-remaining-*, the least limit - used - held across scopes, never below 0."""
+    out: dict[str, int] = {}
+    for scope, state in zip(scopes, states):
+        used, held = state.used, state.held
+        for i, dim, limit in scope.limits._reported:
+            room = limit - used[i] - held[i]
+            if room < 0:
+                room = 0
+            if dim not in out or room < out[dim]:
+                out[dim] = room
     return out

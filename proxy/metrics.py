@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy.ledger import Scope, ScopeState, remaining
+from proxy.ledger import BY_NAME, Scope, ScopeState, remaining
 from proxy.usage import Usage
 
 TOKEN_KINDS = (("input", "input_tokens"), ("cache_write_5m", "cache_write_5m_tokens"),
@@ -74,7 +74,8 @@ class Metrics:
         for scope, state in zip(scopes, states):
             label = scope.name if scope.kind == "team" else scope.id.removeprefix("key:")
             for dim, value in remaining(scope, state, now).items():
-                self.remaining.labels(scope.kind, label, dim).set(value / 1e9 if dim == "cost_usd" else value)
+                scale = BY_NAME[dim].scale  # (in the dimension's unit: cost in USD)
+                self.remaining.labels(scope.kind, label, dim).set(value if scale == 1 else value / scale)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

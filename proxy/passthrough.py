@@ -1,55 +1,41 @@
-"""Unmetered routes: count_tokens and models are forwarded and never charged.
+"""Unmetered routes (a provider's passthrough_routes, such as count_tokens and models): forwarded
+and never charged.
 
-Each route has a fixed upstream path: the URL is the configured base URL plus that path (and, for
-a model's details, one validated id), never the client's raw path (docs/http-api.md)."""
+Each route has a fixed upstream path: the URL is the configured base URL plus what the route
+builds (for a model's details, one validated id), never the client's raw path (docs/http-api.md)."""
 from __future__ import annotations
 
-import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
 from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
 from proxy.errors import NotFound, PermissionDenied, ProxyError, UpstreamTimeout, UpstreamUnavailable, new_request_id
 from proxy.headers import downstream_headers, upstream_headers
+from proxy.providers import PassRoute
 from proxy.validate import check_model, parse_body
-
-# One raw path segment: no percent-encoding, slash, backslash or dot segment can pass.
-_MODEL_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
-_MODELS_PREFIX = b"/v1/models/"
-
-
-def fixed_path(path: str) -> Callable[[Scope], str]:
-    return lambda scope: path
-
-
-def model_detail_path(scope: Scope) -> str:
-    """/v1/models/{id} for a raw id of the allowed grammar; NotFound for anything else."""
-    raw = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
-    raw = raw.split(b"?", 1)[0]
-    model_id = raw[len(_MODELS_PREFIX):] if raw.startswith(_MODELS_PREFIX) else b""
-    if _MODEL_ID.fullmatch(model_id) is None or model_id in (b".", b".."):
-        raise NotFound("No such model id: it must be one path segment of letters, digits and ._:@-")
-    return "/v1/models/" + model_id.decode("ascii")
 
 
 class Passthrough:
-    def __init__(self, state: Any, route: str, upstream_path: Callable[[Scope], str], *,
-                 provider: str = "anthropic", checks_model: bool = False) -> None:
+    """One passthrough route of the provider named `provider`, answering in its error shape."""
+
+    def __init__(self, state: Any, provider: str, route: PassRoute) -> None:
         self.state = state
-        self.route = route  # the metric label: the route's template, never the client's path
         self.provider = provider
-        self.upstream_path = upstream_path
-        self.checks_model = checks_model  # the body names a model: validate it, apply the allow-list
+        self.route = route.label
+        self.upstream_path = route.upstream_path
+        self.checks_model = route.checks_model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         rt = self.state.runtime
         try:
+            if self.provider not in rt.upstreams:  # (the provider's routes exist only when it is configured)
+                raise NotFound(f"No route for {scope['method']} {scope['path']}.")
             path = self.upstream_path(scope)
             headers = dict(scope["headers"])
-            caller = self.state.relay.authenticate(headers)
+            caller = await self.state.authenticate(headers)
             body = b""
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await read_body(receive, rt.config.limits.max_body_bytes, headers)

@@ -18,33 +18,23 @@ from proxy import pricing as pricing_mod
 from proxy.auth import Caller, presented_secret
 from proxy.billing import NO_BILL, Bill, bill_cost_nanos, one_call_may_be_long, price_for
 from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
-from proxy.denials import budget_error, cut_message
-from proxy.errors import (AuthenticationError, InvalidRequest, PermissionDenied, ProxyError,
-                          StoreUnavailable, UpstreamTimeout, UpstreamUnavailable, new_request_id)
+from proxy.denials import budget_error
+from proxy.errors import (InvalidRequest, PermissionDenied, ProxyError, StoreUnavailable, UpstreamTimeout,
+                          UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
-from proxy.ledger import NANOS_PER_USD, ZERO, Amounts, Ask, Denied, admit
-from proxy.meter import GREW, REPORTED, UNCHANGED
+from proxy.ledger import REMAINING_HEADERS, ZERO, Amounts, Ask, Denied, admit
 from proxy.providers import Provider, RequestFacts
-from proxy.sse import SSEDecoder, SSEError, SSERun, split
+from proxy.sse import SSEError
 from proxy.store.base import Reservation, UsageRow
+from proxy.stream_policy import CUT, PUSH, RELAY, StreamPolicy, stream_usage
 from proxy.upstream import UpstreamReply, open_upstream
 from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
 
-# A stream's running charge is pushed to the store at the end of a chunk once a second has passed
-# since the last push, so /budget shows streams in flight. This only bounds how stale that view
-# is: the hold already covers the stream, growth past the hold is checked at the very event, and
-# reported usage that outgrows the hold is pushed when it comes. Each push prices the usage and
-# updates every scope (on Redis, a round trip), so pushing per event cost ~40% of the SSE relay,
-# and stopping the meter inside a chunk only to look at the clock cost ~10%.
-PUSH_INTERVAL_SECONDS = 1.0
+# (How often a stream's running charge is pushed, PUSH_INTERVAL_SECONDS, and how far an output
+# estimate may run past max_tokens, ESTIMATE_TOLERANCE, are stream policy: proxy/stream_policy.py.)
 LARGE_BODY_BYTES = 256 * 1024
-# The live estimate runs ahead of the real count (bytes / 3 against ~4 bytes a token of English), so
-# up to this multiple of the forwarded max_tokens it is charged as max_tokens (the provider cannot
-# generate more). Past it the upstream is generating past the limit it was sent: every estimated
-# token counts, and the stream is cut once it passes its hold, as with clamping off.
-ESTIMATE_TOLERANCE = 1.5
 # A client still waiting for the response headers this long is watched for a disconnect, which
 # cancels the upstream request and releases the hold (earlier, the answer is usually in).
 HEADERS_WATCH_SECONDS = 0.25
@@ -125,13 +115,6 @@ class Relay:
         self.route = adapter.path
 
     # --- admission ---------------------------------------------------------------------------
-    def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
-        rt = self.state.runtime
-        caller = rt.keyring.lookup(presented_secret(headers))
-        if caller is None:
-            raise AuthenticationError("Invalid proxy key.")
-        return caller
-
     async def estimate_input(self, facts: RequestFacts, raw: bytes,
                              client_headers: list[tuple[bytes, bytes]]) -> int:
         rt = self.state.runtime
@@ -145,13 +128,13 @@ class Relay:
 
     async def count_tokens_upstream(self, facts: RequestFacts,
                                     client_headers: list[tuple[bytes, bytes]]) -> int | None:
-        body = self.adapter.count_tokens_body(facts)
-        if body is None:
+        path = self.adapter.count_tokens_path
+        body = None if path is None else self.adapter.count_tokens_body(facts)
+        if path is None or body is None:  # (no counter upstream: the heuristic it is)
             return None
         up = self.state.runtime.upstreams[self.provider]
         try:
-            resp = await open_upstream(self.state.transport_for(self.provider),
-                                       up.base_url + self.adapter.path + "/count_tokens",
+            resp = await open_upstream(self.state.transport_for(self.provider), up.base_url + path,
                                        upstream_headers(client_headers, self.provider, up.api_key), body)
             raw = await resp.aread()
             await resp.aclose()
@@ -171,9 +154,7 @@ class Relay:
         least = self.adapter.min_output(facts) if self.state.runtime.config.admission.clamp_max_tokens else 1
         if price is None:
             return Ask(input_tokens, 0, max_tokens, Decimal(0), least)
-        kind = "input"
-        if b'"cache_control"' in raw:
-            kind = "cache_write_1h" if b'"1h"' in raw else "cache_write_5m"
+        kind = self.adapter.input_kind(raw)
         return Ask(input_tokens, pricing_mod.input_cost_nanos(price, input_tokens, kind), max_tokens,
                    pricing_mod.output_nanos_per_token(price, input_tokens), least)
 
@@ -199,14 +180,16 @@ class Relay:
     async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float, seen: dict[str, Any]):
         rt = self.state.runtime
         headers = dict(scope["headers"])
-        caller = seen["caller"] = self.authenticate(headers)
+        secret = presented_secret(headers)
+        # a config key without awaiting (the hot path); any other through the store's runtime keys
+        caller = seen["caller"] = rt.keyring.lookup(secret) or await self.state.runtime_caller(secret)
         self.state.upstream_for(self.provider)  # 502 at once when no upstream key is configured
         raw = await read_body(receive, rt.config.limits.max_body_bytes, headers)
         facts = self.adapter.parse_request(raw)
         seen["model"] = facts.model
         if not caller.may_use(facts.model):
             raise PermissionDenied(f"Key '{caller.key}' may not use model '{facts.model}'.")
-        scopes = rt.budgets.scopes_for(caller)
+        scopes = rt.runs.with_run(caller, headers, rt.budgets.scopes_for(caller))
         price = rt.pricing.lookup(facts.model)
         if price is None and rt.budgets.has_cost_limit(scopes) and rt.config.admission.unpriced_models == "deny":
             raise InvalidRequest(f"Model '{facts.model}' has no price in the pricing table and a cost budget "
@@ -237,7 +220,7 @@ class Relay:
         call = Call(request_id, caller, facts.model, self.route, now, price, res, clamped_to,
                     output_cap=clamped_to if clamped_to is not None else ask.max_tokens,
                     generation=self.state.generation, pushed_at=now,  # (the reserve told the store)
-                    betas=headers.get(b"anthropic-beta", b""))
+                    betas=b",".join([v for k, v in scope["headers"] if k == b"anthropic-beta"]))
         return call, raw, facts
 
     async def too_little_output(self, scopes: Any, ask: Ask, caller: Caller, now: float) -> ProxyError:
@@ -253,13 +236,11 @@ class Relay:
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
         rem = call.res.remaining
         out = []
-        if "tokens" in rem:
-            out.append((b"x-budget-remaining-tokens", str(rem["tokens"]).encode()))
-        if "cost_usd" in rem:
-            # (formatted straight from nanos: usd()'s round(x, 9) first only doubles the cost)
-            out.append((b"x-budget-remaining-cost-usd", f"{rem['cost_usd'] / NANOS_PER_USD:.6f}".encode()))
-        if "steps" in rem:
-            out.append((b"x-budget-remaining-steps", str(rem["steps"]).encode()))
+        for dim, header, scale in REMAINING_HEADERS:  # (the dimensions declared with a header)
+            v = rem.get(dim)
+            if v is not None:
+                # (formatted straight from stored units: in_unit()'s round(x, 9) first only doubles the cost)
+                out.append((header, (str(v) if scale == 1 else f"{v / scale:.6f}").encode()))
         if call.clamped_to is not None:
             out.append((b"x-budget-clamped-max-tokens", str(call.clamped_to).encode()))
         return out
@@ -269,7 +250,7 @@ class Relay:
         rt = self.state.runtime
         up = rt.upstreams[self.provider]
         qs = scope.get("query_string", b"")
-        url = up.base_url + self.adapter.path + ("?" + qs.decode("latin-1") if qs else "")
+        url = up.base_url + self.adapter.upstream_path + ("?" + qs.decode("latin-1") if qs else "")
         t0 = time.perf_counter()
         watch = ClientWatch(call, receive)
         try:
@@ -332,164 +313,97 @@ class Relay:
 
     async def pump(self, call: Call, resp: UpstreamReply, headers: list[tuple[bytes, bytes]],
                    receive: Receive, send: Send, facts: RequestFacts) -> None:
-        """Relay a stream event by event, metering each; cut it in place of the next event when a
-        budget runs out, the config lowers a limit below what is used, or the proxy shuts down."""
+        """Relay a stream through its StreamPolicy (proxy/stream_policy.py), which decides what
+        each chunk sends on, when the running charge is pushed and where the stream is cut; the
+        IO is here. The head goes out with the first body bytes (one write, not two: server.
+        CoalescingTransport), and what ends the body goes out once the charge is settled, as for
+        a whole reply: a stream that arrives whole is settled before any of it is sent."""
         ratio_key = (call.caller.team + "/" + call.caller.key, call.price.model_id if call.price else call.model)
         ratios = self.state.output_ratios
         meter = self.adapter.new_meter(facts, call.res.admitted.hold.input_tokens,
                                        ratios.bytes_per_token_milli(*ratio_key))
-        decoder = SSEDecoder(runs=self.adapter.event_runs)
+        policy = StreamPolicy(call, meter, self.adapter, facts, self.state, self.cost)
         call.status = 200
-        # The head goes out with the first bytes of the body: one write (server.CoalescingTransport)
-        # instead of two; for a stream that arrives whole, once its charge is settled.
         head: dict[str, Any] | None = {"type": "http.response.start", "status": 200, "headers": headers}
-
-        async def watch_client() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            call.client_gone = True
-            await resp.aclose()  # stop the provider generating at once
-
-        # Started after the first chunk (a provider sends message_start at once), and only while
-        # the message is unfinished: a stream that arrives whole needs no watcher.
-        watcher: asyncio.Future[None] | None = None
         call.upstream = resp
         self.state.active_streams.add(call)
-        deadline = call.res.deadline
-        state = self.state
-        filters = self.adapter.filters_events
-        tail = b""
-        carry = b""  # the last chunk's bytes, held back to go out with the end of the body
-        ending: bytes | None = None  # what ends the client's body, sent once the charge is settled
         try:
-            try:
-                async for chunk in resp.aiter_raw():
-                    events = decoder.feed(chunk)
-                    n = len(events)
-                    done = 0  # events[:done] are metered and will be relayed
-                    cut: bytes | None = None
-                    while done < n:
-                        if done == 0 and ((deadline is not None and state.clock() >= deadline)
-                                          or call.generation != state.generation):
-                            # A wall-clock or reload decision is due at this chunk's first event.
-                            if type(events[0]) is SSERun:
-                                events[0:1] = split(events[0], 0)
-                                n = len(events)
-                            done, grew = meter.feed_events(events[:1], 0, call.hold_room)
-                            at_event = True
-                        else:
-                            # The meter runs through the chunk's events until one needs a decision
-                            # (splitting a run of text deltas in `events` where one passes the room).
-                            done, grew = meter.feed_events(events, done, call.hold_room)
-                            n = len(events)
-                            at_event = grew != UNCHANGED  # else it ran out of events: a cut follows them
-                            if (not at_event and deadline is None and call.generation == state.generation
-                                    and not self.push_due(call, meter)):
-                                break  # (the end of the chunk, and check() would find nothing to do)
-                        try:
-                            denied = await self.check(call, meter, grew, deadline)
-                        except StoreUnavailable:
-                            # Fail closed: a stream the ledger cannot follow is not metered blind.
-                            cut = self.adapter.cut_event("the budget ledger is unavailable; the stream was cut",
-                                                         error_type="api_error", error_code="store_unavailable")
-                            call.outcome = "store_unavailable"
-                        else:
-                            if denied is not None and not meter.finished:
-                                # (a message already finished is not cut: nothing is left to stop, and
-                                # its reported usage settles as reported)
-                                cut = self.adapter.cut_event(cut_message(denied, call.caller))
-                                call.outcome = "cut"
-                                state.observe_cut(call.caller, denied.dimension)
-                        if cut is not None:
-                            if at_event:
-                                done -= 1  # the cut takes the place of the event that ran the budget out
-                            break
-                    relayed = events[:done] if done < len(events) else events
-                    if filters:
-                        out = b"".join([ev.raw for ev in relayed if self.adapter.forwardable(ev, facts)])
-                    else:
-                        out = b"".join([ev.raw for ev in relayed])
-                    if carry:
-                        out, carry = carry + out, b""
-                    if cut is not None:
-                        if head is not None:
-                            await send(head)
-                            head = None
-                        await send({"type": "http.response.body", "body": out + cut, "more_body": False})
-                        return
-                    if resp.body_complete:
-                        carry = out  # the upstream's body has ended: one write for the rest and the end
-                    elif out:
-                        if head is not None:
-                            await send(head)
-                            head = None
-                        await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if watcher is None and not meter.finished:
-                        watcher = asyncio.ensure_future(watch_client())
-                rest = decoder.flush()
-                for ev in rest:
-                    meter.feed(ev)
-                tail = b"".join(ev.raw for ev in rest if self.adapter.forwardable(ev, facts))
-                call.outcome = ("completed" if meter.complete else
-                                "upstream_error" if meter.upstream_error else "upstream_dropped")
-                if call.outcome == "completed":
-                    tail += decoder.pending  # (bytes after the end: passed through as they came)
-            except (httpx.HTTPError, SSEError):
-                call.outcome = "upstream_dropped"
-            except Exception as exc:  # a bug must not tear the client's body or lose the charge
-                log.error("stream relay failed: request_id=%s error=%s", call.request_id, exc.__class__.__name__)
-                call.outcome = "proxy_error"
-            if call.outcome in ("upstream_dropped", "proxy_error") and not call.client_gone:
-                # Truncation is never silent: an SDK would take what came as a complete message.
-                # (An unfinished event's bytes are not relayed: the error event must parse.)
-                tail += self.adapter.cut_event("the upstream connection ended mid-stream", error_type="api_error",
-                                               error_code="upstream_dropped")
-            if call.client_gone:
-                call.outcome = "client_disconnected"
-            elif call.shutting_down and not meter.finished:
-                call.outcome = "shutdown"
-                tail = self.adapter.cut_event("the proxy is shutting down; the stream was cut and charged for "
-                                              "what was generated", error_type="api_error",
-                                              error_code="proxy_shutdown")
-            # End the client's body cleanly whatever happened upstream (below, once settled).
-            ending = carry + tail
+            head = await self.relay_stream(call, resp, receive, send, policy, head)
         finally:
             self.state.active_streams.discard(call)
-            if watcher is not None:
-                watcher.cancel()
             await resp.aclose()
-            usage = self.stream_usage(call, meter)
+            usage = stream_usage(call, meter)
             # (no shield, which costs a task per stream: settle survives this task's cancellation)
             await self.settle(call, usage, usage if usage is not None else Usage(), meter.bill)
             if meter.complete and meter.usage_reported and usage is not None:
                 ratios.learn(*ratio_key, usage.output_tokens, meter.output_bytes)
-        # As for a whole reply, the charge is committed before the response ends (SPEC §6).
-        if head is not None:
-            await send(head)
-        await send({"type": "http.response.body", "body": ending, "more_body": False})
+        if policy.ending is not None:  # (None: a cut has ended the body already)
+            if head is not None:
+                await send(head)
+            await send({"type": "http.response.body", "body": policy.ending, "more_body": False})
 
-    async def check(self, call: Call, meter: Any, grew: int, deadline: float | None) -> Denied | None:
-        """After the meter stopped at an event (or ran out of events): push, and decide whether
-        the stream may go on. Raises StoreUnavailable when the store cannot be reached."""
-        state = self.state
-        denied = None
-        if grew == REPORTED:
-            if not meter.finished:  # (the final usage report needs no push: settle follows at once)
-                denied = await self.enforce(call, meter)
-        elif grew == GREW:  # the live output passed call.hold_room
-            denied = await self.enforce(call, meter)
-        elif self.push_due(call, meter):  # (the end of a chunk)
-            denied = await self.enforce(call, meter)
-        if denied is None and deadline is not None and state.clock() >= deadline:
-            denied = self.wall_clock_denial(call)
-        if denied is None and call.generation != state.generation:
-            denied = await self.recheck_limits(call)
-        return denied
+    async def relay_stream(self, call: Call, resp: UpstreamReply, receive: Receive, send: Send,
+                           policy: StreamPolicy, head: dict[str, Any] | None) -> dict[str, Any] | None:
+        """pump's loop: each upstream chunk to the policy, the store calls it asks for, the bytes it
+        relays to the client. Returns the head while it is still to be sent."""
+        # The client is watched from the first chunk on (a provider sends message_start at once),
+        # and only while the message is unfinished: a stream that arrives whole needs no watcher.
+        watcher: asyncio.Future[None] | None = None
+        feed, meter = policy.feed, policy.meter
+        try:
+            async for chunk in resp.aiter_raw():
+                step = feed(chunk, resp.body_complete)
+                while step != RELAY:
+                    if step == CUT:
+                        if policy.denied is not None:
+                            self.state.observe_cut(call.caller, policy.denied.dimension)
+                        if head is not None:
+                            await send(head)
+                            head = None
+                        await send({"type": "http.response.body", "body": policy.out, "more_body": False})
+                        return None
+                    step = await self.check(call, policy, step)
+                out = policy.out
+                if out:
+                    if head is not None:
+                        await send(head)
+                        head = None
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if watcher is None and not meter.finished:
+                    watcher = asyncio.ensure_future(self.watch_client(call, resp, receive))
+            policy.flush()
+        except (httpx.HTTPError, SSEError):
+            policy.fail("upstream_dropped")
+        except Exception as exc:  # a bug must not tear the client's body or lose the charge
+            log.error("stream relay failed: request_id=%s error=%s", call.request_id, exc.__class__.__name__)
+            policy.fail("proxy_error")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        policy.end()
+        return head
 
-    def push_due(self, call: Call, meter: Any) -> bool:
-        """The running charge has grown since the last push, a second or more ago."""
-        return (meter.live_output_tokens() > call.pushed_output
-                and self.state.clock() - call.pushed_at >= PUSH_INTERVAL_SECONDS)
+    @staticmethod
+    async def watch_client(call: Call, resp: UpstreamReply, receive: Receive) -> None:
+        """A client gone mid-stream: the provider stops generating at once (the relay then ends
+        the stream as client_disconnected)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        call.client_gone = True
+        await resp.aclose()
+
+    async def check(self, call: Call, policy: StreamPolicy, step: int) -> int:
+        """Make the store call the stream's policy stopped for (PUSH: charge the running usage;
+        RECHECK: the limits after a reload) and hand it the answer; returns its next step. A
+        store that cannot be reached cuts the stream: it is not metered blind."""
+        try:
+            if step == PUSH:
+                answer = await self.state.store.charge(call.res, policy.amounts, policy.now)
+            else:
+                answer = await self.recheck_limits(call)
+        except StoreUnavailable:
+            return policy.store_unavailable()
+        return policy.charged(answer) if step == PUSH else policy.rechecked(answer)
 
     async def recheck_limits(self, call: Call) -> Denied | None:
         """After a reload: adopt the new limits for this call, and cut it if a scope is now overspent."""
@@ -497,84 +411,13 @@ class Relay:
         budgets = self.state.runtime.budgets
         current = {s.id: s for s in (*budgets.teams.values(), *budgets.keys.values())}
         scopes = tuple(current.get(s.id, s) for s in call.res.scopes)
-        call.res.scopes = scopes
+        call.res = call.res._replace(scopes=scopes)
         states = await self.state.store.states(scopes, self.state.clock())
         for scope, st in zip(scopes, states):
             for dim, limit in scope.limits.metered():
                 if st.used.get(dim) > limit:
                     return Denied(scope, dim, limit, st.used.get(dim), st.held.get(dim), 0)
         return None
-
-    def live_usage(self, call: Call, meter: Any) -> Usage:
-        """The running charge: the meter's figure, its input at least what admission estimated
-        until the provider reports one (a stream without message_start is no cheaper)."""
-        u = meter.live_usage()
-        if not meter.started:
-            estimated = call.res.admitted.hold.input_tokens
-            if u.total_input_tokens < estimated:
-                u = u._replace(input_tokens=u.input_tokens + estimated - u.total_input_tokens)
-        return self.capped(call, u)
-
-    def stream_usage(self, call: Call, meter: Any) -> Usage | None:
-        """What a stream that ended is charged; None when it produced no message (no step). A
-        stream that never sent its message start but relayed output is charged the estimate of
-        that output plus the input admission estimated: an upstream lie does not make it free."""
-        if meter.started:
-            usage = meter.final_usage()
-            return usage if meter.usage_reported else self.capped(call, usage)
-        live = self.live_usage(call, meter)
-        return None if live.output_tokens == 0 else live
-
-    @staticmethod
-    def capped(call: Call, u: Usage) -> Usage:
-        """The running estimate errs high; an honest upstream never generates past the max_tokens
-        it was sent, so an estimate within ESTIMATE_TOLERANCE of it counts as max_tokens. Reported
-        figures are settled as reported."""
-        cap = call.output_cap
-        if cap is None or u.output_tokens <= cap or u.output_tokens > cap * ESTIMATE_TOLERANCE:
-            return u
-        return u.with_output(cap)
-
-    async def enforce(self, call: Call, meter: Any) -> Denied | None:
-        """Push the running charge to the store when it outgrows the hold (the store may grow
-        the hold or refuse: a cut) or the last push is a second old, then work out how far
-        output may grow before the next decision. Between decisions the meter compares one
-        integer per event (see pump)."""
-        u = self.live_usage(call, meter)
-        amounts = Amounts.of_usage(u, self.cost(call, u), 1)
-        now = self.state.clock()
-        if now - call.pushed_at < PUSH_INTERVAL_SECONDS and amounts.within(call.res.hold):
-            denied = None  # inside the hold, and the store heard from this call less than a second ago
-        else:
-            denied = await self.state.store.charge(call.res, amounts, now)
-            if denied is None:
-                # (the live figure, uncapped, as check() compares it: past the cap nothing is pushed again)
-                call.pushed_at, call.pushed_output = now, meter.live_output_tokens()
-        if denied is None:
-            call.hold_room = self.hold_room(call, u)
-        return denied
-
-    def hold_room(self, call: Call, u: Usage) -> int:
-        """The live output figure up to which this stream stays inside its hold in every dimension."""
-        hold = call.res.hold
-        total_input = u.total_input_tokens
-        room = min(hold.output_tokens, hold.tokens - total_input)
-        price = call.price
-        if price is not None:
-            spare = hold.cost_nanos - pricing_mod.cost_nanos(price, u.with_output(0))
-            affordable = pricing_mod.output_tokens_within(price, spare, total_input)
-            if affordable is not None and affordable < room:
-                room = affordable
-        cap = call.output_cap
-        if cap is not None and room >= cap:
-            # Up to the tolerance the charged output never counts past the cap (capped()), so it
-            # stays inside this hold; past it, the next decision charges the estimate in full.
-            return int(cap * ESTIMATE_TOLERANCE)
-        return room
-
-    def wall_clock_denial(self, call: Call) -> Denied:
-        scope = next(s for s in call.res.scopes if s.limits.wall_clock is not None)
-        return Denied(scope, "wall_clock", scope.limits.wall_clock or 0, scope.limits.wall_clock or 0, 0, 0)
 
     def cost(self, call: Call, usage: Usage) -> int:
         """The running charge, at the rates admission reserved at."""
@@ -592,7 +435,8 @@ class Relay:
     async def settle(self, call: Call, usage: Usage | None, charged: Usage, bill: Bill = NO_BILL) -> None:
         """Charge `charged` (+ one step when a message was produced, i.e. usage is not None) and
         release the rest of the hold; log one usage row. Runs once per call."""
-        if call.res.settled:
+        res = call.res
+        if res.settled:
             return
         steps = 1 if usage is not None else 0
         cost = self.billed_cost(call, charged, bill)
@@ -602,8 +446,11 @@ class Relay:
                        charged.cache_write_5m_tokens, charged.cache_write_1h_tokens, charged.cache_read_tokens,
                        charged.output_tokens, charged.web_search_requests, cost, steps, now - call.started,
                        call.outcome, call.request_id)
+        # (marked before the store is awaited: a settle takes effect when called, and the backstop in
+        # __call__ must not settle again if this task is cancelled meanwhile)
+        call.res = res.as_settled()
         try:
-            await self.state.store.settle(call.res, actual, row)
+            await self.state.store.settle(res, actual, row)
         except asyncio.CancelledError:
             # The store has it (LedgerStore.settle takes effect when called); so do the metrics and log.
             self.state.observe_settled(call, charged, cost, steps)

@@ -213,10 +213,10 @@ class BookMachine(RuleBasedStateMachine):
         before, before_res = snapshot(self.book), res_fields(res)
         growth = res.hold.max(charged) - res.hold
 
-        denied = self.book.charge(res, charged, self.now)
+        got = self.book.charge(res, charged, self.now)
 
         expected = None
-        if not growth.is_zero():
+        if growth != ZERO:
             for s, state in pairs:
                 dim = first_overflow(s, state, growth, only_growing=True)
                 if dim is None and clock_spent(s, state, self.now):
@@ -224,12 +224,14 @@ class BookMachine(RuleBasedStateMachine):
                 if dim is not None:
                     expected = (s, dim)
                     break
-        if denied is not None:
-            assert expected == (denied.scope, denied.dimension)
-            assert snapshot(self.book) == before and res_fields(res) == before_res  # refused: nothing changes
+        if isinstance(got, Denied):
+            assert expected == (got.scope, got.dimension)
+            assert snapshot(self.book) == before  # refused: nothing changes
             return
-        assert expected is None
-        assert res.hold == before_res[0].max(charged) and res.charged == charged
+        assert expected is None and isinstance(got, Reservation) and res_fields(res) == before_res
+        assert got.hold == before_res[0].max(charged) and got.charged == charged and not got.settled
+        assert self.book.in_flight[res.id] == got
+        f.res = got
         for (s, state), key in zip(pairs, f.keys):
             after = self.book.totals[key].state()
             footprint_before = state.used + state.held
@@ -247,7 +249,7 @@ class BookMachine(RuleBasedStateMachine):
         pairs = self.pairs(res.scopes, f.keys)
         final_hold = res.hold
         assert self.book.settle(res, actual) is True
-        assert res.settled and res.id not in self.book.in_flight
+        assert res.id not in self.book.in_flight
         for (s, state), key in zip(pairs, f.keys):
             after = self.book.totals[key].state()
             assert after.used + after.held == state.used + state.held + actual - final_hold
@@ -395,12 +397,19 @@ def test_one_token_less_of_room_admits_neither() -> None:
 
 # --- charge ----------------------------------------------------------------------------------------------------------
 
+def charged(book: Book, res: Reservation, amounts: Amounts, now: float = T0) -> Reservation:
+    """Charge, and the reservation as the book left it (Reservation is immutable)."""
+    got = book.charge(res, amounts, now)
+    assert isinstance(got, Reservation), got
+    return got
+
+
 def test_a_charge_below_the_hold_does_not_grow_it() -> None:
     k, t = scope("key", "k", tokens=1000), scope("team", "t", tokens=5000)
     book = Book()
     res = book.reserve((k, t), ask(100, 200), T0, "r")
     assert isinstance(res, Reservation) and res.hold == usage(100, 200)
-    assert book.charge(res, usage(100, 50), T0) is None
+    res = charged(book, res, usage(100, 50))
     assert res.hold == usage(100, 200) and res.charged == usage(100, 50)
     for s in (k, t):
         state = book.state(s, T0)
@@ -408,7 +417,7 @@ def test_a_charge_below_the_hold_does_not_grow_it() -> None:
         assert state.held == usage(100, 200) - usage(100, 50)
         assert state.used + state.held == usage(100, 200)
     # charges are running totals: a later one replaces, never adds to, the earlier
-    assert book.charge(res, usage(100, 120), T0) is None
+    assert charged(book, res, usage(100, 120)).charged == usage(100, 120)
     assert book.state(k, T0).used == usage(100, 120) and book.state(k, T0).held == usage(0, 80, steps=0)
 
 
@@ -417,7 +426,7 @@ def test_a_charge_beyond_the_hold_grows_the_footprint_when_every_scope_has_room(
     book = Book()
     res = book.reserve((k, t), ask(100, 200), T0, "r")
     assert isinstance(res, Reservation)
-    assert book.charge(res, usage(100, 300), T0) is None  # +100: the team's 400 is exactly full
+    res = charged(book, res, usage(100, 300))  # +100: the team's 400 is exactly full
     assert res.hold == usage(100, 300)
     for s in (k, t):
         assert book.state(s, T0) == ScopeState(usage(100, 300), ZERO, T0)
@@ -428,7 +437,7 @@ def test_a_charge_beyond_the_hold_is_refused_when_one_scope_lacks_room_and_chang
     book = Book()
     res = book.reserve((k, t), ask(100, 200), T0, "r")
     assert isinstance(res, Reservation)
-    assert book.charge(res, usage(100, 150), T0) is None
+    res = charged(book, res, usage(100, 150))
     before, before_res = snapshot(book), res_fields(res)
     denied = book.charge(res, usage(100, 300), T0)
     assert denied == Denied(t, "tokens", 399, 250, 50, 100)
@@ -442,7 +451,7 @@ def test_growth_of_one_request_takes_room_from_the_others() -> None:
     r1 = book.reserve((a, t), ask(0, 100), T0, "r1")
     r2 = book.reserve((b, t), ask(0, 100), T0, "r2")
     assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
-    assert book.charge(r1, usage(0, 200), T0) is None  # grows to 200: team now 200 + 100 = 300
+    charged(book, r1, usage(0, 200))  # grows to 200: team now 200 + 100 = 300
     assert isinstance(book.charge(r2, usage(0, 101), T0), Denied)
     assert isinstance(book.reserve((a, t), ask(0, 100), T0, "r3"), Denied)
 
@@ -452,8 +461,8 @@ def test_growth_is_refused_once_the_wall_clock_is_spent() -> None:
     book = Book()
     res = book.reserve((k,), ask(10, 10), T0, "r")
     assert isinstance(res, Reservation) and res.deadline == T0 + 60
-    assert book.charge(res, usage(10, 10), T0 + 60) is None       # within the hold: no decision needed
-    assert book.charge(res, usage(10, 11), T0 + 59.5) is None
+    charged(book, res, usage(10, 10), T0 + 60)        # within the hold: no decision needed
+    charged(book, res, usage(10, 11), T0 + 59.5)
     assert book.charge(res, usage(10, 12), T0 + 60) == Denied(k, "wall_clock", 60.0, 60.0, 0, 0)
 
 
@@ -620,7 +629,7 @@ def test_period_rollover_gives_fresh_totals_and_old_requests_settle_in_their_per
     fresh = book.reserve((k, t), ask(100, 400), later, "new")
     assert isinstance(fresh, Reservation) and not fresh.admitted.clamped
 
-    assert book.charge(res, usage(100, 450), later) is None  # grows in its own hour: 500 + 50 <= 600
+    charged(book, res, usage(100, 450), later)  # grows in its own hour: 500 + 50 <= 600
     book.settle(res, usage(100, 450))
     assert book.state(k, start) == ScopeState(usage(100, 450), ZERO, start + 3000)
     assert book.state(k, later) == ScopeState(ZERO, usage(100, 400), later)
@@ -682,7 +691,7 @@ async def test_memory_store_settle_without_a_row_logs_nothing() -> None:
     store = MemoryStore()
     res = await store.reserve((scope("key", "k"),), ask(), T0, "r")
     assert isinstance(res, Reservation)
-    await store.settle(res, ZERO, None)
+    res = await store.settle(res, ZERO, None)
     assert await store.usage_log() == [] and res.settled
     assert await store.states((scope("key", "k"),), T0) == [ScopeState(ZERO, ZERO, T0)]
 

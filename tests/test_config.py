@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, key_digest, load_config, parse_config, parse_duration
+from proxy.config import expand_env
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "proxy.example.yaml"
 SECRET = "sk-secret-7f3a9c1e5b2d4806aa11"
@@ -514,3 +515,146 @@ def test_upstream_base_url_trailing_slash_stripped_and_scheme_required() -> None
 def test_openai_upstream_defaults_to_openai_base_url() -> None:
     ups = parse_config({"upstreams": {"openai": {"api_key": "x"}}}, {}).proxy.upstreams
     assert ups["openai"].base_url == "https://api.openai.com"
+
+
+# --- ${VAR}_FILE secrets (SPEC §12 "Containers") ----------------------------------------
+
+
+def secret_file(tmp_path: Path, content: str | bytes, name: str = "secret") -> str:
+    f = tmp_path / name
+    f.write_bytes(content.encode() if isinstance(content, str) else content)
+    return str(f)
+
+
+def test_var_file_used_when_var_unset(tmp_path: Path) -> None:
+    env = {"CI_KEY_FILE": secret_file(tmp_path, SECRET + "\n")}
+    cfg = parse_config(base(key="${CI_KEY}"), env).proxy
+    assert cfg.teams["research"].keys["ci-bot"].digest == key_digest(SECRET)
+
+
+def test_var_file_used_when_var_empty(tmp_path: Path) -> None:
+    env = {"CI_KEY": "", "CI_KEY_FILE": secret_file(tmp_path, SECRET)}
+    cfg = parse_config(base(key="${CI_KEY}"), env).proxy
+    assert cfg.teams["research"].keys["ci-bot"].digest == key_digest(SECRET)
+
+
+def test_var_file_takes_the_place_of_the_default(tmp_path: Path) -> None:
+    env = {"STORE_FILE": secret_file(tmp_path, "memory://\n")}
+    assert parse_config({"store": "${STORE:-sqlite:///x.db}"}, env).proxy.store == "memory://"
+    env["STORE"] = ""  # empty counts as unset, as for the default
+    assert parse_config({"store": "${STORE:-sqlite:///x.db}"}, env).proxy.store == "memory://"
+
+
+def test_var_file_embedded_in_a_longer_string(tmp_path: Path) -> None:
+    env = {"DIR_FILE": secret_file(tmp_path, "/var/lib\n")}
+    assert parse_config({"store": "sqlite:///${DIR}/l.db"}, env).proxy.store == "sqlite:////var/lib/l.db"
+
+
+def test_var_set_and_var_file_empty_takes_var() -> None:
+    cfg = parse_config({"store": "${STORE}"}, {"STORE": "memory://", "STORE_FILE": ""}).proxy
+    assert cfg.store == "memory://"
+
+
+@pytest.mark.parametrize(("content", "value"), [
+    ("s3cret", "s3cret"),
+    ("s3cret\n", "s3cret"),
+    ("s3cret\r\n", "s3cret"),
+    ("s3cret\n\n", "s3cret\n"),          # one newline only
+    ("s3cret\r\n\r\n", "s3cret\r\n"),
+    ("s3cret\r", "s3cret\r"),            # a lone CR is not a newline here
+    (" s3cret \n", " s3cret "),          # no other whitespace is touched
+    ("\n", ""),
+    ("", ""),
+])
+def test_var_file_strips_one_trailing_newline(tmp_path: Path, content: str, value: str) -> None:
+    problems: list[tuple[str, str]] = []
+    assert expand_env("${V}", {"V_FILE": secret_file(tmp_path, content)}, "p", problems) == value
+    assert problems == []
+
+
+def test_var_file_content_is_not_expanded_again(tmp_path: Path) -> None:
+    problems: list[tuple[str, str]] = []
+    assert expand_env("${V}", {"V_FILE": secret_file(tmp_path, "${OTHER}\n")}, "p", problems) == "${OTHER}"
+    assert problems == []
+
+
+def test_var_and_var_file_both_set_is_an_error_naming_both(tmp_path: Path) -> None:
+    env = {"CI_KEY": OTHER_SECRET, "CI_KEY_FILE": secret_file(tmp_path, SECRET)}
+    err = problems_of(base(key="${CI_KEY}"), env)
+    msg = dict(err.problems)[f"{KEY_PATH}.key"]
+    assert "both CI_KEY and CI_KEY_FILE" in msg
+    assert_no_secret(err)
+
+
+def test_var_and_var_file_both_set_is_an_error_even_with_a_default(tmp_path: Path) -> None:
+    env = {"STORE": "memory://", "STORE_FILE": secret_file(tmp_path, "memory://")}
+    err = problems_of({"store": "${STORE:-memory://}"}, env)
+    assert any(p == "store" and "STORE_FILE" in m for p, m in err.problems), err.problems
+
+
+def test_var_file_missing_is_an_error_naming_the_variable(tmp_path: Path) -> None:
+    err = problems_of(base(key="${CI_KEY:-bp-fallback-key-000000}"), {"CI_KEY_FILE": str(tmp_path / "nope")})
+    msg = dict(err.problems)[f"{KEY_PATH}.key"]
+    assert "CI_KEY_FILE" in msg
+    assert "bp-fallback-key-000000" not in str(err)  # the default is not used in its place
+
+
+def test_var_file_that_is_a_directory_is_an_error(tmp_path: Path) -> None:
+    err = problems_of({"store": "${STORE}"}, {"STORE_FILE": str(tmp_path)})
+    assert paths(err)[0] == "store" and "STORE_FILE" in err.problems[0][1], err.problems
+
+
+def test_var_file_unreadable_or_not_text_never_shows_the_content(tmp_path: Path) -> None:
+    def unreadable(path: str) -> str:
+        raise PermissionError(13, "Permission denied", path)
+
+    problems: list[tuple[str, str]] = []
+    assert expand_env({"k": "${V}"}, {"V_FILE": "/run/secrets/v"}, "", problems, unreadable) == {"k": ""}
+    assert len(problems) == 1 and problems[0][0] == "k"
+    assert "V_FILE" in problems[0][1] and "Permission denied" in problems[0][1]
+
+    binary = SECRET.encode() + b"\xff\xfe"
+    err = problems_of({"store": "${STORE}"}, {"STORE_FILE": secret_file(tmp_path, binary)})
+    assert paths(err)[0] == "store" and "STORE_FILE" in err.problems[0][1], err.problems
+    assert_no_secret(err)
+
+
+def test_var_file_content_in_a_wrong_typed_field_not_in_error_text(tmp_path: Path) -> None:
+    env = {"CI_TOKENS_FILE": secret_file(tmp_path, SECRET + "\n")}
+    err = problems_of(base(budget={"tokens": "${CI_TOKENS:-100}"}), env)
+    assert paths(err) == [f"{KEY_PATH}.budget.tokens"]
+    assert_no_secret(err)
+
+
+def test_var_file_reads_go_through_the_given_reader() -> None:
+    files = {"/run/secrets/store": "memory://\r\n", "/run/secrets/key": SECRET + "\n"}
+    calls: list[str] = []
+
+    def reader(path: str) -> str:
+        calls.append(path)
+        return files[path]
+
+    env = {"STORE_FILE": "/run/secrets/store", "KEY_FILE": "/run/secrets/key", "ADMIN": OTHER_SECRET,
+           "ADMIN_FILE": ""}
+    problems: list[tuple[str, str]] = []
+    node = {"store": "${STORE:-x}", "keys": ["${KEY}"], "admin": "${ADMIN}", "n": 3}
+    out = expand_env(node, env, "", problems, reader)
+    assert out == {"store": "memory://", "keys": [SECRET], "admin": OTHER_SECRET, "n": 3}
+    assert problems == []
+    assert sorted(calls) == ["/run/secrets/key", "/run/secrets/store"]
+
+
+def test_var_file_not_read_when_var_and_var_file_both_set() -> None:
+    calls: list[str] = []
+    problems: list[tuple[str, str]] = []
+    expand_env("${V}", {"V": "a", "V_FILE": "/f"}, "p", problems, lambda p: calls.append(p) or "b")
+    assert calls == [] and len(problems) == 1
+
+
+def test_example_config_reads_docker_secrets(tmp_path: Path) -> None:
+    env = {"ANTHROPIC_API_KEY_FILE": secret_file(tmp_path, OTHER_SECRET + "\n", "anthropic_api_key"),
+           "RESEARCH_CI_KEY_FILE": secret_file(tmp_path, SECRET + "\n", "research_ci_key"),
+           "BUDGET_PROXY_STORE": "memory://"}
+    cfg = load_config(EXAMPLE, env=env).proxy
+    assert cfg.upstreams["anthropic"].api_key.get_secret_value() == OTHER_SECRET
+    assert cfg.teams["research"].keys["ci-bot"].digest == key_digest(SECRET)

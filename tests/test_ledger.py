@@ -37,6 +37,7 @@ from proxy.ledger import (
     wall_clock_deadline,
 )
 from proxy.periods import period_bounds
+from proxy.usage import Usage
 
 NOW = 1_700_000_000.0
 LIMIT_FIELD = {"tokens": "tokens", "input_tokens": "input_tokens", "output_tokens": "output_tokens",
@@ -502,7 +503,8 @@ def test_amounts_arithmetic() -> None:
     assert a - b == Amounts(2, -1, 3, -10, 1)
     assert a.max(b) == Amounts(5, 2, 4, 20, 1)
     assert (a - b).nonneg() == Amounts(2, 0, 3, 0, 1)
-    assert ZERO.is_zero() and not a.is_zero()
+    assert ZERO == Amounts() == (0,) * len(Amounts._fields) and a.within(a + b) and not (a + b).within(a)
+    assert Amounts.of_usage(Usage(input_tokens=7, output_tokens=3), 10, 1) == Amounts(10, 7, 3, 10, 1)
     assert a.get("cost_usd") == 10
 
 

@@ -100,7 +100,7 @@ def test_parse_request_refuses(body, what):
     with pytest.raises(InvalidRequest) as exc:
         A.parse_request(body)
     assert exc.value.status == 400 and what in exc.value.message
-    assert exc.value.openai_body("r")["error"]["type"] == "invalid_request_error"
+    assert json.loads(A.render_error(exc.value, "r")[2])["error"]["type"] == "invalid_request_error"
 
 
 def test_absurdly_deep_json_is_a_400_and_never_raises_elsewhere():

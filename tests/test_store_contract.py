@@ -6,7 +6,9 @@ The reference is the pure ledger: every store must make exactly the decisions of
 operations in lockstep with the in-process Book). Redis runs against 127.0.0.1:6379, DB 13, each
 test under a fresh key prefix deleted afterwards; without Redis the Redis cases skip, unless
 BUDGET_PROXY_REQUIRE_REDIS is set (CI), when they fail. Redis-only behaviour (expiry, renewal,
-outages, key lifetimes) is at the end.
+outages, key lifetimes) is at the end. tests/test_dimensions.py runs the whole suite once more with
+a dimension added to the declaration (proxy/dimensions.py): amounts are written with A(), which
+gives any dimension past the standard five the steps' figure (the added one counts as steps do).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, AsyncIterator, Iterator
@@ -29,7 +31,8 @@ import redis
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import ZERO, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState, admit
-from proxy.store.base import Reservation, UsageRow, open_store
+from proxy.store import open_store
+from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
@@ -107,8 +110,13 @@ def ask(input_tokens: int = 10, max_tokens: int = 100, input_cost: int = 0, rate
     return Ask(input_tokens, input_cost, max_tokens, Decimal(rate))
 
 
+def A(tokens: int = 0, input_tokens: int = 0, output_tokens: int = 0, cost_nanos: int = 0, steps: int = 0) -> Amounts:
+    """Amounts in the standard dimensions; any dimension declared after them counts as steps do."""
+    return Amounts(tokens, input_tokens, output_tokens, cost_nanos, steps, *[steps] * (len(Amounts._fields) - 5))
+
+
 def amounts(tokens_in: int, tokens_out: int, cost: int = 0, steps: int = 1) -> Amounts:
-    return Amounts(tokens_in + tokens_out, tokens_in, tokens_out, cost, steps)
+    return A(tokens_in + tokens_out, tokens_in, tokens_out, cost, steps)
 
 
 def row(request_id: str, now: float = T0, out: int = 0) -> UsageRow:
@@ -122,6 +130,13 @@ async def reserve(store: Any, scopes: list[Scope], a: Ask, now: float = T0) -> R
     return res
 
 
+async def charge(store: Any, res: Reservation, c: Amounts, now: float = T0) -> Reservation:
+    """Charge and return the reservation as the store left it (Reservation is immutable)."""
+    got = await store.charge(res, c, now)
+    assert isinstance(got, Reservation), got
+    return got
+
+
 async def state(store: Any, s: Scope, now: float = T0) -> ScopeState:
     return (await store.states([s], now))[0]
 
@@ -131,11 +146,11 @@ async def state(store: Any, s: Scope, now: float = T0) -> ScopeState:
 async def test_admits_with_a_hold_of_input_plus_max_tokens(store: Any) -> None:
     k, t = key(tokens=10_000), team()
     res = await reserve(store, [k, t], ask(100, 500))
-    assert res.admitted == Admitted(Amounts(600, 100, 500, 0, 1), 500, False)
+    assert res.admitted == Admitted(A(600, 100, 500, 0, 1), 500, False)
     assert res.hold == res.admitted.hold and res.charged == ZERO and not res.settled
     assert res.remaining == {"tokens": 9_400}
     for s in (k, t):
-        assert await state(store, s) == ScopeState(ZERO, Amounts(600, 100, 500, 0, 1), T0)
+        assert await state(store, s) == ScopeState(ZERO, A(600, 100, 500, 0, 1), T0)
 
 
 async def test_remaining_is_the_tightest_across_scopes_after_admission(store: Any) -> None:
@@ -167,14 +182,14 @@ async def test_key_is_named_before_team_and_a_denial_changes_nothing(store: Any)
     denied = await store.reserve([k, t], ask(200, 10), T0, next(ids))
     assert isinstance(denied, Denied) and denied.scope == k and denied.dimension == "steps"
     assert (denied.limit, denied.used, denied.held, denied.needed) == (1, 0, 1, 1)
-    assert (await state(store, t)).held == Amounts(20, 10, 10, 0, 1)  # only the admitted request holds
+    assert (await state(store, t)).held == A(20, 10, 10, 0, 1)  # only the admitted request holds
 
 
 async def test_needs_the_input_plus_one_output_token(store: Any) -> None:
     k = key(tokens=101)
     assert isinstance(await store.reserve([k], ask(101, 10), T0, next(ids)), Denied)
     res = await reserve(store, [k], ask(100, 10))
-    assert res.admitted == Admitted(Amounts(101, 100, 1, 0, 1), 1, True)
+    assert res.admitted == Admitted(A(101, 100, 1, 0, 1), 1, True)
 
 
 @pytest.mark.parametrize("limits, the_ask", [
@@ -211,17 +226,15 @@ async def test_wall_clock_runs_from_the_first_request_of_the_period(store: Any) 
 
 async def test_charges_within_the_hold_move_held_to_used(store: Any) -> None:
     k = key(tokens=1_000)
-    res = await reserve(store, [k], ask(100, 400))
-    assert await store.charge(res, amounts(100, 50), T0) is None
-    assert res.hold == Amounts(500, 100, 400, 0, 1) and res.charged == amounts(100, 50)
-    assert await state(store, k) == ScopeState(amounts(100, 50), Amounts(350, 0, 350, 0, 0), T0)
+    res = await charge(store, await reserve(store, [k], ask(100, 400)), amounts(100, 50))
+    assert res.hold == A(500, 100, 400, 0, 1) and res.charged == amounts(100, 50)
+    assert await state(store, k) == ScopeState(amounts(100, 50), A(350, 0, 350, 0, 0), T0)
 
 
 async def test_charges_past_the_hold_grow_it_when_every_scope_has_room(store: Any) -> None:
     k, t = key(tokens=1_000), team(tokens=700)
-    res = await reserve(store, [k, t], ask(100, 400))
-    assert await store.charge(res, amounts(100, 550), T0) is None
-    assert res.hold == Amounts(650, 100, 550, 0, 1)
+    res = await charge(store, await reserve(store, [k, t], ask(100, 400)), amounts(100, 550))
+    assert res.hold == A(650, 100, 550, 0, 1) and res.charged == amounts(100, 550)
     for s in (k, t):
         assert await state(store, s) == ScopeState(amounts(100, 550), ZERO, T0)
 
@@ -235,14 +248,29 @@ async def test_growth_is_refused_without_changing_anything(store: Any) -> None:
     assert isinstance(denied, Denied) and denied.scope == t and denied.dimension == "tokens"
     assert (denied.limit, denied.used, denied.held, denied.needed) == (700, 0, 700, 1)
     assert await store.states([k, t], T0) == before
-    assert res.hold == Amounts(500, 100, 400, 0, 1) and res.charged == ZERO
+    grown = await charge(store, res, amounts(100, 400))  # within the hold: as if nothing had been refused
+    assert grown.hold == A(500, 100, 400, 0, 1) and grown.charged == amounts(100, 400)
+
+
+async def test_the_store_keeps_its_own_account_of_a_reservation(store: Any) -> None:
+    """A caller holding a stale copy (an earlier charge's answer lost) never makes the store count twice."""
+    k = key(tokens=1_000)
+    first = await reserve(store, [k], ask(100, 400))
+    await charge(store, first, amounts(100, 450))
+    again = await charge(store, first, amounts(100, 460))  # from the copy of before the first charge
+    assert again.hold == amounts(100, 460) and again.charged == amounts(100, 460)
+    assert await state(store, k) == ScopeState(amounts(100, 460), ZERO, T0)
+    await store.settle(first, amounts(100, 470), None)
+    assert await state(store, k) == ScopeState(amounts(100, 470), ZERO, T0)
 
 
 async def test_charge_after_settle_is_a_no_op(store: Any) -> None:
     k = key(tokens=1_000)
     res = await reserve(store, [k], ask(10, 10))
-    await store.settle(res, amounts(10, 5), None)
-    assert await store.charge(res, amounts(500, 500), T0) is None
+    done = await store.settle(res, amounts(10, 5), None)
+    assert done == res.as_settled()
+    assert await store.charge(done, amounts(500, 500), T0) == done
+    assert await store.charge(res, amounts(500, 500), T0) == res  # (an unsettled copy: the store knows)
     assert (await state(store, k)).used == amounts(10, 5)
 
 
@@ -251,8 +279,8 @@ async def test_charge_after_settle_is_a_no_op(store: Any) -> None:
 async def test_settle_charges_the_actual_usage_and_releases_the_rest(store: Any) -> None:
     k, t = key(tokens=1_000), team()
     res = await reserve(store, [k, t], ask(100, 400))
-    await store.charge(res, amounts(100, 300, 7), T0)
-    await store.settle(res, amounts(90, 250, 5), row(res.id))
+    res = await charge(store, res, amounts(100, 300, 7))
+    res = await store.settle(res, amounts(90, 250, 5), row(res.id))
     assert res.settled
     for s in (k, t):
         assert await state(store, s) == ScopeState(amounts(90, 250, 5), ZERO, T0)
@@ -265,6 +293,17 @@ async def test_settle_is_exactly_once(store: Any) -> None:
     await store.settle(res, amounts(100, 10), row(res.id))
     assert (await state(store, k)).used == amounts(100, 10)
     assert [r.request_id for r in await store.usage_log()] == [res.id]
+
+
+async def test_release_settles_the_charges_so_far_without_a_row(store: Any) -> None:
+    k = key(tokens=1_000)
+    res = await charge(store, await reserve(store, [k], ask(100, 400)), amounts(100, 50))
+    await store.release(res)
+    await store.release(res)  # exactly once
+    await store.settle(res, amounts(100, 90), row(res.id))  # and a settle after it changes nothing
+    assert await state(store, k) == ScopeState(amounts(100, 50), ZERO, T0)
+    assert await store.usage_log() == []
+    await store.renew()  # nothing in flight: nothing to renew, on any store
 
 
 async def test_usage_log_returns_the_newest_rows_oldest_first(store: Any) -> None:
@@ -290,7 +329,7 @@ async def test_reset_zeroes_settled_usage_and_the_clock_while_requests_in_flight
     live = await reserve(store, [k], ask(100, 400), T0 + 1)
     await store.charge(live, amounts(100, 50), T0 + 1)
     await store.reset(k, T0 + 2)
-    assert await state(store, k, T0 + 2) == ScopeState(amounts(100, 50), Amounts(350, 0, 350, 0, 0), None)
+    assert await state(store, k, T0 + 2) == ScopeState(amounts(100, 50), A(350, 0, 350, 0, 0), None)
     await store.settle(live, amounts(100, 80), None)
     assert await state(store, k, T0 + 2) == ScopeState(amounts(100, 80), ZERO, None)
     assert (await reserve(store, [k], ask(), T0 + 100)).deadline == T0 + 160
@@ -346,11 +385,14 @@ async def test_agrees_with_the_reference_book(store: Any, seed: int) -> None:
                     want.admitted, want.hold, want.deadline, want.remaining), step
                 flights.append((got, want))
         elif op < 0.65:
-            got, want = rng.choice(flights)
+            i = rng.randrange(len(flights))  # (as rng.choice(flights) would)
+            got, want = flights[i]
             h = want.hold
             c = Amounts(*(max(0, x + rng.randint(-x // 2 - 1, x // 3 + 5)) for x in h.as_tuple()))
-            assert await store.charge(got, c, now) == await ref.charge(want, c, now), step
-            assert (got.hold, got.charged) == (want.hold, want.charged), step
+            got, want = await store.charge(got, c, now), await ref.charge(want, c, now)
+            assert got == want, step
+            if isinstance(want, Reservation):
+                flights[i] = (got, want)
         elif op < 0.93:
             got, want = flights.pop(rng.randrange(len(flights)))
             actual = Amounts(*(max(0, x + rng.randint(-5, 5)) for x in want.charged.as_tuple()))
@@ -372,16 +414,17 @@ async def test_concurrent_reserves_never_take_more_than_the_limit(store: Any) ->
     admitted = [r for r in results if isinstance(r, Reservation)]
     assert len(admitted) == 9  # 9 x 110 tokens; 10 left cannot cover 10 input + 1 output
     assert all(isinstance(r, Denied) and r.scope == t for r in results if r not in admitted)
-    assert (await state(store, t)).held == Amounts(990, 90, 900, 0, 9)
+    assert (await state(store, t)).held == A(990, 90, 900, 0, 9)
 
 
 async def test_concurrent_growth_never_takes_more_than_the_room(store: Any) -> None:
     t = team(tokens=2_000)
     flights = [await reserve(store, [key(), t], ask(0, 50)) for _ in range(20)]  # 1000 held, 1000 free
     results = await asyncio.gather(*(store.charge(r, amounts(0, 150), T0) for r in flights))
-    assert sum(r is None for r in results) == 10
+    assert sum(isinstance(r, Reservation) for r in results) == 10
+    flights = [r if isinstance(r, Reservation) else f for f, r in zip(flights, results)]
     await asyncio.gather(*(store.settle(r, r.charged.max(amounts(0, 50)), None) for r in flights))
-    assert await state(store, t) == ScopeState(Amounts(2_000, 0, 2_000, 0, 20), ZERO, T0)
+    assert await state(store, t) == ScopeState(A(2_000, 0, 2_000, 0, 20), ZERO, T0)
 
 
 # --- Redis only --------------------------------------------------------------------------------------------------
@@ -433,33 +476,13 @@ async def test_redis_keys_have_bounded_lifetimes(rns: Namespace) -> None:
     assert rns.client.xlen(rns.key("log")) < 300 - 100  # MAXLEN ~ 20 trims whole stream nodes (100 rows)
 
 
-async def test_redis_totals_of_the_earlier_hash_layout_carry_over_once(rns: Namespace) -> None:
-    """Totals an earlier version kept as a hash (P t:T, fields s1..s5 c1..c5 h1..h5 f) are moved to
-    the packed key on first use, with their lifetime: an upgrade loses no spend."""
-    old = rns.key("t:key:t/k@1717999200")
-    rns.client.hset(old, mapping={"s1": 700, "s2": 500, "s3": 200, "s5": 3, "h1": 0, "f": repr(T0 - 60)})
-    rns.client.pexpire(old, 3_600_000)
-    s = await opened(rns.url)
-    k = key("hour", tokens=1_000)
-    try:
-        assert await state(s, k) == ScopeState(Amounts(700, 500, 200, 0, 3), ZERO, T0 - 60)
-        assert not rns.client.exists(old)
-        assert 3_500_000 < rns.client.pttl(rns.key("T:key:t/k@1717999200")) <= 3_600_000
-        res = await reserve(s, [k], ask(100, 1_000))
-        assert res.hold.output_tokens == 200  # clamped to 1,000 - 700 used - 100 input: the old spend counts
-        await s.settle(res, amounts(100, 50), row(res.id))
-        assert (await state(s, k)).used == Amounts(850, 600, 250, 0, 4)
-    finally:
-        await s.close()
-
-
 async def test_redis_settle_of_any_copy_of_a_reservation_is_exactly_once(rns: Namespace) -> None:
     s = await opened(rns.url)
     try:
         k = key(tokens=1_000)
         res = await reserve(s, [k], ask(100, 400))
         await s.settle(res, amounts(100, 10), row(res.id))
-        await s.settle(replace(res, settled=False), amounts(100, 10), row(res.id))  # e.g. a retry after a lost reply
+        await s.settle(res._replace(settled=False), amounts(100, 10), row(res.id))  # e.g. a retry after a lost reply
         assert (await state(s, k)).used == amounts(100, 10)
         assert [r.request_id for r in await s.usage_log()] == [res.id]
     finally:
@@ -615,7 +638,7 @@ async def test_redis_outage_fails_closed_and_recovers_without_restart(rns: Names
             await s.reserve([k], ask(), T0, next(ids))
         with pytest.raises(StoreUnavailable):
             await s.charge(res, amounts(10, 5), T0)
-        await s.settle(res, amounts(10, 20), row(res.id))  # deferred, not lost
+        res = await s.settle(res, amounts(10, 20), row(res.id))  # deferred, not lost
         assert res.settled
         await relay.start()
         await until(lambda: _pings(s))

@@ -105,8 +105,10 @@ async def test_a_running_charge_is_written_without_the_caller_waiting_and_delete
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock: the store's writes wait
         try:
             # charge() answers from the book at once, although its row cannot be written yet
-            assert await asyncio.wait_for(store.charge(res, amounts(100, 40), T0 + 1), 1.0) is None
-            assert await asyncio.wait_for(store.charge(res, amounts(100, 90), T0 + 2), 1.0) is None
+            res = await asyncio.wait_for(store.charge(res, amounts(100, 40), T0 + 1), 1.0)
+            assert isinstance(res, Reservation) and res.charged == amounts(100, 40)
+            res = await asyncio.wait_for(store.charge(res, amounts(100, 90), T0 + 2), 1.0)
+            assert isinstance(res, Reservation) and res.charged == amounts(100, 90)
             assert inflight_on_disk(path) == {}
         finally:
             blocker.execute("COMMIT")
@@ -253,7 +255,7 @@ async def settle_40_and_the_bad_ones(store: Any) -> tuple[list[Reservation], lis
     for r, (name, kw) in zip(bad, BAD_ROWS.items()):
         settles.insert(len(settles) // 2, store.settle(r, amounts(100, 7), row(r.id, key="k", **kw)))
     results = await asyncio.gather(*settles, return_exceptions=True)
-    assert not [r for r in results if r is not None], results
+    assert not [r for r in results if not (isinstance(r, Reservation) and r.settled)], results
     return good, bad
 
 
@@ -327,7 +329,7 @@ REDIS_KILLED_PROCESS = textwrap.dedent("""
         s = RedisStore.from_url(url)
         await s.open()
         res = await s.reserve((KEY, TEAM), Ask(100, 300, 1_000, Decimal(3)), 1_718_000_000.0, "stream")
-        assert await s.charge(res, Amounts(140, 100, 40, 500, 1), 1_718_000_001.0) is None
+        assert await s.charge(res, Amounts(140, 100, 40, 500, 1), 1_718_000_001.0) != res
         print("ready", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -12,6 +12,7 @@ import respx
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.ledger import ZERO
 from proxy.upstream import PooledTransport
 from tests.conftest import ALPHA_KEY, default_teams
 from tests.harness import make_config
@@ -203,7 +204,7 @@ async def test_transport_errors_map_to_statuses(exc, status):
     assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "api_error"
     states = await app.state.store.states(app.state.runtime.budgets.scopes_for(
         app.state.runtime.keyring.lookup(ALPHA_KEY)), app.state.clock())
-    assert all(s.held.is_zero() and s.used.is_zero() for s in states)  # nothing held, nothing charged
+    assert all(s.held == ZERO and s.used == ZERO for s in states)  # nothing held, nothing charged
 
 
 async def test_a_message_without_usage_is_charged_its_hold_not_nothing():
@@ -218,7 +219,7 @@ async def test_a_message_without_usage_is_charged_its_hold_not_nothing():
     key_state, _ = await app.state.store.states(app.state.runtime.budgets.scopes_for(caller), app.state.clock())
     # the hold: the input estimate plus max_tokens (50)
     assert key_state.used.output_tokens == 50 and key_state.used.input_tokens > 0 and key_state.used.steps == 1
-    assert key_state.held.is_zero()
+    assert key_state.held == ZERO
     assert app.state.store.rows[-1].outcome == "usage_unknown"
 
 
@@ -284,7 +285,7 @@ async def test_a_stream_whose_task_is_cancelled_while_it_settles_is_settled_and_
     assert [r.outcome for r in store.rows] == ["completed"] and store.rows[0].output_tokens == 3
     caller = app.state.runtime.keyring.lookup(ALPHA_KEY)
     key_state, _ = await store.states(app.state.runtime.budgets.scopes_for(caller), app.state.clock())
-    assert key_state.used.output_tokens == 3 and key_state.held.is_zero()
+    assert key_state.used.output_tokens == 3 and key_state.held == ZERO
     requests = [line for line in app.state.metrics.exposition().decode().splitlines()
                 if line.startswith("budget_proxy_requests_total{")]
     assert len(requests) == 1 and 'outcome="completed"' in requests[0] and requests[0].endswith(" 1.0")

@@ -8,10 +8,11 @@ from itertools import accumulate
 from typing import Any, Sequence
 
 from proxy.billing import NO_BILL, Bill, total_of
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.estimate import estimate_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate
-from proxy.providers import RequestFacts, json_object
+from proxy.providers import (PassRoute, Rendered, RequestFacts, cache_write_kind, fixed_path, json_object,
+                             model_path, rendered)
 from proxy.sse import SSEEvent, SSERun, expand, run_reader, run_sizes, split
 from proxy.usage import Usage
 from proxy.validate import check_model, parse_body
@@ -419,9 +420,45 @@ class AnthropicStreamMeter:
         return self._reported if self._delta_seen else self.live_usage()
 
 
+# A ProxyError's kind as error.type and error.details.error_code (details only when there is a code);
+# the table in docs/http-api.md, "Errors".
+ERROR_TYPES: dict[str, tuple[str, str | None]] = {
+    "api_error": ("api_error", None),
+    "authentication_error": ("authentication_error", None),
+    "permission_error": ("permission_error", None),
+    "not_found_error": ("not_found_error", None),
+    "invalid_request_error": ("invalid_request_error", None),
+    "request_too_large": ("request_too_large", None),
+    "rate_limit_error": ("rate_limit_error", "budget_exceeded"),
+}
+
+
+def render_error(err: ProxyError, request_id: str) -> Rendered:
+    error_type, code = ERROR_TYPES.get(err.kind, ERROR_TYPES["api_error"])
+    error: dict[str, Any] = {"type": error_type, "message": err.message}
+    if code is not None:
+        error["details"] = {"error_code": code}
+    return rendered(err, {"type": "error", "error": error, **err.extra_body(), "request_id": request_id},
+                    b"request-id", request_id)
+
+
+# Unmetered: counting tokens and listing models cost nothing.
+PASSTHROUGH_ROUTES = (
+    PassRoute("/v1/messages/count_tokens", "POST", fixed_path("/v1/messages/count_tokens"),
+              "/v1/messages/count_tokens", checks_model=True),
+    PassRoute("/v1/models", "GET", fixed_path("/v1/models"), "/v1/models"),
+    PassRoute("/v1/models/{model_id}", "GET", model_path("/v1/models/", "/v1/models/"), "/v1/models/{id}"),
+)
+
+
 class AnthropicAdapter:
     name = "anthropic"
     path = "/v1/messages"
+    upstream_path = "/v1/messages"
+    route_prefix = "/v1/"
+    default_base_url = "https://api.anthropic.com"
+    count_tokens_path: str | None = "/v1/messages/count_tokens"
+    passthrough_routes = PASSTHROUGH_ROUTES
     default_max_tokens = 4096  # unused: max_tokens is required by the Messages API
     filters_events = False     # every event is relayed as it came
     event_runs = TEXT_DELTA_RUNS  # the relay's decoder groups text deltas (see feed_events)
@@ -429,6 +466,12 @@ class AnthropicAdapter:
     parse_request = staticmethod(parse_request)
     usage_from_response = staticmethod(usage_from_response)
     cut_event = staticmethod(cut_event)
+    render_error = staticmethod(render_error)
+    input_kind = staticmethod(cache_write_kind)
+
+    @staticmethod
+    def upstream_auth(api_key: str) -> tuple[str, str]:
+        return ("x-api-key", api_key)
 
     @staticmethod
     def estimate_input(facts: RequestFacts) -> int:

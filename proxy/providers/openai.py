@@ -17,10 +17,10 @@ import re
 from typing import Any, Sequence
 
 from proxy.billing import NO_BILL, Bill
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.estimate import estimate_openai_input_tokens
 from proxy.meter import GREW, REPORTED, UNCHANGED, OutputEstimate, feed_events
-from proxy.providers import RequestFacts, json_object
+from proxy.providers import Rendered, RequestFacts, cache_write_kind, json_object, rendered
 from proxy.sse import SSEEvent
 from proxy.usage import Usage
 from proxy.validate import check_model, parse_body
@@ -237,9 +237,34 @@ class OpenAIStreamMeter:
         return self._reported if self._reported is not None else self.live_usage()
 
 
+# A ProxyError's kind as error.type and error.code, the pair the openai SDK and OpenAI's own
+# errors use (a budget refusal reads as OpenAI's out-of-credit 429); docs/http-api.md, "Errors".
+ERROR_TYPES: dict[str, tuple[str, str | None]] = {
+    "api_error": ("server_error", None),
+    "authentication_error": ("invalid_request_error", "invalid_api_key"),
+    "permission_error": ("invalid_request_error", "model_not_allowed"),
+    "not_found_error": ("invalid_request_error", "not_found"),
+    "invalid_request_error": ("invalid_request_error", None),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "rate_limit_error": ("insufficient_quota", "budget_exceeded"),
+}
+
+
+def render_error(err: ProxyError, request_id: str) -> Rendered:
+    error_type, code = ERROR_TYPES.get(err.kind, ERROR_TYPES["api_error"])
+    body = {"error": {"message": err.message, "type": error_type, "param": None, "code": code},
+            **err.extra_body()}
+    return rendered(err, body, b"x-request-id", request_id)
+
+
 class OpenAIAdapter:
     name = "openai"
     path = "/v1/chat/completions"
+    upstream_path = "/v1/chat/completions"
+    route_prefix = "/v1/chat"
+    default_base_url = "https://api.openai.com"
+    count_tokens_path: str | None = None  # Chat Completions has no token-counting endpoint
+    passthrough_routes = ()
     # The output hold for a request that sets no limit when the pricing table does not give the
     # model's max_output_tokens (nothing is forwarded for it unless clamping lowers it).
     default_max_tokens = 128_000
@@ -251,6 +276,13 @@ class OpenAIAdapter:
     event_runs = None      # every chunk is metered on its own
     forwardable = staticmethod(forwardable)
     cut_event = staticmethod(cut_event)
+    render_error = staticmethod(render_error)
+    # (no cache_control in Chat Completions, but gateways that route to Claude accept it)
+    input_kind = staticmethod(cache_write_kind)
+
+    @staticmethod
+    def upstream_auth(api_key: str) -> tuple[str, str]:
+        return ("authorization", f"Bearer {api_key}")
 
     @staticmethod
     def estimate_input(facts: RequestFacts) -> int:

@@ -6,14 +6,26 @@ never interleave with another request's: atomic across all scopes of a request.
 """
 from __future__ import annotations
 
+import heapq
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
-from proxy.ledger import ZERO, Amounts, Ask, Denied, Scope, ScopeState, admit, check_growth, wall_clock_deadline
+from proxy.ledger import (ZERO, Amounts, Ask, Denied, Scope, ScopeState, admit, check_growth, tightest_remaining,
+                          wall_clock_deadline)
 from proxy.periods import period_bounds
-from proxy.store.base import Reservation, UsageRow
+from proxy.store.base import KEY_RETENTION_S, KeyRecord, Reservation, UsageRow
 
 PeriodKey = tuple[str, float]  # (scope id, period start)
+RUN_FORGET_MAX = 16  # run scopes a reserve forgets at most (the rest wait for the next one)
+RunEntry = tuple[str, ScopeState, float]  # a run scope's id, its state, when it is forgotten (epoch s)
+
+
+def newest_runs(entries: list[RunEntry], limit: int) -> tuple[int, list[RunEntry]]:
+    """(how many, the `limit` forgotten last, latest first)."""
+    return len(entries), heapq.nlargest(max(0, limit), entries, key=lambda e: e[2])
+_new = tuple.__new__  # (a NamedTuple's keyword-handling constructor costs ~3x as much: every request builds one)
 
 
 @dataclass(slots=True)
@@ -28,9 +40,19 @@ class Totals:
 
 
 class Book:
+    """The totals, and the reservations in flight as the book last left them (its own account:
+    the caller's copy of a reservation may be stale, the book's never is)."""
+
     def __init__(self) -> None:
         self.totals: dict[PeriodKey, Totals] = {}
         self.in_flight: dict[str, Reservation] = {}
+        # Run scopes (Scope.ttl), in the order of their last request: key -> (forget at, ttl). A run
+        # is forgotten (its totals dropped) once `forget at` has passed and none of its requests is
+        # in flight: exactly when it is next asked for, else by the reserves that find the oldest
+        # due (at most RUN_FORGET_MAX each), so a request without a run pays one comparison.
+        self.runs: OrderedDict[PeriodKey, tuple[float, float]] = OrderedDict()
+        self.next_forget = math.inf  # when the oldest run falls due (inf: no run)
+        self.on_forget: Callable[[PeriodKey], None] | None = None  # (SqliteStore: delete its row)
 
     @staticmethod
     def period_key(scope: Scope, now: float) -> PeriodKey:
@@ -39,9 +61,6 @@ class Book:
     @staticmethod
     def period_keys(scopes: Sequence[Scope], now: float) -> list[PeriodKey]:
         return [(s.id, period_bounds(s.period, now)[0]) for s in scopes]
-
-    def has(self, key: PeriodKey) -> bool:
-        return key in self.totals
 
     def load(self, key: PeriodKey, settled: Amounts, first_request_at: float | None) -> None:
         if key not in self.totals:
@@ -54,7 +73,69 @@ class Book:
         return t
 
     def state(self, scope: Scope, now: float) -> ScopeState:
-        return self._totals(self.period_key(scope, now)).state()
+        key = self.period_key(scope, now)
+        if scope.ttl is not None:
+            due = self.runs.get(key)
+            if due is not None and due[0] <= now:
+                self.forget(key, now)
+        t = self.totals.get(key)  # (never created by a read: a run id asked about is no run)
+        return ScopeState() if t is None else t.state()
+
+    # --- run scopes (docs/budgets.md, "Runs") ---------------------------------------------------
+    def forget(self, key: PeriodKey, now: float) -> bool:
+        """Forget a run scope whose time is up, unless a request of it is in flight (then it is due
+        again a ttl from now). True when forgotten."""
+        t = self.totals.get(key)
+        if t is not None and (t.held != ZERO or t.charged != ZERO):
+            ttl = self.runs[key][1]
+            self.runs[key] = (now + ttl, ttl)
+            self.runs.move_to_end(key)
+            return False
+        self.runs.pop(key, None)
+        self.totals.pop(key, None)
+        if self.on_forget is not None:
+            self.on_forget(key)
+        return True
+
+    def forget_due(self, now: float, limit: int = RUN_FORGET_MAX) -> None:
+        """Forget up to `limit` of the runs due by `now`, oldest first."""
+        runs = self.runs
+        for _ in range(limit):
+            if not runs:
+                break
+            key, (at, _) = next(iter(runs.items()))
+            if at > now:
+                break
+            self.forget(key, now)
+        self.next_forget = next(iter(runs.values()))[0] if runs else math.inf
+
+    def _touch_runs(self, scopes: Sequence[Scope], keys: list[PeriodKey], now: float) -> None:
+        """A request of these run scopes: each is due a ttl from now (one whose time was up is
+        forgotten first: this request starts it again, its wall clock too)."""
+        runs = self.runs
+        for s, key in zip(scopes, keys):
+            if s.ttl is None:
+                continue
+            due = runs.get(key)
+            if due is not None:
+                if due[0] <= now:
+                    self.forget(key, now)
+                if key in runs:
+                    runs.move_to_end(key)
+            runs[key] = (now + s.ttl, s.ttl)
+        self.next_forget = next(iter(runs.values()))[0]
+
+    def runs_of(self, prefix: str, now: float) -> list[tuple[str, ScopeState, float]]:
+        """(scope id, state, forget at) of every run scope whose id starts with `prefix` and that
+        is not yet forgotten (due, but with a request in flight, counts)."""
+        out = []
+        for key, (at, _) in self.runs.items():
+            if key[0].startswith(prefix):
+                t = self.totals.get(key)
+                state = ScopeState() if t is None else t.state()
+                if at > now or state.held != ZERO or t is not None and t.charged != ZERO:
+                    out.append((key[0], state, at))
+        return out
 
     def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
         return self.reserve_in(scopes, self.period_keys(scopes, now), ask, now, request_id)
@@ -62,6 +143,12 @@ class Book:
     def reserve_in(self, scopes: Sequence[Scope], keys: list[PeriodKey], ask: Ask, now: float,
                    request_id: str) -> Reservation | Denied:
         """reserve() in the periods `keys` (Book.period_keys(scopes, now)), for a caller that has them."""
+        if self.next_forget <= now:
+            self.forget_due(now)
+        for s in scopes:
+            if s.ttl is not None:  # a run's (denied or not, a request keeps its run alive)
+                self._touch_runs(scopes, keys, now)
+                break
         totals = [self._totals(k) for k in keys]
         states = [t.state() for t in totals]
         pairs = list(zip(scopes, states))
@@ -75,60 +162,62 @@ class Book:
                 t.first_request_at = now
         # a reservation changes no scope's used: only held needs reading again
         after = [ScopeState(st.used, t.held) for t, st in zip(totals, states)]
-        res = Reservation(
-            id=request_id,
-            scopes=tuple(scopes),
-            period_starts=tuple([k[1] for k in keys]),
-            admitted=decision,
-            hold=hold,
-            deadline=wall_clock_deadline(pairs, now),
-            remaining=tightest_remaining(scopes, after),
-        )
+        res = _new(Reservation, (request_id, tuple(scopes), tuple([k[1] for k in keys]), decision, hold, ZERO,
+                                 wall_clock_deadline(pairs, now), False, tightest_remaining(scopes, after)))
         self.in_flight[request_id] = res
         return res
 
     def _reserved_totals(self, res: Reservation) -> list[Totals]:
         return [self._totals((s.id, p)) for s, p in zip(res.scopes, res.period_starts)]
 
-    def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
-        if res.settled:
+    def charge(self, res: Reservation, charged: Amounts, now: float) -> Reservation | Denied | None:
+        """The reservation with `charged` as its running charge and its hold grown to cover it, or
+        the denial of that growth (nothing changed); None when it is no longer in flight. Growth is
+        decided on res's scopes (a reloaded config's limits), on the book's own hold and charge."""
+        cur = self.in_flight.get(res.id)
+        if cur is None or res.settled:
             return None
         charged = charged.nonneg()
-        new_hold = res.hold.max(charged)
-        growth = new_hold - res.hold
+        hold, before = cur.hold, cur.charged
+        new_hold = hold.max(charged)
+        growth = new_hold - hold
         totals = self._reserved_totals(res)
         if growth != ZERO:
             denied = check_growth(growth, [(s, t.state()) for s, t in zip(res.scopes, totals)], now)
             if denied is not None:
                 return denied
-        charged_delta = charged - res.charged
-        free_delta = (new_hold - charged).nonneg() - (res.hold - res.charged).nonneg()
+        charged_delta = charged - before
+        free_delta = (new_hold - charged).nonneg() - (hold - before).nonneg()
         for t in totals:
             t.charged = t.charged + charged_delta
             t.held = t.held + free_delta
-        res.hold, res.charged = new_hold, charged
-        return None
+        res = self.in_flight[res.id] = res.with_charge(new_hold, charged)
+        return res
 
     def settle(self, res: Reservation, actual: Amounts) -> bool:
         """Replace the request's footprint by `actual`. False if it was already settled
         (by this object or another carrying the same reservation id)."""
-        if res.settled or res.id not in self.in_flight:
+        cur = None if res.settled else self.in_flight.pop(res.id, None)
+        if cur is None:
             return False
-        res.settled = True
-        charged = res.charged
+        charged = cur.charged
         if charged == ZERO:  # nothing charged while in flight (every non-streamed request)
-            free = res.hold.nonneg()
-            for t in self._reserved_totals(res):
+            free = cur.hold.nonneg()
+            for t in self._reserved_totals(cur):
                 t.held = t.held - free
                 t.settled = t.settled + actual
         else:
-            free = (res.hold - charged).nonneg()
-            for t in self._reserved_totals(res):
+            free = (cur.hold - charged).nonneg()
+            for t in self._reserved_totals(cur):
                 t.charged = t.charged - charged
                 t.held = t.held - free
                 t.settled = t.settled + actual
-        del self.in_flight[res.id]
         return True
+
+    def charged_so_far(self, res: Reservation) -> Amounts | None:
+        """What the reservation has been charged while in flight; None when it is not in flight."""
+        cur = self.in_flight.get(res.id)
+        return None if cur is None else cur.charged
 
     def reset(self, scope: Scope, now: float) -> None:
         """Zero the current period's settled usage and restart its wall clock. Requests in flight
@@ -138,22 +227,34 @@ class Book:
         t.first_request_at = None
 
 
-def tightest_remaining(scopes: Sequence[Scope], states: Sequence[ScopeState]) -> dict[str, int]:
-    """Per reported dimension (x-budget-remaining-*), the least limit - used - held across scopes, never below 0."""
-    out: dict[str, int] = {}
-    for scope, state in zip(scopes, states):
-        used, held = state.used, state.held
-        for dim, limit in scope.limits.metered():
-            if dim in _REPORTED:
-                room = limit - used.get(dim) - held.get(dim)
-                if room < 0:
-                    room = 0
-                if dim not in out or room < out[dim]:
-                    out[dim] = room
-    return out
+class KeyBook:
+    """Runtime keys by digest and by (team, name): memory://'s own, and the shape of the others'."""
 
+    def __init__(self) -> None:
+        self.by_digest: dict[str, KeyRecord] = {}
+        self.by_name: dict[tuple[str, str], KeyRecord] = {}
 
-_REPORTED = frozenset(("tokens", "cost_usd", "steps"))
+    def put(self, rec: KeyRecord, now: float) -> bool:
+        self.purge(now)
+        if (rec.team, rec.name) in self.by_name or rec.digest in self.by_digest:
+            return False
+        self.by_digest[rec.digest] = self.by_name[(rec.team, rec.name)] = rec
+        return True
+
+    def purge(self, now: float) -> None:
+        """Forget the keys gone longer than KEY_RETENTION_S (their names are free again)."""
+        for rec in [r for r in self.by_digest.values()
+                    if (gone := r.gone_at()) is not None and gone + KEY_RETENTION_S <= now]:
+            del self.by_digest[rec.digest], self.by_name[(rec.team, rec.name)]
+
+    def listed(self, team: str | None) -> list[KeyRecord]:
+        return [r for r in self.by_digest.values() if team is None or r.team == team]
+
+    def revoke(self, team: str, name: str, now: float) -> KeyRecord | None:
+        rec = self.by_name.get((team, name))
+        if rec is not None and rec.revoked_at is None:
+            rec = self.by_digest[rec.digest] = self.by_name[(team, name)] = rec._replace(revoked_at=now)
+        return rec
 
 
 MEMORY_LOG_ROWS = 10_000  # memory:// keeps the usage log's most recent rows (between this and twice it)
@@ -165,6 +266,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.book = Book()
         self.rows: list[UsageRow] = []
+        self.keys = KeyBook()
 
     async def open(self) -> None:
         pass
@@ -178,14 +280,25 @@ class MemoryStore:
     async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
         return self.book.reserve(scopes, ask, now, request_id)
 
-    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
-        return self.book.charge(res, charged, now)
+    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Reservation | Denied:
+        got = self.book.charge(res, charged, now)
+        return res if got is None else got
 
-    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
+    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> Reservation:
         if self.book.settle(res, actual) and row is not None:
             self.rows.append(row)
             if len(self.rows) > 2 * MEMORY_LOG_ROWS:  # bounded: a trial run must not grow without end
                 del self.rows[:-MEMORY_LOG_ROWS]
+        return res.as_settled()
+
+    async def release(self, res: Reservation) -> None:
+        """Settle the charges so far, with no usage row (LedgerStore.release)."""
+        so_far = self.book.charged_so_far(res)
+        if so_far is not None and not res.settled:
+            await self.settle(res, so_far, None)
+
+    async def renew(self) -> None:
+        """Nothing to renew: holds here live as long as the process."""
 
     async def states(self, scopes: Sequence[Scope], now: float) -> list[ScopeState]:
         return [self.book.state(s, now) for s in scopes]
@@ -195,3 +308,20 @@ class MemoryStore:
 
     async def usage_log(self, limit: int = 100) -> list[UsageRow]:
         return self.rows[-limit:]
+
+    async def list_runs(self, prefix: str, now: float, limit: int) -> tuple[int, list[RunEntry]]:
+        """LedgerStore.list_runs: how many run scopes under `prefix` are active, and the `limit`
+        latest (forgotten last) of them."""
+        return newest_runs(self.book.runs_of(prefix, now), limit)
+
+    async def put_key(self, rec: KeyRecord, now: float) -> bool:
+        return self.keys.put(rec, now)
+
+    async def find_key(self, digest: str) -> KeyRecord | None:
+        return self.keys.by_digest.get(digest)
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]:
+        return self.keys.listed(team)
+
+    async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
+        return self.keys.revoke(team, name, now)

@@ -29,15 +29,16 @@ their callers: a settle lands (or goes to the background retry, per item) even i
 cancelled; a reserve or charge whose caller has gone before its batch is sent is dropped. close()
 lets the queued calls land first.
 
-Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch s>"):
-  P T:T   string per scope and period, 16 packed doubles (struct '<16d'): s1..s5 settled, c1..c5
-                 charged by requests in flight, h1..h5 held (sum of max(hold - charged, 0)), f
-                 first_request_at (-1: none); dimensions 1..5 = tokens, input_tokens, output_tokens,
-                 cost (nanos), steps. (Before 2026-12, a hash at P t:T: moved here on first use.)
+Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch s>"; N dimensions,
+ledger.DIMS: tokens, input_tokens, output_tokens, cost (nanos), steps):
+  P T:T   string per scope and period, 3N + 1 packed doubles: s1..sN settled, c1..cN charged by
+                 requests in flight, h1..hN held (sum of max(hold - charged, 0)), f first_request_at
+                 (-1: none). Totals of another N (a dimension added since) are read by position.
   P x     zset   every reservation in flight (any scope), scored by its expiry (ms, Redis TIME)
-  P q:ID  string one reservation, packed: st (live | expired | done), its hold and charged, out, at,
-                 its totals names and their expire-at, team, key; st done is the settle tombstone
-                 (10 min): a second settle of ID is a no-op
+  P q:ID  string one reservation, packed: st (live | expired | done; + 4N when N is not 5: records of
+                 any N are read by position), its hold and charged, out, at, its totals names and
+                 their expire-at, team, key; st done is the settle tombstone (10 min): a second
+                 settle of ID is a no-op
   P log   stream usage-log rows, XADD MAXLEN ~ 100000 (configurable: log_max)
 Packed strings because a redis.call and every number parsed or formatted as text cost far more in
 Lua than the command itself (redis_scripts.py has the figures).
@@ -61,7 +62,7 @@ at expiry twice, never zero times.
 
 Crash durability (SPEC §8). Nothing of a request in flight lives only in the process: each charge()
 (the relay pushes a stream's running charge about once a second) is a script call that sets the
-reservation's charged amounts in its record and moves them from held to charged (c1..c5) in every
+reservation's charged amounts in its record and moves them from held to charged (c1..cN) in every
 scope's totals, so `used` (settled + charged) counts them at once, on every replica. A kill -9 loses
 at most what each stream generated after its last push. The dead process's reservations then expire
 as above: their charged part becomes settled (never released like the unused hold), with a
@@ -92,8 +93,9 @@ it never does, the full row is logged as unsettled (ERROR), and the reservation'
 still count when its hold expires. Tested with Redis 7.0 (needs >= 6.2: SET PXAT and KEEPTTL;
 scripts read TIME before writing).
 
-Upgrading from the layout with P r:ID / P x:T (before 2026-12): stop the old replicas cleanly (they
-release their holds on close) before the new ones start; totals and the usage log carry over.
+Upgrading from a layout before 2026-12 (P r:ID / P x:T; totals as a hash at P t:T, which are no
+longer read): go through a version of 2026-12 first, which moves totals on first use. A dimension
+appended to the declaration needs nothing: amounts are kept by position (0 in one added since).
 """
 from __future__ import annotations
 
@@ -112,12 +114,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import (DIMENSIONS, METERED, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
-                          needed_to_admit, wall_clock_deadline)
+from proxy.dimensions import spelled
+from proxy.ledger import (DIMENSIONS, DIMS, METERED, ZERO, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
+                          needed_to_admit, tightest_remaining, wall_clock_deadline)
 from proxy.periods import period_bounds
-from proxy.store.base import Reservation, UsageRow
-from proxy.store.memory import tightest_remaining
-from proxy.store.redis_scripts import NO_FIRST_REQUEST, SCRIPTS, SETTLED_TOMBSTONE_MS  # noqa: F401
+from proxy.store import redis_keys
+from proxy.store.base import KeyRecord, Reservation, UsageRow
+from proxy.store.redis_scripts import NO_FIRST_REQUEST, SCRIPTS
 from proxy.store.resp import RespClient, RespError, encode_command
 
 log = logging.getLogger("budget_proxy.store")
@@ -147,7 +150,7 @@ _CACHE_MAX = 4096
 
 
 def _limits(scope: Scope) -> tuple[str, ...]:
-    """The scope's six limits as script arguments ('' = none)."""
+    """The scope's limits as script arguments, DIMENSIONS' order ('' = none)."""
     lim = scope.limits
     hit = _LIMIT_ARGS.get(id(lim))
     if hit is not None and hit[0] is lim:
@@ -188,29 +191,45 @@ def _settle_keep_ms(scope: Scope, start: float) -> str:
     return hit
 
 
-# The scripts' packed replies (redis_scripts.py): a scope's totals are 16 doubles, s1..s5 settled,
-# c1..c5 charged, h1..h5 held, f first request (NO_FIRST_REQUEST: none); integers below 2**53 exact.
-_TOTALS = struct.Struct("<16d")
-_ADMITTED = struct.Struct("<6d")  # out, hold
-_HOLD = struct.Struct("<5d")
+# The scripts' packed replies (redis_scripts.py): a scope's totals are 3N + 1 doubles for N
+# dimensions, s1..sN settled, c1..cN charged, h1..hN held, f first request (NO_FIRST_REQUEST: none);
+# integers below 2**53 exact.
+_N = len(DIMS)
+_TOTALS = struct.Struct(f"<{3 * _N + 1}d")
+_ADMITTED = struct.Struct(f"<{_N + 1}d")  # out, hold
+_HOLD = struct.Struct(f"<{_N}d")
+_tuple = tuple.__new__
 
 
-def _states(buf: bytes, pos: int = 0) -> list[ScopeState]:
-    """The scopes' totals packed from buf[pos:] on."""
+def _unpack_source(n: int) -> str:
+    """_states and _admitted, unrolled over the n dimensions (a loop costs ~1.6x: every reserve reads
+    two scopes' totals and a hold)."""
+    s, c, h = spelled("s{i}", n), spelled("c{i}", n), spelled("h{i}", n)
+    return f"""
+def _admitted(buf):
+    out, {h} = _ADMITTED.unpack_from(buf, 1)
+    return int(out), _tuple(Amounts, ({spelled("int(h{i})", n)},))
+
+def _states(buf, pos=0):
     out = []
     unpack = _TOTALS.unpack_from
     for off in range(pos, len(buf), _TOTALS.size):
-        s1, s2, s3, s4, s5, c1, c2, c3, c4, c5, h1, h2, h3, h4, h5, first = unpack(buf, off)
-        # (built as tuples directly: a NamedTuple's keyword-handling constructor costs ~3x as much)
+        {s}, {c}, {h}, first = unpack(buf, off)
         out.append(_tuple(ScopeState, (
-            _tuple(Amounts, (int(s1) + int(c1), int(s2) + int(c2), int(s3) + int(c3), int(s4) + int(c4),
-                             int(s5) + int(c5))),
-            _tuple(Amounts, (int(h1), int(h2), int(h3), int(h4), int(h5))),
+            _tuple(Amounts, ({spelled("int(s{i}) + int(c{i})", n)},)),
+            _tuple(Amounts, ({spelled("int(h{i})", n)},)),
             None if first == NO_FIRST_REQUEST else first)))
     return out
+"""
 
 
-_tuple = tuple.__new__
+# _states(buf, pos=0) -> list[ScopeState]: the scopes' totals packed from buf[pos:] on; _admitted(buf):
+# a reserve's out and hold. Built as tuples directly (a NamedTuple's keyword-handling constructor costs
+# ~3x as much).
+_generated: dict[str, Any] = {"_TOTALS": _TOTALS, "_ADMITTED": _ADMITTED, "_tuple": _tuple, "ScopeState": ScopeState,
+                              "Amounts": Amounts, "NO_FIRST_REQUEST": NO_FIRST_REQUEST}
+exec(_unpack_source(_N), _generated)
+_states, _admitted = _generated["_states"], _generated["_admitted"]
 
 
 def _rate(ask: Ask) -> tuple[str, str]:
@@ -272,7 +291,7 @@ def _as_text(v: Any) -> str:
 
 
 def _actual_of(settle_args: list[str]) -> dict[str, int]:
-    return {d: int(v) for d, v in zip(METERED, settle_args[1:6])}
+    return {d: int(v) for d, v in zip(METERED, settle_args[1:1 + _N])}
 
 
 def _row(entry: dict[str, str]) -> UsageRow:
@@ -537,23 +556,20 @@ class RedisStore:
         if reply[:1] == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
             return _denied(scopes[j], _states(reply, 3)[j], dim, needed_to_admit(dim, ask), now)
-        out, h1, h2, h3, h4, h5 = _ADMITTED.unpack_from(reply, 1)
-        out, hold = int(out), _tuple(Amounts, (int(h1), int(h2), int(h3), int(h4), int(h5)))
+        out, hold = _admitted(reply)
         states = _states(reply, 1 + _ADMITTED.size)
         if reply[:1] == b"A":  # admitted now: the states as read before its hold was added
             states = [ScopeState(st.used, st.held + hold,
                                  float(now) if st.first_request_at is None else st.first_request_at) for st in states]
-        res = Reservation(
-            id=request_id, scopes=tuple(scopes), period_starts=tuple(starts),
-            admitted=Admitted(hold, out, out < ask.max_tokens), hold=hold,
-            deadline=wall_clock_deadline(list(zip(scopes, states)), now),
-            remaining=tightest_remaining(scopes, states))
+        res = _tuple(Reservation, (request_id, tuple(scopes), tuple(starts), Admitted(hold, out, out < ask.max_tokens),
+                                   hold, ZERO, wall_clock_deadline(list(zip(scopes, states)), now), False,
+                                   tightest_remaining(scopes, states)))
         self._live[request_id] = res
         return res
 
-    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
+    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Reservation | Denied:
         if res.settled:
-            return None
+            return res
         charged = charged.nonneg()
         args = [res.id, repr(float(now)), *(_num(v) for v in charged.as_tuple()), str(len(res.scopes))]
         for s in res.scopes:
@@ -561,11 +577,15 @@ class RedisStore:
         reply = await self._one("c", args)
         tag = reply[:1]
         if tag == b"K":
-            res.hold, res.charged = _tuple(Amounts, tuple(map(int, _HOLD.unpack_from(reply, 1)))), charged
-            return None
+            res = res.with_charge(_tuple(Amounts, map(int, _HOLD.unpack_from(reply, 1))), charged)
+            live = self._live.get(res.id)
+            if live is not None and not live.settled:  # (a settle queued after this charge keeps its mark)
+                self._live[res.id] = res
+            return res
         if tag == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
-            growth = res.hold.max(charged) - res.hold
+            hold = self._live.get(res.id, res).hold  # (the latest this process knows: what the script grew from)
+            growth = hold.max(charged) - hold
             return _denied(res.scopes[j], _states(reply, 3)[j], dim, growth.get(dim) if dim in METERED else 0, now)
         if tag == b"X":  # its hold expired while it was alive: cut it (fail closed)
             log.warning("redis store: request %s charged after its hold expired; cutting it", res.id)
@@ -574,18 +594,21 @@ class RedisStore:
                 dim = next((d for d in DIMENSIONS if s.limits.get(d) is not None), None)
                 if dim is not None:
                     return _denied(s, st, dim, 0, now)
-        return None
+        return res
 
-    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
+    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> Reservation:
         if res.settled:
-            return
-        res.settled = True
+            return res
+        done = res.as_settled()
+        if res.id in self._live:  # (renewed until the settle lands; never released by close())
+            self._live[res.id] = done
         args = [res.id, *map(_num, actual), str(len(res.scopes))]
         for s, start in zip(res.scopes, res.period_starts):
             args += [_totals_key(s, start), _settle_keep_ms(s, start)]
         args += _row_args(row)
         # landed or deferred by the flusher, even if this caller is cancelled meanwhile
         await self._submit("s", args, res, row)
+        return done
 
     def _defer_settle(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
         log.warning("redis store: settle of %s deferred; retrying in the background", res.id)
@@ -634,7 +657,8 @@ class RedisStore:
         its hold is released. Exactly once, like settle."""
         if res.settled:
             return
-        res.settled = True
+        if res.id in self._live:
+            self._live[res.id] = res.as_settled()
         await self._one("l", [res.id])
         self._live.pop(res.id, None)
 
@@ -653,6 +677,19 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(UNAVAILABLE) from exc
         return [_row(fields_) for _, fields_ in reversed(entries)]
+
+    # --- runtime keys (proxy/store/redis_keys.py) ---------------------------------------------
+    async def put_key(self, rec: KeyRecord, now: float) -> bool:
+        return await redis_keys.put(self._client, self.prefix, rec, now)
+
+    async def find_key(self, digest: str) -> KeyRecord | None:
+        return await redis_keys.find(self._client, self.prefix, digest)
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]:
+        return await redis_keys.listed(self._client, self.prefix, team)
+
+    async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
+        return await redis_keys.revoke(self._client, self.prefix, team, name, now)
 
     # --- renewal ----------------------------------------------------------------------------
     async def _renew_loop(self) -> None:

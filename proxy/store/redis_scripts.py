@@ -3,26 +3,41 @@ Each runs atomically inside Redis: `ledger.admit` / `ledger.check_growth` transc
 charge, settle and release are functions of one script, "batch", that runs a list of them in order.
 
 What costs here is crossing between Lua and Redis, and strings: a scope's totals are one string of
-16 packed doubles (GET + struct.unpack: ~8k instructions, where an HMGET of 16 hash fields took
-~52k and an HSET of 10 ~61k, measured under callgrind), a reservation is one packed string too, and
-the replies are packed (the store unpacks them with struct): no number is formatted or parsed as
-text on the hot path. Amounts are integers held exactly in doubles (below 2^53, as before)."""
+3N + 1 packed doubles for N dimensions (GET + struct.unpack: ~8k instructions for N = 5, where an
+HMGET of 16 hash fields took ~52k and an HSET of 10 ~61k, measured under callgrind), a reservation
+is one packed string too, and the replies are packed (the store unpacks them with struct): no
+number is formatted or parsed as text on the hot path. Amounts are integers held exactly in
+doubles (below 2^53, as before).
 
-from proxy.store.base import UsageRow
+The layouts follow the dimensions (ledger.DIMS, declared in proxy/dimensions.py): the scripts are
+written with $-placeholders ($N dimensions, their offsets, formats and unrolled lists) that
+`layout` fills in once, at import; the loops run `for d = 1, $N`. Amounts are packed by position:
+totals or a reservation written with fewer (or more) dimensions are read as 0 in those they lack."""
+from __future__ import annotations
 
-SETTLED_TOMBSTONE_MS = 600_000  # a second settle of one reservation id within this is a no-op
+from string import Template
+
+from proxy.ledger import DIMS
+from proxy.store.base import ROW_AMOUNTS, UsageRow
+
 NO_FIRST_REQUEST = -1.0  # f of a scope's totals with no request in the period yet
+# Reservations written before the dimensions were declared have 5 and say nothing of it; a layout of
+# another count adds 4 x its count to the state byte (MARK), so that any can be read.
+LEGACY_DIMS = 5
 
 _PRELUDE = r"""
 local P, HOLD_TTL_MS, LOG_MAX = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local EXPIRED_KEEP_MS, PURGE_MAX, TOMBSTONE_MS = 86400000, 64, """ + str(SETTLED_TOMBSTONE_MS) + r"""
+local EXPIRED_KEEP_MS, PURGE_MAX = 86400000, 64
+local TOMBSTONE_MS = 600000  -- a second settle of one reservation id within this is a no-op
 local ROW_FIELDS = {""" + ",".join(f"'{name}'" for name in UsageRow._fields) + r"""}
 local XK = P .. 'x'
-local TF = '<dddddddddddddddd'  -- totals: s1..s5 settled, c1..c5 charged, h1..h5 held, f first request
+local TF = '$TF'  -- totals: s1..s$N settled, c1..c$N charged, h1..h$N held, f first request
+local TOTALS_BYTES = $TB
 local NONE = """ + repr(NO_FIRST_REQUEST) + r"""
 local LIVE, EXPIRED, DONE = 1, 2, 3
-local RF = '<BBdddddddddddd'    -- record: st, n, h1..h5 hold, c1..c5 charged, out, at (then per scope, team, key)
-local OLD_FIELDS = {'s1','s2','s3','s4','s5','c1','c2','c3','c4','c5','h1','h2','h3','h4','h5','f'}
+local RF = '$RF'  -- record: st + MARK, n, h1..h$N hold, c1..c$N charged, out, at (then per scope, team, key)
+local MARK, LEGACY = $MARK, """ + str(LEGACY_DIMS) + r"""
+local PER = {$PER}  -- per dimension, what each output token adds: 0 nothing, 1 one, 2 its price (num/den)
 
 local function I(n) return string.format('%d', n) end
 local function opt(s) if s == '' then return nil end return tonumber(s) end
@@ -36,7 +51,7 @@ local function server_ms()
 end
 local function free_of(hold, charged)
   local f = {}
-  for d = 1, 5 do f[d] = math.max(hold[d] - charged[d], 0) end
+  for d = 1, $N do f[d] = math.max(hold[d] - charged[d], 0) end
   return f
 end
 local function keep_until(keep_ms, now_ms)  -- a lifetime from the caller -> absolute on the server's clock
@@ -44,49 +59,60 @@ local function keep_until(keep_ms, now_ms)  -- a lifetime from the caller -> abs
   return now_ms + tonumber(keep_ms)
 end
 
+-- A record written with another number of dimensions (its state byte says how many: 0 LEGACY).
+local function load_other(b, code)
+  local k = math.floor(code / 4)
+  if k == 0 then k = LEGACY end
+  local v = {struct.unpack('<BB' .. string.rep('d', 2 * k + 2), b)}
+  local r = {st = code % 4, n = v[2], h = {}, c = {}, out = v[2 * k + 3], at = v[2 * k + 4], t = {}, x = {}}
+  for d = 1, $N do
+    r.h[d], r.c[d] = d <= k and v[2 + d] or 0, d <= k and v[2 + k + d] or 0
+  end
+  return r, v[2 * k + 5]
+end
 -- A reservation's record: RF, then per scope its totals name and keep-until, then team and key.
 local function load(id)
   local b = redis.call('GET', P .. 'q:' .. id)
   if not b then return nil end
-  local st, n, h1, h2, h3, h4, h5, c1, c2, c3, c4, c5, out, at, pos = struct.unpack(RF, b)
-  local r = {st = st, n = n, h = {h1, h2, h3, h4, h5}, c = {c1, c2, c3, c4, c5}, out = out, at = at, t = {}, x = {}}
-  if st == DONE then return r end
-  for j = 1, n do r.t[j], r.x[j], pos = struct.unpack('<Ic0d', b, pos) end
+  local code, r, pos = string.byte(b)
+  if code >= MARK and code <= MARK + DONE then
+    local st, n, $HL, $CL, out, at, p = struct.unpack(RF, b)
+    r, pos = {st = st - MARK, n = n, h = {$HL}, c = {$CL}, out = out, at = at, t = {}, x = {}}, p
+  else
+    r, pos = load_other(b, code)
+  end
+  if r.st == DONE then return r end
+  for j = 1, r.n do r.t[j], r.x[j], pos = struct.unpack('<Ic0d', b, pos) end
   r.team, r.key = struct.unpack('<Ic0Ic0', b, pos)
   return r
 end
 local function save(id, r, ...)
   local h, c = r.h, r.c
-  local parts = {struct.pack(RF, r.st, r.n, h[1], h[2], h[3], h[4], h[5], c[1], c[2], c[3], c[4], c[5], r.out, r.at)}
+  local parts = {struct.pack(RF, r.st + MARK, r.n, $HV, $CV, r.out, r.at)}
   for j = 1, r.n do parts[j + 1] = struct.pack('<Ic0d', #r.t[j], r.t[j], r.x[j]) end
   parts[#parts + 1] = struct.pack('<Ic0Ic0', #r.team, r.team, #r.key, r.key)
   redis.call('SET', P .. 'q:' .. id, table.concat(parts), ...)
 end
 local function tombstone(id)  -- a second settle or release of ID is a no-op
-  redis.call('SET', P .. 'q:' .. id, struct.pack(RF, DONE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), 'PX', TOMBSTONE_MS)
+  redis.call('SET', P .. 'q:' .. id, struct.pack(RF, DONE + MARK, 0, $ZR), 'PX', TOMBSTONE_MS)
 end
 
--- A scope's totals (P T:T): 16 numbers, and the bytes they came from (the replies carry those).
+-- A scope's totals (P T:T): 3N + 1 numbers, and the bytes they came from (the replies carry those).
 local function pack_totals(v)
-  return struct.pack(TF, v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14],
-                     v[15], v[16])
+  return struct.pack(TF, $VALL)
 end
-local ZERO_TOTALS = pack_totals({0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NONE})
--- Totals kept by an earlier version, as a hash at P t:T: moved here, with their lifetime, on first use.
-local function migrate(t)
-  local old = P .. 't:' .. t
-  local h = redis.call('HMGET', old, unpack(OLD_FIELDS))
-  local v, found = {}, false
-  for i = 1, 16 do
-    if h[i] then found = true end
-    v[i] = tonumber(h[i]) or 0
+local function zero_totals() return {$ZT, NONE} end
+local ZERO_TOTALS = pack_totals(zero_totals())
+-- Totals written with another number of dimensions (k): by position, 0 in those they lack.
+local function widen(b)
+  local k = (#b / 8 - 1) / 3
+  local w, v = {struct.unpack('<' .. string.rep('d', 3 * k + 1), b)}, {}
+  for d = 1, $N do
+    local kept = d <= k
+    v[d], v[$N + d], v[$N2 + d] = kept and w[d] or 0, kept and w[k + d] or 0, kept and w[2 * k + d] or 0
   end
-  if not h[16] then v[16] = NONE end
-  if not found then return v, ZERO_TOTALS end
-  local b, ttl = pack_totals(v), redis.call('PTTL', old)
-  if ttl > 0 then redis.call('SET', P .. 'T:' .. t, b, 'PX', ttl) else redis.call('SET', P .. 'T:' .. t, b) end
-  redis.call('DEL', old)
-  return v, b
+  v[$F] = w[3 * k + 1]
+  return v
 end
 -- Each scope's totals are read (GET) at most once per script call and written (SET) once, at its
 -- end (flush_totals), however many operations of a batch touch them: a batch's requests mostly
@@ -98,15 +124,16 @@ local function read_totals(t)
   if not e then
     local b = redis.call('GET', P .. 'T:' .. t)
     local v
-    if b then v = {struct.unpack(TF, b)} else v, b = migrate(t) end
+    if not b then v, b = zero_totals(), ZERO_TOTALS
+    elseif #b == TOTALS_BYTES then v = {struct.unpack(TF, b)}
+    else v = widen(b); b = pack_totals(v) end
     e = {v = v, raw = b}
     TOT[t] = e
   elseif not e.raw then
     e.raw = pack_totals(e.v)
   end
   local v = e.v
-  return {v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]},
-    e.raw
+  return {$VALL}, e.raw
 end
 local function write_totals(t, v)
   local e = TOT[t]
@@ -125,22 +152,21 @@ local function flush_totals()
 end
 local function read_state(t)
   local v, b = read_totals(t)
-  return {v = v, raw = b, used = {v[1] + v[6], v[2] + v[7], v[3] + v[8], v[4] + v[9], v[5] + v[10]},
-          held = {v[11], v[12], v[13], v[14], v[15]}, first = v[16] ~= NONE and v[16] or nil}
+  return {v = v, raw = b, used = {$USED}, held = {$HELD}, first = v[$F] ~= NONE and v[$F] or nil}
 end
 local function read_states(ts)
   local s = {}
   for j = 1, #ts do s[j] = read_state(ts[j]) end
   return s
 end
--- Add the 5-vectors ds / dc / dh (nil: none) to a scope's settled / charged / held totals (v: as
+-- Add the N-vectors ds / dc / dh (nil: none) to a scope's settled / charged / held totals (v: as
 -- read already in this script, if they were).
 local function add(t, ds, dc, dh, v)
   if not v then v = read_totals(t) end
-  for d = 1, 5 do
+  for d = 1, $N do
     if ds then v[d] = v[d] + ds[d] end
-    if dc then v[5 + d] = v[5 + d] + dc[d] end
-    if dh then v[10 + d] = v[10 + d] + dh[d] end
+    if dc then v[$N + d] = v[$N + d] + dc[d] end
+    if dh then v[$N2 + d] = v[$N2 + d] + dh[d] end
   end
   write_totals(t, v)
 end
@@ -157,7 +183,7 @@ end
 -- A live reservation leaves: its charges so far become settled, the rest of its hold is released.
 local function drop(r)
   local free, minus = free_of(r.h, r.c), {}
-  for d = 1, 5 do free[d], minus[d] = -free[d], -r.c[d] end
+  for d = 1, $N do free[d], minus[d] = -free[d], -r.c[d] end
   for j = 1, r.n do add(r.t[j], r.c, minus, free) end
 end
 
@@ -172,9 +198,7 @@ local function expire(id, now_ms)
   local c = r.c
   redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*',
     'time', secs(now_ms), 'team', r.team or '', 'key', r.key or '', 'model', '', 'route', '',
-    'input_tokens', I(c[2]), 'cache_write_5m_tokens', '0', 'cache_write_1h_tokens', '0',
-    'cache_read_tokens', '0', 'output_tokens', I(c[3]), 'web_search_requests', '0',
-    'cost_nanos', I(c[4]), 'steps', I(c[5]),
+    $ROWC,
     'duration_s', string.format('%.3f', math.max(0, now_ms - r.at) / 1000),
     'outcome', 'hold_expired', 'request_id', id)
 end
@@ -272,23 +296,25 @@ end
 # The batch's operations take their item A = {op, arguments...} as it came.
 
 # A[2] id, [3] now, [4] input tokens, [5] input cost, [6] max_tokens, [7]/[8] output rate num/den,
-# [9] team, [10] key, [11] n; per scope 8: totals name, keep ms, 6 limits ('' = none).
-# Answers 'A' (admitted now; the states as read before its hold), 'B' (a replay: the states as they
-# are), each with out and the hold packed '<dddddd'; or 'D', scope and dimension '<BB': denied.
+# [9] team, [10] key, [11] n; per scope N + 3: totals name, keep ms, N + 1 limits ('' = none; the
+# last is the wall clock's). Answers 'A' (admitted now; the states as read before its hold), 'B' (a
+# replay: the states as they are), each with out and the hold packed (AF); or 'D', scope and
+# dimension '<BB': denied. Per dimension, room must cover `base` (what the request needs before any
+# output); where output counts (PER), what the rest covers caps the hold's output.
 _RESERVE = r"""
 local id, now_s = A[2], A[3]
 local now, input, input_cost, max_tokens = tonumber(now_s), tonumber(A[4]), tonumber(A[5]), tonumber(A[6])
 local num, den, n = tonumber(A[7]), tonumber(A[8]), tonumber(A[11])
 local ts, xs, lims = {}, {}, {}
 for j = 1, n do
-  local b = 11 + (j - 1) * 8
+  local b = 11 + (j - 1) * $RS
   ts[j], xs[j], lims[j] = A[b + 1], A[b + 2], {}
-  for d = 1, 6 do lims[j][d] = opt(A[b + 2 + d]) end
+  for d = 1, $N1 do lims[j][d] = opt(A[b + 2 + d]) end
 end
 local r = load(id)
 if r and r.st == LIVE then
   local h = r.h
-  return flat_states({'B', struct.pack('<dddddd', r.out, h[1], h[2], h[3], h[4], h[5])}, read_states(ts))
+  return flat_states({'B', struct.pack('$AF', r.out, $HV)}, read_states(ts))
 elseif r then
   return '!ERR reservation id already used'
 end
@@ -299,51 +325,51 @@ local states = read_states(ts)
 
 local need_out = max_tokens >= 1 and 1 or 0
 local out = max_tokens
+local base = {$BASE}
 for j = 1, n do
   local L, st = lims[j], states[j]
-  for d = 1, 5 do
+  for d = 1, $N do
     if L[d] then
-      local room = L[d] - st.used[d] - st.held[d]
-      local fits
-      if d == 2 then fits = room >= input
-      elseif d == 5 then fits = room >= 1
+      local room, kind, fits = L[d] - st.used[d] - st.held[d] - base[d], PER[d]
+      if kind == 0 then fits = room >= 0
       else
         local cap
-        if d == 1 then cap = room - input
-        elseif d == 3 then cap = room
+        if kind == 1 then cap = room
         elseif num == 0 then
-          if room < input_cost then cap = -1 end
-        elseif room - input_cost < 0 then cap = -1
-        else cap = output_cap(room - input_cost, num, den, math.max(out, 1)) end
+          if room < 0 then cap = -1 end
+        elseif room < 0 then cap = -1
+        else cap = output_cap(room, num, den, math.max(out, 1)) end
         fits = cap == nil or cap >= need_out
         if cap ~= nil and cap < out then out = cap end
       end
       if not fits then return flat_states({'D', struct.pack('<BB', j, d)}, states) end
     end
   end
-  if L[6] and wall_clock_spent(st, L[6], now) then return flat_states({'D', struct.pack('<BB', j, 6)}, states) end
+  if L[$N1] and wall_clock_spent(st, L[$N1], now) then
+    return flat_states({'D', struct.pack('<BB', j, $N1)}, states)
+  end
 end
 out = math.max(out, 0)
-local hold = {input + out, input, out, input_cost + out_cost(out, num, den), 1}
+local hold = {$HOLD}
 local keep = 0
 for j = 1, n do
   local v = states[j].v
-  for d = 1, 5 do v[10 + d] = v[10 + d] + hold[d] end
-  local fresh = v[16] == NONE   -- the period's first request (or the first since a reset)
-  if fresh then v[16] = now end
+  for d = 1, $N do v[$N2 + d] = v[$N2 + d] + hold[d] end
+  local fresh = v[$F] == NONE   -- the period's first request (or the first since a reset)
+  if fresh then v[$F] = now end
   write_totals(ts[j], v)
   if fresh then expire_totals(ts[j], xs[j]) end   -- (the totals' lifetime is fixed for their period)
   if keep and xs[j] ~= 0 then keep = math.max(keep, xs[j]) else keep = nil end
 end
 redis.call('ZADD', XK, now_ms + HOLD_TTL_MS, id)
-local rec = {st = LIVE, n = n, t = ts, x = xs, h = hold, c = {0, 0, 0, 0, 0}, out = out, at = now_ms,
+local rec = {st = LIVE, n = n, t = ts, x = xs, h = hold, c = {$ZN}, out = out, at = now_ms,
              team = A[9], key = A[10]}
 if keep and keep > 0 then save(id, rec, 'PXAT', keep) else save(id, rec) end
-return flat_states({'A', struct.pack('<dddddd', out, hold[1], hold[2], hold[3], hold[4], hold[5])}, states)
+return flat_states({'A', struct.pack('$AF', out, $HOLDV)}, states)
 """
 
-# A[2] id, [3] now, [4..8] charged so far (>= 0), [9] n; per scope 6 limits ('' = none).
-# Answers 'K' and the hold '<ddddd'; 'D' as reserve; 'X' and the states (its hold had expired); 'G' (gone).
+# A[2] id, [3] now, [4..N + 3] charged so far (>= 0), [N + 4] n; per scope N + 1 limits ('' = none).
+# Answers 'K' and the hold (KF); 'D' as reserve; 'X' and the states (its hold had expired); 'G' (gone).
 _CHARGE = r"""
 local id, now = A[2], tonumber(A[3])
 local r = load(id)
@@ -358,7 +384,7 @@ redis.call('ZADD', XK, 'XX', now_ms + HOLD_TTL_MS, id)
 purge(now_ms, PURGE_MAX)
 local states = read_states(ts)
 local hold, old, charged, new_hold, growth, grows = r.h, r.c, {}, {}, {}, false
-for d = 1, 5 do
+for d = 1, $N do
   charged[d] = tonumber(A[3 + d])
   new_hold[d] = math.max(hold[d], charged[d])
   growth[d] = new_hold[d] - hold[d]
@@ -366,19 +392,19 @@ for d = 1, 5 do
 end
 if grows then
   for j = 1, n do
-    local b, st = 9 + (j - 1) * 6, states[j]
-    for d = 1, 5 do
+    local b, st = $CB + (j - 1) * $N1, states[j]
+    for d = 1, $N do
       local limit = opt(A[b + d])
       if limit and growth[d] > 0 and st.used[d] + st.held[d] + growth[d] > limit then
         return flat_states({'D', struct.pack('<BB', j, d)}, states)
       end
     end
-    local wc = opt(A[b + 6])
-    if wc and wall_clock_spent(st, wc, now) then return flat_states({'D', struct.pack('<BB', j, 6)}, states) end
+    local wc = opt(A[b + $N1])
+    if wc and wall_clock_spent(st, wc, now) then return flat_states({'D', struct.pack('<BB', j, $N1)}, states) end
   end
 end
 local old_free, new_free, dc, dh, changed = free_of(hold, old), free_of(new_hold, charged), {}, {}, false
-for d = 1, 5 do
+for d = 1, $N do
   dc[d], dh[d] = charged[d] - old[d], new_free[d] - old_free[d]
   if dc[d] ~= 0 or dh[d] ~= 0 then changed = true end
 end
@@ -387,39 +413,39 @@ if changed then
   r.h, r.c = new_hold, charged
   save(id, r, 'KEEPTTL')
 end
-return 'K' .. struct.pack('<ddddd', new_hold[1], new_hold[2], new_hold[3], new_hold[4], new_hold[5])
+return 'K' .. struct.pack('$KF', $NEWHOLDV)
 """
 
-# A[2] id, [3..7] actual, [8] n; per scope 2: totals name, keep ms (used only if the reservation is
-# unknown); then the usage row's values in ROW_FIELDS order (none: no row)
+# A[2] id, [3..N + 2] actual, [N + 3] n; per scope 2: totals name, keep ms (used only if the reservation
+# is unknown); then the usage row's values in ROW_FIELDS order (none: no row)
 _SETTLE = r"""
 local id = A[2]
 local r = load(id)
 if r and r.st == DONE then return 'already' end
-local actual = {tonumber(A[3]), tonumber(A[4]), tonumber(A[5]), tonumber(A[6]), tonumber(A[7])}
-local n = tonumber(A[8])
+local actual = {$ACTUAL}
+local n = tonumber(A[$SN])
 local outcome = 'settled'
 if r and r.st == LIVE then
   local free, minus = free_of(r.h, r.c), {}
-  for d = 1, 5 do free[d], minus[d] = -free[d], -r.c[d] end
+  for d = 1, $N do free[d], minus[d] = -free[d], -r.c[d] end
   for j = 1, r.n do add(r.t[j], actual, minus, free) end
   redis.call('ZREM', XK, id)
 elseif r then                    -- expired: its charges at expiry were settled then; add the difference
   local diff = {}
-  for d = 1, 5 do diff[d] = actual[d] - r.c[d] end
+  for d = 1, $N do diff[d] = actual[d] - r.c[d] end
   for j = 1, r.n do add(r.t[j], diff) end
   outcome = 'late'
 else                             -- unknown here (its record aged out): count it, never lose it
   local now_ms = server_ms()
   for j = 1, n do
-    local t = A[7 + 2 * j]
+    local t = A[$SN - 1 + 2 * j]
     add(t, actual)
-    expire_totals(t, keep_until(A[8 + 2 * j], now_ms))
+    expire_totals(t, keep_until(A[$SN + 2 * j], now_ms))
   end
   outcome = 'missing'
 end
 tombstone(id)
-local row = 8 + 2 * n   -- the row's values follow, in ROW_FIELDS order
+local row = $SN + 2 * n   -- the row's values follow, in ROW_FIELDS order
 if #A > row then
   local entry = {}
   for i = 1, #ROW_FIELDS do entry[2 * i - 1], entry[2 * i] = ROW_FIELDS[i], A[row + i] end
@@ -480,8 +506,8 @@ _RESET = r"""
 local t, now_ms = ARG[4], server_ms()
 purge(now_ms, 1000)
 local v = read_totals(t)
-for d = 1, 5 do v[d] = 0 end
-v[16] = NONE
+for d = 1, $N do v[d] = 0 end
+v[$F] = NONE
 write_totals(t, v)
 expire_totals(t, keep_until(ARG[5], now_ms))
 flush_totals()
@@ -513,8 +539,38 @@ flush_totals()
 return out
 """
 
-SCRIPTS = {
-    "batch": _PRELUDE + _EXACT + _op("reserve", _RESERVE) + _op("charge", _CHARGE) + _op("settle", _SETTLE)
-    + _op("release", _RELEASE) + _BATCH,
-    **{name: _PRELUDE + _FLAT + body for name, body in (("renew", _RENEW), ("states", _STATES), ("reset", _RESET))},
-}
+def layout(n: int) -> dict[str, str]:
+    """The placeholders' values for n dimensions: counts, offsets, struct formats, unrolled lists."""
+    ones = range(1, n + 1)
+    lua_base = {"input_tokens": "input", "input_cost_nanos": "input_cost", "one": "1", "zero": "0"}
+    lua_per = {"token": "out", "rate": "out_cost(out, num, den)", "zero": "0"}
+    hold = [" + ".join(x for x in (lua_base[d.base], lua_per[d.per_output]) if x != "0") or "0" for d in DIMS]
+    return {
+        "N": str(n), "N1": str(n + 1), "N2": str(2 * n), "F": str(3 * n + 1), "TB": str(8 * (3 * n + 1)),
+        "RS": str(n + 3), "CB": str(n + 4), "SN": str(n + 3),
+        "MARK": str(0 if n == LEGACY_DIMS else 4 * n),
+        "TF": "<" + "d" * (3 * n + 1), "RF": "<BB" + "d" * (2 * n + 2), "AF": "<" + "d" * (n + 1), "KF": "<" + "d" * n,
+        "HL": ", ".join(f"h{d}" for d in ones), "CL": ", ".join(f"c{d}" for d in ones),
+        "HV": ", ".join(f"h[{d}]" for d in ones), "CV": ", ".join(f"c[{d}]" for d in ones),
+        "HOLDV": ", ".join(f"hold[{d}]" for d in ones), "NEWHOLDV": ", ".join(f"new_hold[{d}]" for d in ones),
+        "VALL": ", ".join(f"v[{i}]" for i in range(1, 3 * n + 2)),
+        "USED": ", ".join(f"v[{d}] + v[{n + d}]" for d in ones), "HELD": ", ".join(f"v[{2 * n + d}]" for d in ones),
+        "ZT": ", ".join(["0"] * (3 * n)), "ZN": ", ".join(["0"] * n), "ZR": ", ".join(["0"] * (2 * n + 2)),
+        "ACTUAL": ", ".join(f"tonumber(A[{2 + d}])" for d in ones),
+        "PER": ", ".join(str(("zero", "token", "rate").index(d.per_output)) for d in DIMS),
+        "BASE": ", ".join(lua_base[d.base] for d in DIMS), "HOLD": ", ".join(hold),
+        "ROWC": ", ".join(f"'{f}', " + ("'0'" if i is None else f"I(c[{i + 1}])") for f, i in ROW_AMOUNTS),
+    }
+
+
+def _scripts(n: int) -> dict[str, str]:
+    fill = layout(n)
+    sources = {
+        "batch": _PRELUDE + _EXACT + _op("reserve", _RESERVE) + _op("charge", _CHARGE) + _op("settle", _SETTLE)
+        + _op("release", _RELEASE) + _BATCH,
+        **{name: _PRELUDE + _FLAT + body for name, body in (("renew", _RENEW), ("states", _STATES), ("reset", _RESET))},
+    }
+    return {name: Template(src).substitute(fill) for name, src in sources.items()}
+
+
+SCRIPTS = _scripts(len(DIMS))

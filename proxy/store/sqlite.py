@@ -54,19 +54,24 @@ except ImportError:  # (Windows: no flock; a dead process's running charges then
     fcntl = None  # type: ignore[assignment]
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import ZERO, Amounts, Ask, Denied, Scope
-from proxy.store.base import Reservation, UsageRow
+from proxy.ledger import FIELDS, ZERO, Amounts, Ask, Denied, Scope
+from proxy.store import sqlite_keys
+from proxy.store.base import ROW_AMOUNTS, KeyRecord, Reservation, UsageRow
 from proxy.store.memory import MemoryStore, PeriodKey
 
 log = logging.getLogger("budget_proxy.store")
 T = TypeVar("T")
 
-SCHEMA = """
+
+def _columns(template: str, sep: str = ", ") -> str:
+    """`template` for each dimension's column ({c}), joined: the statements below follow the declaration."""
+    return sep.join(template.format(c=c) for c in FIELDS)
+
+
+_AMOUNT_COLUMNS = _columns("{c} INTEGER NOT NULL DEFAULT 0")
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS totals (
-  scope_id TEXT NOT NULL, period_start REAL NOT NULL,
-  tokens INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
-  output_tokens INTEGER NOT NULL DEFAULT 0, cost_nanos INTEGER NOT NULL DEFAULT 0,
-  steps INTEGER NOT NULL DEFAULT 0, first_request_at REAL,
+  scope_id TEXT NOT NULL, period_start REAL NOT NULL, {_AMOUNT_COLUMNS}, first_request_at REAL,
   PRIMARY KEY (scope_id, period_start));
 CREATE TABLE IF NOT EXISTS usage_log (
   id INTEGER PRIMARY KEY, time REAL NOT NULL, team TEXT NOT NULL, key TEXT NOT NULL,
@@ -80,27 +85,23 @@ CREATE TABLE IF NOT EXISTS inflight (
   id TEXT PRIMARY KEY, owner TEXT NOT NULL, team TEXT NOT NULL, key TEXT NOT NULL,
   model TEXT NOT NULL, route TEXT NOT NULL,
   scopes TEXT NOT NULL,  -- JSON [[scope id, period start, first_request_at], ...]
-  started REAL NOT NULL, updated REAL NOT NULL,
-  tokens INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-  cost_nanos INTEGER NOT NULL, steps INTEGER NOT NULL);
+  started REAL NOT NULL, updated REAL NOT NULL, {_AMOUNT_COLUMNS});
+"""
+AMOUNT_TABLES = ("totals", "inflight")  # the tables with a column per dimension (_add_dimension_columns)
+_PARAMS = ",".join("?" * len(FIELDS))
+
+UPSERT_ADD = f"""
+INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at) VALUES (?, ?, {_PARAMS}, ?)
+ON CONFLICT (scope_id, period_start) DO UPDATE SET {_columns("{c} = {c} + excluded.{c}")},
+  first_request_at = COALESCE(first_request_at, excluded.first_request_at)
 """
 
-UPSERT_ADD = """
-INSERT INTO totals (scope_id, period_start, tokens, input_tokens, output_tokens, cost_nanos, steps, first_request_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (scope_id, period_start) DO UPDATE SET
-  tokens = tokens + excluded.tokens, input_tokens = input_tokens + excluded.input_tokens,
-  output_tokens = output_tokens + excluded.output_tokens, cost_nanos = cost_nanos + excluded.cost_nanos,
-  steps = steps + excluded.steps, first_request_at = COALESCE(first_request_at, excluded.first_request_at)
+UPSERT_SET = f"""
+INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at) VALUES (?, ?, {_PARAMS}, ?)
+ON CONFLICT (scope_id, period_start) DO UPDATE SET {_columns("{c} = excluded.{c}")},
+  first_request_at = excluded.first_request_at
 """
-
-UPSERT_SET = """
-INSERT INTO totals (scope_id, period_start, tokens, input_tokens, output_tokens, cost_nanos, steps, first_request_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (scope_id, period_start) DO UPDATE SET
-  tokens = excluded.tokens, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
-  cost_nanos = excluded.cost_nanos, steps = excluded.steps, first_request_at = excluded.first_request_at
-"""
+SELECT_TOTALS = f"SELECT {_columns('{c}')}, first_request_at FROM totals WHERE scope_id = ? AND period_start = ?"
 
 
 INSERT_ROW = (
@@ -110,16 +111,26 @@ INSERT_ROW = (
 
 # A reservation's running charge: (id, owner, team, key, model, route, scopes, started) are written
 # once; later pushes change only `updated` and the amounts.
-UPSERT_INFLIGHT = """
-INSERT INTO inflight (id, owner, team, key, model, route, scopes, started, updated, tokens, input_tokens,
-  output_tokens, cost_nanos, steps) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT (id) DO UPDATE SET updated = excluded.updated, tokens = excluded.tokens,
-  input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,
-  cost_nanos = excluded.cost_nanos, steps = excluded.steps
+UPSERT_INFLIGHT = f"""
+INSERT INTO inflight (id, owner, team, key, model, route, scopes, started, updated, {_columns("{c}")})
+VALUES (?,?,?,?,?,?,?,?,?, {_PARAMS})
+ON CONFLICT (id) DO UPDATE SET updated = excluded.updated, {_columns("{c} = excluded.{c}")}
 """
 DELETE_INFLIGHT = "DELETE FROM inflight WHERE id = ?"
-SELECT_INFLIGHT = ("SELECT id, team, key, model, route, scopes, started, updated, tokens, input_tokens, output_tokens, "
-                   "cost_nanos, steps FROM inflight WHERE owner = ? ORDER BY started, id")
+SELECT_INFLIGHT = (f"SELECT id, team, key, model, route, scopes, started, updated, {_columns('{c}')} FROM inflight "
+                   "WHERE owner = ? ORDER BY started, id")
+
+
+def _add_dimension_columns(db: sqlite3.Connection) -> None:
+    """A ledger written before a dimension was declared (proxy/dimensions.py) gains its column, 0 in
+    every row so far: CREATE TABLE IF NOT EXISTS leaves an existing table as it is."""
+    for table in AMOUNT_TABLES:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column in FIELDS:
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+
+
 INTERRUPTED = "interrupted"  # the usage-log outcome of a charge folded in from a dead process
 OWNER_RE = re.compile(r"[0-9a-f]{32}")
 
@@ -211,7 +222,7 @@ class Running:
     __slots__ = ("res", "started", "at", "fixed", "written")
 
     def __init__(self, res: Reservation, now: float) -> None:
-        self.res = res
+        self.res = res                        # as its latest charge left it
         self.started = self.at = now          # its first push, and its latest
         self.fixed: tuple[Any, ...] | None = None  # UPSERT_INFLIGHT's first 8 parameters, once written
         self.written = False                  # a write has carried it: its settlement deletes the row
@@ -304,6 +315,8 @@ class SqliteStore(MemoryStore):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(SCHEMA)
+        db.executescript(sqlite_keys.SCHEMA)
+        _add_dimension_columns(db)
         self._db = db
         if self._on_disk():
             self._lock_owner()
@@ -321,13 +334,11 @@ class SqliteStore(MemoryStore):
         db = self._db_or_raise()
         out = []
         for scope_id, start in keys:
-            row = db.execute(
-                "SELECT tokens, input_tokens, output_tokens, cost_nanos, steps, first_request_at "
-                "FROM totals WHERE scope_id = ? AND period_start = ?", (scope_id, start)).fetchone()
+            row = db.execute(SELECT_TOTALS, (scope_id, start)).fetchone()
             if row is None:
                 out.append(((scope_id, start), ZERO, None))
             else:
-                out.append(((scope_id, start), Amounts(*row[:5]), row[5]))
+                out.append(((scope_id, start), Amounts(*row[:-1]), row[-1]))
         return out
 
     def _write(self, totals: dict[PeriodKey, PendingTotal], rows: list[tuple[Any, ...]],
@@ -574,10 +585,8 @@ class SqliteStore(MemoryStore):
                           exc.__class__.__name__)
                 continue
             db.execute("RELEASE fold")
-            # the token kinds are not known: all input counts as input_tokens
-            usage.append((updated, team, key, model, route, charged.input_tokens, 0, 0, 0, charged.output_tokens, 0,
-                          charged.cost_nanos, charged.steps, max(0.0, safe_float(updated) - safe_float(started)),
-                          INTERRUPTED, rid))
+            usage.append((updated, team, key, model, route, *(0 if i is None else charged[i] for _, i in ROW_AMOUNTS),
+                          max(0.0, safe_float(updated) - safe_float(started)), INTERRUPTED, rid))
         insert_rows_one_by_one(db, usage)
         return len(usage)
 
@@ -609,7 +618,7 @@ class SqliteStore(MemoryStore):
             if res.charged == ZERO:
                 return
             r = self._inflight[res.id] = Running(res, now)
-        r.at = now
+        r.res, r.at = res, now
         self._pending_running.add(res.id)
         self._schedule()
 
@@ -649,15 +658,17 @@ class SqliteStore(MemoryStore):
         await self._ensure_loaded(keys)
         return self.book.reserve_in(scopes, keys, ask, now, request_id)
 
-    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Denied | None:
-        denied = self.book.charge(res, charged, now)
-        if denied is None and not res.settled:
-            self._push_running(res, now)
-        return denied
+    async def charge(self, res: Reservation, charged: Amounts, now: float) -> Reservation | Denied:
+        got = self.book.charge(res, charged, now)
+        if got is None:  # no longer in flight
+            return res
+        if not isinstance(got, Denied):
+            self._push_running(got, now)
+        return got
 
-    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> None:
+    async def settle(self, res: Reservation, actual: Amounts, row: UsageRow | None) -> Reservation:
         if not self.book.settle(res, actual):
-            return
+            return res.as_settled()
         totals, pending = self.book.totals, self._pending_totals
         for scope, start in zip(res.scopes, res.period_starts):
             key = (scope.id, start)
@@ -676,6 +687,7 @@ class SqliteStore(MemoryStore):
                 if r.written:  # its running charge may be on disk: deleted in this settlement's transaction
                     self._pending_gone.append(r.fixed[:1])  # type: ignore[index]
         await self._commit()
+        return res.as_settled()
 
     async def states(self, scopes: Sequence[Scope], now: float):  # type: ignore[override]
         await self._ensure_loaded(self.book.period_keys(scopes, now))
@@ -692,3 +704,19 @@ class SqliteStore(MemoryStore):
 
     async def usage_log(self, limit: int = 100) -> list[UsageRow]:
         return await self._run(self._read_log, limit)
+
+    # --- runtime keys: on disk only (proxy/store/sqlite_keys.py), never in the memory book ----------
+    def _on_db(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self._db_or_raise(), *args)
+
+    async def put_key(self, rec: KeyRecord, now: float) -> bool:
+        return await self._run(self._on_db, sqlite_keys.put, rec, now)
+
+    async def find_key(self, digest: str) -> KeyRecord | None:
+        return await self._run(self._on_db, sqlite_keys.find, digest)
+
+    async def list_keys(self, team: str | None = None) -> list[KeyRecord]:
+        return await self._run(self._on_db, sqlite_keys.listed, team)
+
+    async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
+        return await self._run(self._on_db, sqlite_keys.revoke, team, name, now)
