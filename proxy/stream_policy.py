@@ -242,12 +242,13 @@ class StreamPolicy:
         rest = decoder.flush()
         for ev in rest:
             meter.feed(ev)
-        tail = b"".join([ev.raw for ev in compress(rest, map(self.forwardable, rest, repeat(self.facts)))])
+        rest = list(compress(rest, map(self.forwardable, rest, repeat(self.facts))))
         call.outcome = ("completed" if meter.complete else
                         "upstream_error" if meter.upstream_error else "upstream_dropped")
         if call.outcome == "completed":
-            tail += decoder.pending  # (bytes after the end: passed through as they came)
-        self.tail = tail
+            self.tail = b"".join([ev.raw for ev in rest]) + decoder.pending  # (bytes after the end, as they came)
+        else:  # an event the upstream never finished is not relayed: the error event after it must parse
+            self.tail = b"".join([ev.raw for ev in rest if ev.raw.endswith(_EVENT_ENDS)])
 
     def fail(self, outcome: str) -> None:
         """The upstream broke off ("upstream_dropped") or the relay failed ("proxy_error")."""
@@ -270,6 +271,9 @@ class StreamPolicy:
                                   "generated", error_type="api_error", error_code="proxy_shutdown")
         self.ending = self.carry + tail
         return self.ending
+
+
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
 
 
 # --- the figures the decisions rest on -------------------------------------------------------
