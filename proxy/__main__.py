@@ -6,7 +6,7 @@ import os
 import secrets
 import sys
 
-from proxy import cli_keys
+from proxy import cli_history, cli_keys
 from proxy.config import ConfigError, LoadedConfig, key_digest, load_config
 from proxy.ledger import DIMENSIONS
 
@@ -133,6 +133,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if runtime.config.store == "memory://":
         print("the memory:// store keeps nothing outside the running proxy; use GET /admin/usage", file=sys.stderr)
         return 2
+    if cli_history.wanted(args):  # --since / --by / --team / --key: the history (proxy/cli_history.py)
+        return cli_history.run(args, runtime)
 
     async def read() -> dict:
         store = open_store(runtime.config.store)
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("usage", help="print used / limit / remaining per team and key, from the store")
     p.add_argument("--config", default=default_config_path())
     p.add_argument("--json", action="store_true", help="the /admin/usage document instead of a table")
+    cli_history.add_arguments(p)
     p.set_defaults(fn=cmd_usage)
     p = sub.add_parser("hash-key", help="print the sha256: form of a key")
     p.add_argument("key")
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("keygen", help="print a new random proxy key")
     p.set_defaults(fn=cmd_keygen)
     cli_keys.add_parser(sub)
+    from proxy import cli_alerts  # `alerts test`
+
+    cli_alerts.add_parser(sub, default_config_path(), load_or_exit)
     args = parser.parse_args(argv)
     return args.fn(args)
 

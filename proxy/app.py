@@ -23,19 +23,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.admin import build_admin_routes
+from proxy.alerting import Alerts
 from proxy.dashboard import build_dashboard_routes
 from proxy.auth import Caller, KeyRing, bearer_matches, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
-from proxy.logs import log_request
-from proxy.metrics import Metrics
-from proxy.errors import (AuthenticationError, NotFound, ProxyError, StoreUnavailable, UpstreamUnavailable,
-                          new_request_id)
+from proxy.logs import ACCESS_NOTE, client_field, log_request, note, path_field
+from proxy.metrics import Metrics, key_label
+from proxy.errors import (AuthenticationError, BudgetExceeded, InvalidRequest, NotFound, ProxyError, StoreUnavailable,
+                          UpstreamUnavailable, new_request_id)
 from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, PricingError, parse_price_table
 from proxy.providers.registry import PROVIDERS, provider_for_path, provider_named
 from proxy.ratio import OutputRatios
-from proxy.runs import RUN_HEADER, RunBudgets
+from proxy.retention import Retention
+from proxy.runs import RUN_HEADER, RunBudgets, run_id_of
 from proxy.relay import Relay
 from proxy.runtime_keys import RuntimeKeys
 from proxy.store import LedgerStore, open_store
@@ -44,6 +46,22 @@ from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
 access_log = logging.getLogger("budget_proxy.access")
+# Probes answered 200 are not logged (a kubelet or compose healthcheck every few seconds would flood
+# the log); a failing probe is.
+QUIET_PROBES = frozenset({"/healthz", "/readyz"})
+
+
+def run_field(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The request's x-budget-run when it is a valid run id (SPEC §9), else None."""
+    for k, v in headers:
+        if k == RUN_HEADER:
+            try:
+                return run_id_of({RUN_HEADER: v}, False)
+            except InvalidRequest:
+                return None
+    return None
+
+
 def shipped_pricing_path() -> Path:
     """config/pricing.yaml of a source checkout, else the copy an installed package carries."""
     candidates = [Path(__file__).resolve().parent.parent / "config" / "pricing.yaml",
@@ -105,6 +123,8 @@ class AppState:
         # is configured (a reload may add or remove it).
         self.relays: dict[str, Relay] = {p.path: Relay(self, p) for p in PROVIDERS.values()}
         self.runtime_keys = RuntimeKeys(store)  # keys minted through /admin/keys, cached briefly
+        self.alerts = Alerts(self)  # budget alert webhooks, noticed and sent in the background (proxy/alerting.py)
+        self.retention = Retention(self)  # prunes the usage log after store_retention_days (proxy/retention.py)
 
     async def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
         """A config key at once, without awaiting; any other key through the store (401 if none)."""
@@ -166,31 +186,94 @@ class AppState:
                 await t.aclose()
         self.transports.clear()
 
-    # Observation hooks: metrics and the access log.
-    def observe_rejection(self, err: ProxyError, caller: Caller | None, model: str | None, route: str) -> None:
-        if caller is not None:
-            label = self.metrics.model_label(self.runtime.pricing.lookup(model) if model else None)
-            outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
-            self.metrics.requests.labels(caller.team, caller.key, label, route, outcome).inc()
+    # Observation hooks: metrics and the access log (docs/http-api.md, "Metrics" and "Access log").
+    # The metered routes log themselves (observe_rejection, observe_done); every other route is
+    # logged by BudgetProxyApp.answer (observe_answered).
+    def observe_rejection(self, err: ProxyError | None, caller: Caller | None, model: str | None, route: str,
+                          scope: dict[str, Any] | None = None, request_id: str | None = None,
+                          started: float | None = None) -> None:
+        """A metered request refused before anything was forwarded (`err`), or whose client left
+        while it was read (`err` None), once its answer is sent."""
+        if err is not None:
+            if caller is not None:
+                label = self.metrics.model_label(self.runtime.pricing.lookup(model) if model else None)
+                outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
+                self.metrics.requests.labels(caller.team, key_label(caller), label, route, outcome).inc()
+            if isinstance(err, StoreUnavailable):
+                self.metrics.store_error()
+        budget = err.budget if isinstance(err, BudgetExceeded) else None
         log_request(access_log, {
-            "team": caller.team if caller else None, "key": caller.key if caller else None, "model": model,
-            "route": route, "status": err.status, "outcome": "rejected", "error": err.kind})
+            "request_id": request_id, "upstream_request_id": None,
+            "client": client_field(scope) if scope is not None else None, "method": "POST", "path": route,
+            "status": err.status if err is not None else None,
+            "team": caller.team if caller else None, "key": caller.key if caller else None,
+            "run": run_field(scope["headers"]) if scope is not None else None, "model": model,
+            "outcome": "client_disconnected" if err is None else "denied" if budget is not None else "rejected",
+            "error": err.kind if err is not None else None,
+            "denied_scope": budget["scope"] if budget else None,
+            "denied_dimension": budget["dimension"] if budget else None,
+            "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "steps": 0,
+            "duration_ms": round((self.clock() - started) * 1000, 1) if started is not None else None})
 
-    def observe_denial(self, caller: Caller, dimension: str) -> None:
-        self.metrics.denials.labels(caller.team, caller.key, dimension).inc()
+    def observe_denial(self, caller: Caller, dimension: str, denied: Any = None) -> None:
+        """A 429 for a budget; `denied` (a ledger Denied) names its scope when one ran out."""
+        self.metrics.denials.labels(caller.team, key_label(caller), dimension).inc()
+        if denied is not None:
+            self.alerts.exceeded(caller, denied)  # (O(1): the event is claimed and sent in the background)
+        self.store.log_denial(caller.team, caller.key, self.clock())  # history's `denied` (never raises, never waits)
 
-    def observe_cut(self, caller: Caller, dimension: str) -> None:
-        self.metrics.cuts.labels(caller.team, caller.key, dimension).inc()
+    def observe_cut(self, call: Any, denied: Any) -> None:
+        """A stream cut by the budget `denied` (a ledger Denied) names."""
+        call.denied = denied
+        self.metrics.cuts.labels(call.caller.team, key_label(call.caller), denied.dimension).inc()
+        self.alerts.exceeded(call.caller, denied)  # (O(1): the event is claimed and sent in the background)
+
+    def observe_store_error(self) -> None:
+        """A store call failed and the proxy caught it (fail closed, or a charge not persisted)."""
+        self.metrics.store_error()
+
+    def observe_alert(self, type: str, outcome: str) -> None:
+        """An alert delivery attempt (Metrics.alert_sent says which values count)."""
+        self.metrics.alert_sent(type, outcome)
 
     def observe_settled(self, call: Any, usage: Any, cost_nanos: int, steps: int) -> None:
+        """Metrics at settlement; the log line waits for the response's last byte (observe_done)."""
+        self.retention.tick()  # (a clock comparison; at most hourly a background prune)
         model = self.metrics.model_label(call.price)
-        self.metrics.settled(call.caller.team, call.caller.key, model, call.route, call.outcome, usage, cost_nanos)
+        self.metrics.settled(call.caller.team, key_label(call.caller), model, call.route, call.outcome, usage,
+                             cost_nanos)
+        call.charged = (usage.total_input_tokens, usage.output_tokens, cost_nanos, steps)
+        self.alerts.touched(call.caller, call.res.scopes)  # (O(1): thresholds are looked at in the background)
+
+    def observe_done(self, call: Any, scope: dict[str, Any]) -> None:
+        """The access-log line of a metered request, after the last byte of its response."""
+        denied, charged = call.denied, call.charged or (0, 0, 0, 0)
+        client = scope.get("client")
         log_request(access_log, {
-            "request_id": call.request_id, "team": call.caller.team, "key": call.caller.key, "model": call.model,
-            "route": call.route, "status": call.status, "outcome": call.outcome,
-            "input_tokens": usage.total_input_tokens, "output_tokens": usage.output_tokens,
-            "cost_usd": cost_nanos / 1e9, "steps": steps,
-            "duration_ms": round((self.clock() - call.started) * 1000, 1)})
+            "request_id": call.request_id, "upstream_request_id": call.upstream_request_id,
+            "client": client[0] if client else None, "method": "POST", "path": call.route,
+            "status": call.status or None, "team": call.caller.team, "key": call.caller.key,
+            "run": run_field(scope["headers"]), "model": call.model, "outcome": call.outcome, "error": None,
+            "denied_scope": denied.scope.kind if denied is not None else None,
+            "denied_dimension": denied.dimension if denied is not None else None,
+            "input_tokens": charged[0], "output_tokens": charged[1], "cost_usd": charged[2] / 1e9,
+            "steps": charged[3], "duration_ms": round((self.clock() - call.started) * 1000, 1)})
+
+    def observe_answered(self, scope: dict[str, Any], noted: dict[str, Any], status: int | None,
+                         seconds: float) -> None:
+        """The access-log line of a request answered through Starlette (every route but the
+        metered ones), after the last byte of its response."""
+        outcome = noted.get("outcome") or ("client_disconnected" if status is None else
+                                           "completed" if status < 400 else "rejected")
+        log_request(access_log, {
+            "request_id": noted.get("request_id") or new_request_id(),
+            "upstream_request_id": noted.get("upstream_request_id"),
+            "client": client_field(scope), "method": scope["method"][:32], "path": path_field(scope),
+            "status": status, "team": noted.get("team"), "key": noted.get("key"),
+            "run": run_field(scope["headers"]), "model": noted.get("model"), "outcome": outcome,
+            "error": noted.get("error"), "denied_scope": None, "denied_dimension": None,
+            "input_tokens": None, "output_tokens": None, "cost_usd": None, "steps": None,
+            "duration_ms": round(seconds * 1000, 1)})
 
     def observe_upstream_seconds(self, route: str, seconds: float) -> None:
         self.metrics.upstream_seconds_for(route).observe(seconds)
@@ -204,6 +287,12 @@ def error_response(err: ProxyError, provider: str | None = None) -> Response:
 
 
 def build_routes(state: AppState) -> list[Route]:
+    def counted_error_response(err: ProxyError, provider: str | None = None) -> Response:
+        """error_response, counting a store failure (budget_proxy_store_errors_total)."""
+        if isinstance(err, StoreUnavailable):
+            state.observe_store_error()
+        return error_response(err, provider)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -218,6 +307,7 @@ def build_routes(state: AppState) -> list[Route]:
         try:
             headers = dict(request.scope["headers"])
             caller = await state.authenticate(headers)
+            note(request.scope, team=caller.team, key=caller.key)
             scopes = state.runtime.budgets.scopes_for(caller)
             if RUN_HEADER in headers:  # the run's scope first (no header: the key's and team's only)
                 scopes = state.runtime.runs.with_run(caller, headers, scopes)
@@ -229,6 +319,9 @@ def build_routes(state: AppState) -> list[Route]:
             except Exception:
                 raise StoreUnavailable("The budget ledger is unavailable.") from None
         except ProxyError as err:
+            if isinstance(err, StoreUnavailable):
+                state.observe_store_error()
+            note(request.scope, error=err.kind)
             return error_response(err)
         return JSONResponse({"key": caller.key, "team": caller.team,
                              "scopes": [scope_view(s, st, now) for s, st in zip(scopes, states)]})
@@ -237,13 +330,21 @@ def build_routes(state: AppState) -> list[Route]:
         rt = state.runtime
         metrics_key = rt.config.metrics_key.get_secret_value()
         if metrics_key and not bearer_matches(dict(request.scope["headers"]), metrics_key):
+            note(request.scope, error=AuthenticationError.kind)
             return error_response(AuthenticationError("/metrics needs Authorization: Bearer <metrics_key>."))
-        scopes = list(rt.budgets.teams.values()) + list(rt.budgets.keys.values())
+        # The budget gauges: config teams and keys only (runtime keys and runs never make a series).
+        budgets = rt.budgets
+        owners = [(t, "") for t in budgets.teams] + list(budgets.keys)
+        scopes = list(budgets.teams.values()) + list(budgets.keys.values())
         now = state.clock()
         try:
-            state.metrics.set_remaining(scopes, await state.store.states(scopes, now), now)
+            states = await state.store.states(scopes, now)
         except Exception:
-            log.warning("metrics: store unavailable; budget_remaining not refreshed")
+            state.observe_store_error()
+            log.warning("metrics: store unavailable; the budget gauges are not refreshed")
+        else:
+            state.metrics.set_budgets(owners, scopes, states, now)
+        state.metrics.streams_in_flight.set(len(state.active_streams))
         return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
@@ -252,8 +353,8 @@ def build_routes(state: AppState) -> list[Route]:
         Route("/budget", budget, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *passthrough_routes(state),
-        *build_admin_routes(state, error_response),
-        *build_dashboard_routes(state, error_response),
+        *build_admin_routes(state, counted_error_response),
+        *build_dashboard_routes(state, counted_error_response),
     ]
 
 
@@ -275,15 +376,18 @@ class BudgetProxyApp:
                 if not up.api_key:
                     log.warning("upstream '%s' has no api_key: its requests answer 502 until one is configured", name)
             await state.store.open()
+            await state.alerts.start()
             try:
                 yield
             finally:
+                await state.alerts.stop()  # (before the store closes: its last look reads the store)
                 await state.close_transports()
                 await state.store.close()
 
         async def not_found(request: Request, exc: Exception) -> Response:
             path = request.url.path
             provider = provider_for_path(path).name
+            note(request.scope, error=NotFound.kind)
             return error_response(NotFound(f"No route for {request.method} {path}."), provider)
 
         self.router = Starlette(routes=build_routes(state), lifespan=lifespan,
@@ -293,11 +397,39 @@ class BudgetProxyApp:
         self.router.router.redirect_slashes = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            relay = self.state.relays.get(scope["path"])
-            if relay is not None and relay.provider in self.state.runtime.upstreams:
-                return await relay(scope, receive, send)
+        if scope["type"] == "http":
+            if scope["method"] == "POST":
+                relay = self.state.relays.get(scope["path"])
+                if relay is not None and relay.provider in self.state.runtime.upstreams:
+                    return await relay(scope, receive, send)  # (logs itself: Relay.__call__)
+            return await self.answer(scope, receive, send)
         await self.router(scope, receive, send)
+
+    async def answer(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Starlette's answer to `scope`, and its access-log line once the last byte is sent: the
+        status from the response's start, the request id from the route's note (ACCESS_NOTE) or
+        the proxy's own error response (a new one when it has none)."""
+        started = time.perf_counter()
+        noted: dict[str, Any] = {}
+        scope[ACCESS_NOTE] = noted
+        status: int | None = None
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if "request_id" not in noted:  # (a passthrough notes its own: the header is the upstream's)
+                    for k, v in message.get("headers", ()):
+                        if k == b"request-id" or k == b"x-request-id":
+                            noted["request_id"] = v.decode("latin-1")
+                            break
+            await send(message)
+
+        try:
+            await self.router(scope, receive, watched)
+        finally:
+            if not (status == 200 and scope["path"] in QUIET_PROBES):
+                self.state.observe_answered(scope, noted, status, time.perf_counter() - started)
 
 
 def create_app(loaded: LoadedConfig, *, store: LedgerStore | None = None,

@@ -188,9 +188,53 @@ class ServerConfig(_Strict):
         return out
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class WebhookConfig(_Strict):
+    """One alert receiver (docs/configuration.md, "alerts"; proxy/alerting.py sends to it)."""
+
+    url: str
+    thresholds: list[float] = [0.8, 0.95]  # fractions of a limit, each in (0, 1]; [] : budget.exceeded only
+    headers: dict[str, SecretStr] = {}     # sent with every POST; values may be secrets (never logged)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not (math.isfinite(t) and 0 < t <= 1) for t in v):
+            raise ValueError("every threshold must be a fraction of the limit in (0, 1], e.g. 0.8")
+        return sorted(set(v))
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in v.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if any(c in value.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"header {name!r}: the value may not contain a line break")
+        return v
+
+
+class AlertsConfig(_Strict):
+    webhooks: list[WebhookConfig] = []
+
+
 class ProxyConfig(_Strict):
     upstreams: dict[ProviderName, UpstreamConfig] = Field(default_factory=dict)
+    alerts: AlertsConfig = AlertsConfig()  # budget threshold / exceeded webhooks (proxy/alerting.py)
     store: str = "sqlite:///data/ledger.db"
+    store_retention_days: int = Field(90, ge=0)  # the usage log is pruned after this many days (0: never)
     pricing: str | None = None
     admin_key: SecretStr = SecretStr("")
     metrics_key: SecretStr = SecretStr("")  # when set, /metrics needs Authorization: Bearer <it>

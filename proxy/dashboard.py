@@ -356,7 +356,7 @@ def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
             return None
         return found
 
-    def authorized(request: Request) -> bool:
+    async def authorized(request: Request) -> bool:
         """True for the admin key in a header or a valid session cookie; raises 403/401."""
         key = admin_key(request)
         headers = dict(request.scope["headers"])
@@ -364,14 +364,14 @@ def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
             secret = presented_secret(headers)
             if state.runtime.keyring.is_admin(secret):
                 return True
-            if state.runtime.keyring.lookup(secret) is not None:
+            if state.runtime.keyring.lookup(secret) is not None or await state.runtime_keys.is_key(secret):
                 raise PermissionDenied("This route needs the admin key; a proxy key cannot use it.")
             raise AuthenticationError("Invalid admin key.")
         return session(request, key) is not None
 
     async def dashboard(request: Request) -> Response:
         try:
-            if not authorized(request):
+            if not await authorized(request):
                 return RedirectResponse("login", status_code=303)
             doc = await usage_document(state)
         except StoreUnavailable as err:

@@ -14,6 +14,8 @@ RETRY_AFTER_MAX_SECONDS = 60  # SDKs sleep for whatever retry-after says: only s
 def whose(denied: Denied, caller: Caller) -> str:
     if denied.scope.kind == "key":
         return f"key '{caller.key}' of team '{caller.team}'"
+    if denied.scope.kind == "run":  # (docs/budgets.md, "Runs")
+        return f"run '{denied.scope.name}' of key '{caller.key}' of team '{caller.team}'"
     return f"team '{caller.team}' (called with key '{caller.key}')"
 
 

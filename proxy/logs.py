@@ -1,4 +1,8 @@
-"""Logs on stderr: one JSON object a line, or text for humans. Never a key, prompt or completion."""
+"""Logs on stderr: one JSON object a line, or text for humans. Never a key, prompt or completion.
+
+The access log (docs/http-api.md, "Access log") is one line per answered request, in the fields
+ACCESS_FIELDS names; the helpers below make each client- or upstream-given value safe to log
+(bounded, escaped)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from typing import TextIO
+from typing import Any, Iterable, TextIO
 
 
 # One encoder: json.dumps with any non-default option builds a new JSONEncoder per call.
@@ -34,6 +38,57 @@ def log_request(logger: logging.Logger, fields: dict) -> None:
 FLUSH_SECONDS = 0.05
 FLUSH_LINES = 256
 
+# Every access-log line has these fields, in this order (null when they do not apply), after
+# time, level, logger and message.
+ACCESS_FIELDS = ("request_id", "upstream_request_id", "client", "method", "path", "status", "team", "key",
+                 "run", "model", "outcome", "error", "denied_scope", "denied_dimension", "input_tokens",
+                 "output_tokens", "cost_usd", "steps", "duration_ms")
+PATH_MAX = 256       # characters of a request's path logged (client input: bounded)
+HEADER_VALUE_MAX = 128  # characters of an upstream's request id logged
+# C0 controls and DEL as \xNN (JSON would escape them anyway; this keeps a `grep`ped line readable)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_UPSTREAM_ID_HEADERS = (b"request-id", b"x-request-id")
+# The ASGI scope entry where a route answered through Starlette notes what its access-log line
+# says (request_id, upstream_request_id, team, key, model, outcome, error): see note().
+ACCESS_NOTE = "budget_proxy.access"
+
+
+def note(scope: dict[str, Any], **fields: Any) -> None:
+    """Tell the access log about the request `scope` (a no-op for a scope that is not logged so)."""
+    noted = scope.get(ACCESS_NOTE)
+    if noted is not None:
+        noted.update(fields)
+
+
+def path_field(scope: dict[str, Any]) -> str:
+    """The request's path as the client sent it (percent-encoding kept, no query), at most PATH_MAX
+    characters, non-ASCII bytes and controls escaped: a path is client input."""
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        raw = scope.get("path", "").encode("utf-8", "backslashreplace")
+    else:
+        raw = raw.partition(b"?")[0]  # (servers that leave the query in raw_path)
+    text = raw[:PATH_MAX].decode("ascii", "backslashreplace")
+    if not text.isprintable():
+        text = text.translate(_CONTROLS)
+    return text + "..." if len(raw) > PATH_MAX else text
+
+
+def client_field(scope: dict[str, Any]) -> str | None:
+    """The peer's address (no port)."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+def upstream_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The upstream's `request-id` (Anthropic) or `x-request-id` (OpenAI) among lower-cased response
+    headers, bounded; None when it sent neither."""
+    for k, v in headers:
+        if k in _UPSTREAM_ID_HEADERS:
+            text = v[:HEADER_VALUE_MAX].decode("ascii", "backslashreplace")
+            return text if text.isprintable() else text.translate(_CONTROLS)
+    return None
+
 
 class AccessSink:
     """Access-log lines in JsonFormatter's exact shape, without a LogRecord, a handler lock and a
@@ -45,12 +100,20 @@ class AccessSink:
         self._lines: list[str] = []
         self._flush_scheduled = False
         self._clock = JsonFormatter()
+        self._middles: dict[str, str] = {}
         atexit.register(self.flush)
 
     def write(self, logger_name: str, fields: dict) -> None:
         lines = self._lines
-        lines.append(_encode({"time": self._clock._time(time.time()), "level": "info", "logger": logger_name,
-                              "message": "request", **fields}) + "\n")
+        # (the constant members are encoded once per logger, not merged into `fields` and encoded
+        # again for every line: the same text as one dict encoded whole)
+        middle = self._middles.get(logger_name)
+        if middle is None:
+            middle = self._middles[logger_name] = _encode({"level": "info", "logger": logger_name,
+                                                           "message": "request"})[1:-1]
+        body = _encode(fields)
+        lines.append(f'{{"time":"{self._clock._time(time.time())}",{middle}'
+                     f'{"," + body[1:] if len(body) > 2 else "}"}\n')
         if len(lines) >= FLUSH_LINES:
             self.flush()
         elif not self._flush_scheduled:
@@ -79,11 +142,12 @@ class JsonFormatter(logging.Formatter):
     _stamp = ""
 
     def _time(self, created: float) -> str:
+        """ISO-8601 UTC with milliseconds: 2026-12-07T10:00:00.123Z."""
         second = int(created)
         if second != self._second:  # one strftime a second, not one a request
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + "Z"
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return self._stamp
+        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": self._time(record.created),
@@ -96,10 +160,12 @@ class JsonFormatter(logging.Formatter):
         return _encode(out)
 
 
-def setup_logging(fmt: str = "json", level: str = "INFO") -> None:
+def setup_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Every log line to `stream` (stderr by default), in `fmt`: "json" or "text"."""
     global _access_sink
-    _access_sink = AccessSink(sys.stderr) if fmt == "json" else None
-    handler = logging.StreamHandler(sys.stderr)
+    out = sys.stderr if stream is None else stream
+    _access_sink = AccessSink(out) if fmt == "json" else None
+    handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()

@@ -22,6 +22,7 @@ from proxy.denials import budget_error
 from proxy.errors import (InvalidRequest, PermissionDenied, ProxyError, StoreUnavailable, UpstreamTimeout,
                           UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
+from proxy.logs import upstream_request_id
 from proxy.ledger import REMAINING_HEADERS, ZERO, Amounts, Ask, Denied, admit
 from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEError
@@ -63,6 +64,10 @@ class Call:
     shutting_down: bool = False    # set when the proxy's grace period ends
     upstream: Any = None           # the upstream response while a stream is relayed
     betas: bytes = b""             # the request's anthropic-beta header (a long context is opted into)
+    # for the access log (AppState.observe_done)
+    upstream_request_id: str | None = None  # the upstream's request-id / x-request-id
+    denied: Any = None             # the Denied a stream was cut for
+    charged: Any = None            # (input tokens, output tokens, cost nanos, steps) as settled
 
 
 class ClientWatch:
@@ -166,16 +171,24 @@ class Relay:
         try:
             call, body, facts = await self.admit(scope, receive, request_id, started, seen)
         except ClientGone:
+            self.state.observe_rejection(None, seen.get("caller"), seen.get("model"), self.route, scope,
+                                         request_id, started)
             return
         except ProxyError as err:
-            self.state.observe_rejection(err, seen.get("caller"), seen.get("model"), self.route)
-            await send_error(send, err, request_id, self.provider)
+            try:
+                await send_error(send, err, request_id, self.provider)
+            finally:
+                self.state.observe_rejection(err, seen.get("caller"), seen.get("model"), self.route, scope,
+                                             request_id, started)
             return
         try:
             await self.forward(call, scope, receive, send, body, facts)
         finally:
-            if not call.res.settled:  # every path below settles; this is the backstop
-                await asyncio.shield(self.settle(call, None, Usage()))
+            try:
+                if not call.res.settled:  # every path below settles; this is the backstop
+                    await asyncio.shield(self.settle(call, None, Usage()))
+            finally:
+                self.state.observe_done(call, scope)  # (after the response's last byte)
 
     async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float, seen: dict[str, Any]):
         rt = self.state.runtime
@@ -204,7 +217,7 @@ class Relay:
             log.error("store reserve failed: %s", exc.__class__.__name__)
             raise StoreUnavailable("The budget ledger is unavailable; nothing was forwarded.") from None
         if isinstance(res, Denied):
-            self.state.observe_denial(caller, res.dimension)
+            self.state.observe_denial(caller, res.dimension, res)
             raise budget_error(res, caller, now)
         clamped_to = None
         if res.admitted.clamped and rt.config.admission.clamp_max_tokens:
@@ -228,9 +241,10 @@ class Relay:
         with (extended thinking): the scope and dimension as the pure ledger words it."""
         states = await self.state.store.states(scopes, now)
         denied = admit(ask, list(zip(scopes, states)), now)
+        ran_out = denied if isinstance(denied, Denied) else None  # (a budget that ran out: its alert)
         if not isinstance(denied, Denied):  # (room came free meanwhile: name the tightest anyway)
             denied = Denied(scopes[0], "output_tokens", ask.min_output, 0, 0, ask.min_output)
-        self.state.observe_denial(caller, denied.dimension)
+        self.state.observe_denial(caller, denied.dimension, ran_out)
         return budget_error(denied, caller, now)
 
     def budget_headers(self, call: Call) -> list[tuple[bytes, bytes]]:
@@ -267,7 +281,9 @@ class Relay:
             await self.fail(call, send, "upstream_unreachable", UpstreamUnavailable("The upstream API is unreachable."))
             return
         try:
-            headers = downstream_headers(resp.headers_raw) + self.budget_headers(call)
+            headers = downstream_headers(resp.headers_raw)
+            call.upstream_request_id = upstream_request_id(headers)
+            headers += self.budget_headers(call)
             if resp.status_code == 200 and resp.content_type.startswith("text/event-stream"):
                 await self.pump(call, resp, headers, receive, send, facts)
             else:
@@ -356,7 +372,7 @@ class Relay:
                 while step != RELAY:
                     if step == CUT:
                         if policy.denied is not None:
-                            self.state.observe_cut(call.caller, policy.denied.dimension)
+                            self.state.observe_cut(call, policy.denied)
                         if head is not None:
                             await send(head)
                             head = None
@@ -402,6 +418,7 @@ class Relay:
             else:
                 answer = await self.recheck_limits(call)
         except StoreUnavailable:
+            self.state.observe_store_error()
             return policy.store_unavailable()
         return policy.charged(answer) if step == PUSH else policy.rechecked(answer)
 
@@ -445,7 +462,8 @@ class Relay:
         row = UsageRow(now, call.caller.team, call.caller.key, call.model, call.route, charged.input_tokens,
                        charged.cache_write_5m_tokens, charged.cache_write_1h_tokens, charged.cache_read_tokens,
                        charged.output_tokens, charged.web_search_requests, cost, steps, now - call.started,
-                       call.outcome, call.request_id)
+                       call.outcome, call.request_id,
+                       res.scopes[0].name if res.scopes and res.scopes[0].kind == "run" else "")  # (a run's first)
         # (marked before the store is awaited: a settle takes effect when called, and the backstop in
         # __call__ must not settle again if this task is cancelled meanwhile)
         call.res = res.as_settled()
@@ -457,6 +475,7 @@ class Relay:
             raise
         except Exception as exc:
             # Never silently lost: the in-process ledger holds it; the log says it is not durable.
+            self.state.observe_store_error()
             log.error("settlement not persisted: request_id=%s outcome=%s error=%s", call.request_id,
                       call.outcome, exc.__class__.__name__)
         self.state.observe_settled(call, charged, cost, steps)

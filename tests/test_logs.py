@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 from proxy.logs import JsonFormatter, log_request
 
@@ -28,7 +29,8 @@ def test_one_json_line_per_request_with_its_fields():
     first = json.loads(lines[0])
     assert first["request_id"] == "req_1" and first["status"] == 200 and first["cost_usd"] == 0.5
     assert first["level"] == "info" and first["message"] == "request" and first["logger"] == logger.name
-    assert first["time"].endswith("Z") and len(first["time"]) == len("2026-11-30T22:00:00Z")
+    # ISO-8601 UTC with milliseconds (SPEC §10)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"]), first["time"]
     assert json.loads(lines[1])["request_id"] == "req_2"
 
 

@@ -60,6 +60,7 @@ class UsageRow(NamedTuple):
     duration_s: float
     outcome: str
     request_id: str
+    run: str = ""                      # the run scope's id when the request was charged to one (x-budget-run)
 
     def as_tuple(self) -> tuple[Any, ...]:
         return tuple(self)
@@ -102,6 +103,40 @@ class KeyRecord(NamedTuple):
         """When the key stopped working (revoked or expired); None while it may still."""
         ends = [t for t in (self.revoked_at, self.expires_at) if t is not None]
         return min(ends) if ends else None
+
+
+class Tally(NamedTuple):
+    """One hour of one team's (or one key's) usage log, summed: the unit of /admin/history
+    (proxy/history.py). Counts settled requests; a denied request counts only in `denied`."""
+
+    requests: int = 0
+    input_tokens: int = 0     # the input_tokens dimension: uncached input + cache writes + cache reads
+    output_tokens: int = 0
+    cost_nanos: int = 0
+    steps: int = 0
+    denied: int = 0
+    cut: int = 0              # settled with outcome "cut" (a budget ran out mid-stream)
+
+    def __add__(self, other: Tally) -> Tally:  # type: ignore[override]
+        return Tally(*(a + b for a, b in zip(self, other)))
+
+
+def row_tally(row: UsageRow) -> Tally:
+    """What one usage row adds to its hour."""
+    return Tally(1, row.input_tokens + row.cache_write_5m_tokens + row.cache_write_1h_tokens + row.cache_read_tokens,
+                 row.output_tokens, row.cost_nanos, row.steps, 0, 1 if row.outcome == "cut" else 0)
+
+
+HOUR = 3600
+
+
+def hour_of(t: float) -> int:
+    """The start of the UTC hour holding `t` (epoch seconds)."""
+    return int(t // HOUR) * HOUR
+
+
+# Where usage_page() goes on from: opaque to the caller (None: from the start / no more rows).
+Cursor = Any
 
 
 # A revoked or expired key's record is kept this long (listed, its name taken) and then forgotten.
@@ -152,3 +187,32 @@ class LedgerStore(Protocol):
 
     async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
         """Mark the key revoked from `now` on (a revoked one keeps its first time): the record, or None."""
+
+    # The usage log's history (docs/http-api.md, "History"; proxy/history.py folds hours into buckets).
+    def log_denial(self, team: str, key: str, now: float) -> None:
+        """Count one denied request in the hour of `now` (team and key). Never raises, never waits:
+        the count is written in the background (a denial has no usage row)."""
+
+    async def usage_hours(self, team: str, key: str | None, start: float, end: float) -> dict[int, Tally]:
+        """The hours (start, epoch s) of [start, end) in which the team (or its key) has anything
+        logged, each with its Tally; hours with nothing are absent."""
+
+    async def usage_page(self, start: float, end: float, team: str | None, key: str | None,
+                         after: Cursor, limit: int) -> tuple[list[UsageRow], Cursor]:
+        """Up to `limit` usage rows with start <= time < end (and the team / key, when given), in the
+        order they were logged, from `after` (None: the first): the rows and the cursor of the next
+        page (None: no more)."""
+
+    async def prune_log(self, before: float, limit: int) -> int:
+        """Delete up to `limit` usage rows older than `before` (and the hourly tallies and denial
+        counts of hours that ended by then): how many rows went (fewer than `limit`: done)."""
+
+    def set_retention(self, seconds: float) -> None:
+        """How long history is kept (store_retention_days; 0: for ever), for stores that expire it
+        on their own (Redis: its hourly tallies' TTL)."""
+
+    # Alerts (proxy/alerting.py): each event is sent once, by whichever replica claims it first.
+    async def claim_alert(self, event_key: str, ttl: float) -> bool:
+        """Claim the alert `event_key` (proxy/alerts.py event_key) for `ttl` seconds: True for the
+        first claim (the caller sends the event), False while a claim of it lasts (Redis: SET NX PX,
+        shared by every replica; SQLite: a row; memory: in the process)."""

@@ -16,6 +16,7 @@ from proxy.ledger import (ZERO, Amounts, Ask, Denied, Scope, ScopeState, admit, 
                           wall_clock_deadline)
 from proxy.periods import period_bounds
 from proxy.store.base import KEY_RETENTION_S, KeyRecord, Reservation, UsageRow
+from proxy.store.base import Cursor, Tally, hour_of, row_tally
 
 PeriodKey = tuple[str, float]  # (scope id, period start)
 RUN_FORGET_MAX = 16  # run scopes a reserve forgets at most (the rest wait for the next one)
@@ -258,6 +259,7 @@ class KeyBook:
 
 
 MEMORY_LOG_ROWS = 10_000  # memory:// keeps the usage log's most recent rows (between this and twice it)
+ALERT_CLAIMS_MAX = 100_000  # memory:// remembers this many alert claims (proxy/alerting.py), the latest
 
 
 class MemoryStore:
@@ -267,6 +269,7 @@ class MemoryStore:
         self.book = Book()
         self.rows: list[UsageRow] = []
         self.keys = KeyBook()
+        self.denials: list[tuple[float, str, str]] = []  # (time, team, key) of denied requests: history's
 
     async def open(self) -> None:
         pass
@@ -325,3 +328,62 @@ class MemoryStore:
 
     async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
         return self.keys.revoke(team, name, now)
+
+    # --- history (LedgerStore.usage_hours and the rest): a scan of the rows kept ------------------
+    def log_denial(self, team: str, key: str, now: float) -> None:
+        denials = self.denials
+        denials.append((now, team, key))
+        if len(denials) > 2 * MEMORY_LOG_ROWS:  # bounded as the rows are
+            del denials[:-MEMORY_LOG_ROWS]
+
+    async def usage_hours(self, team: str, key: str | None, start: float, end: float) -> dict[int, Tally]:
+        return scan_hours(self.rows, self.denials, team, key, start, end)
+
+    async def usage_page(self, start: float, end: float, team: str | None, key: str | None,
+                         after: Cursor, limit: int) -> tuple[list[UsageRow], Cursor]:
+        """The cursor is the rest of the rows that matched at the first page (references to rows kept
+        here anyway): a consistent snapshot, whatever is logged or pruned meanwhile."""
+        rest = after if after is not None else [
+            r for r in self.rows
+            if start <= r.time < end and (team is None or r.team == team) and (key is None or r.key == key)]
+        return rest[:limit], (rest[limit:] if len(rest) > limit else None)
+
+    async def prune_log(self, before: float, limit: int) -> int:
+        old = [i for i, r in enumerate(self.rows) if r.time < before][:limit]
+        if old:
+            gone = set(old)
+            self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
+        self.denials = [d for d in self.denials if hour_of(d[0]) + 3600 > before]
+        return len(old)
+
+    def set_retention(self, seconds: float) -> None:
+        """Nothing expires here on its own: prune_log does it all."""
+
+    async def claim_alert(self, event_key: str, ttl: float) -> bool:
+        """LedgerStore.claim_alert, in this process only: a set of the keys claimed (bounded: an event
+        key names its period, so the oldest are long past; `ttl` needs no clock here)."""
+        claims: dict[str, None] | None = self.__dict__.get("_alert_claims")
+        if claims is None:
+            claims = self.__dict__["_alert_claims"] = {}
+        if event_key in claims:
+            return False
+        claims[event_key] = None
+        if len(claims) > ALERT_CLAIMS_MAX:
+            del claims[next(iter(claims))]
+        return True
+
+
+def scan_hours(rows: Sequence[UsageRow], denials: Sequence[tuple[float, str, str]], team: str, key: str | None,
+               start: float, end: float) -> dict[int, Tally]:
+    """LedgerStore.usage_hours over rows and denials held in memory."""
+    out: dict[int, Tally] = {}
+    for r in rows:
+        if start <= r.time < end and r.team == team and (key is None or r.key == key):
+            h = hour_of(r.time)
+            out[h] = out.get(h, Tally()) + row_tally(r)
+    one = Tally(denied=1)
+    for t, tm, k in denials:
+        if start <= t < end and tm == team and (key is None or k == key):
+            h = hour_of(t)
+            out[h] = out.get(h, Tally()) + one
+    return out

@@ -40,6 +40,8 @@ ledger.DIMS: tokens, input_tokens, output_tokens, cost (nanos), steps):
                  their expire-at, team, key; st done is the settle tombstone (10 min): a second
                  settle of ID is a no-op
   P log   stream usage-log rows, XADD MAXLEN ~ 100000 (configurable: log_max)
+  P Ht:.. P Hk:.. P Hi   the history's hourly tallies per team and key, and their index (redis_history.py)
+  P R:TEAM/KEY  zset  the key's runs not yet forgotten (run ids, scored by when each is, ms): /admin/runs
 Packed strings because a redis.call and every number parsed or formatted as text cost far more in
 Lua than the command itself (redis_scripts.py has the figures).
 
@@ -76,7 +78,11 @@ as its str() or null; the settle script writes its totals and tombstone before t
 item under pcall, and if XADD refuses a value (a null) writes the row again with such values as ''.
 
 Growth. Totals of a period expire RETENTION (35 days) after the period ends (`period: none` totals
-live on: one key per scope); settle tombstones after 10 minutes, expired reservations after a day; a
+live on: one key per scope), a run's (Scope.ttl, docs/budgets.md "Runs") run_ttl after its last request:
+reserve sends its keep as '-TTL' and the script sets PEXPIREAT to now + TTL at every request of the
+run (admitted or denied), and settle (its scope count sent negative, so that a request without a run
+costs the scripts nothing more) again at its end; the run's entry in P R:TEAM/KEY likewise, and
+that index expires with its latest run. Settle tombstones after 10 minutes, expired reservations after a day; a
 live reservation lives as long as the totals it points to. The usage log is a stream capped near
 log_max rows. Scripts touch keys they compute (another replica's reservation spans other scopes), so
 this store needs a single Redis (or a primary with replicas / Sentinel), not Redis Cluster.
@@ -118,8 +124,9 @@ from proxy.dimensions import spelled
 from proxy.ledger import (DIMENSIONS, DIMS, METERED, ZERO, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
                           needed_to_admit, tightest_remaining, wall_clock_deadline)
 from proxy.periods import period_bounds
-from proxy.store import redis_keys
+from proxy.store import redis_history, redis_keys
 from proxy.store.base import KeyRecord, Reservation, UsageRow
+from proxy.store.base import Cursor, Tally
 from proxy.store.redis_scripts import NO_FIRST_REQUEST, SCRIPTS
 from proxy.store.resp import RespClient, RespError, encode_command
 
@@ -174,6 +181,11 @@ def _keep_ms(scope: Scope, now: float) -> str:
 
 def _keep_ms_until(end: float | None, now: float) -> str:
     return "0" if end is None else str(max(1, int((end + RETENTION_S - now) * 1000)))
+
+
+def _run_keep(scope: Scope) -> str:
+    """A run scope's keep: '-TTL' (ms), which the scripts read as "TTL past each request" (slides)."""
+    return "-%d" % max(1, int(scope.ttl * 1000))  # type: ignore[operator]
 
 
 _SETTLE_KEEP: dict[tuple[str, float], str] = {}
@@ -304,6 +316,16 @@ def _row(entry: dict[str, str]) -> UsageRow:
         except (TypeError, ValueError, OverflowError):
             values[k] = conv()
     return UsageRow(**values)
+
+
+def _denial_done(fut: asyncio.Future[bytes]) -> None:
+    """A denial's count landed, or not: said in the log, never raised (nobody awaits it)."""
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    reply = None if exc is not None else fut.result()
+    if exc is not None or reply[:1] == b"!":
+        log.warning("redis store: a denial was not counted in the history")
 
 
 # Batches are sent while others await their replies (each script is atomic, and a request's own
@@ -551,7 +573,7 @@ class RedisStore:
         args = [request_id, repr(float(now)), _num(ask.input_tokens), _num(ask.input_cost_nanos),
                 _num(ask.max_tokens), num, den, team, key, str(len(scopes))]
         for s, (start, end) in zip(scopes, bounds):
-            args += [_totals_key(s, start), _keep_ms_until(end, now), *_limits(s)]
+            args += [_totals_key(s, start), _keep_ms_until(end, now) if s.ttl is None else _run_keep(s), *_limits(s)]
         reply = await self._one("r", args)
         if reply[:1] == b"D":
             j, dim = reply[1] - 1, DIMENSIONS[reply[2] - 1]
@@ -603,9 +625,18 @@ class RedisStore:
         if res.id in self._live:  # (renewed until the settle lands; never released by close())
             self._live[res.id] = done
         args = [res.id, *map(_num, actual), str(len(res.scopes))]
+        runs = False
         for s, start in zip(res.scopes, res.period_starts):
-            args += [_totals_key(s, start), _settle_keep_ms(s, start)]
+            if s.ttl is None:
+                args += [_totals_key(s, start), _settle_keep_ms(s, start)]
+            else:  # a run's: its totals live run_ttl past this request's end too
+                args += [_totals_key(s, start), _run_keep(s)]
+                runs = True
+        if runs:
+            args[1 + _N] = str(-len(res.scopes))  # (-n: the script looks for '-TTL' keeps)
         args += _row_args(row)
+        if row is not None:  # the row's hourly tallies live this long (redis_history.py)
+            args.append(self._history_keep)
         # landed or deferred by the flusher, even if this caller is cancelled meanwhile
         await self._submit("s", args, res, row)
         return done
@@ -678,6 +709,19 @@ class RedisStore:
             raise StoreUnavailable(UNAVAILABLE) from exc
         return [_row(fields_) for _, fields_ in reversed(entries)]
 
+    async def list_runs(self, prefix: str, now: float, limit: int) -> tuple[int, list[tuple[str, ScopeState, float]]]:
+        """LedgerStore.list_runs, from the key's index of runs (P R:TEAM/KEY, kept by reserve and
+        settle): `prefix` is "run:TEAM/KEY/"; forgotten-at times are Redis' clock."""
+        base = prefix.removeprefix("run:").removesuffix("/")
+        reply = await self._call("runs", [base, str(max(0, limit))])
+        if not isinstance(reply, list) or not reply:
+            raise StoreUnavailable(UNAVAILABLE)
+        entries = []
+        for i in range(1, len(reply) - 2, 3):
+            run, raw, at = reply[i], reply[i + 1], reply[i + 2]
+            entries.append((f"{prefix}{run.decode()}", _states(raw)[0], float(at) / 1000))
+        return int(reply[0]), entries
+
     # --- runtime keys (proxy/store/redis_keys.py) ---------------------------------------------
     async def put_key(self, rec: KeyRecord, now: float) -> bool:
         return await redis_keys.put(self._client, self.prefix, rec, now)
@@ -690,6 +734,42 @@ class RedisStore:
 
     async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
         return await redis_keys.revoke(self._client, self.prefix, team, name, now)
+
+    # --- alert claims (proxy/alerting.py): P alert:EVENT_KEY, SET NX PX, one replica wins -------------
+    async def claim_alert(self, event_key: str, ttl: float) -> bool:
+        if self._client is None:
+            raise StoreUnavailable(UNAVAILABLE)
+        try:
+            won = await self._client.set(self.prefix + "alert:" + event_key, "1", nx=True,
+                                         px=max(1, int(ttl * 1000)))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(UNAVAILABLE) from exc
+        return bool(won)
+
+    # --- history (proxy/store/redis_history.py) -----------------------------------------------
+    _history_keep = redis_history.DEFAULT_KEEP_MS  # the hourly tallies' retention, ms ('0': for ever)
+
+    def set_retention(self, seconds: float) -> None:
+        self._history_keep = redis_history.keep_ms(seconds)
+
+    def log_denial(self, team: str, key: str, now: float) -> None:
+        """An item "d" of the next batch; nobody waits for it (its failure is logged, never raised)."""
+        try:
+            fut = self._submit("d", [team, key, repr(float(now)), self._history_keep])
+            fut.add_done_callback(_denial_done)
+        except Exception as exc:
+            log.warning("redis store: denial not counted: %s", exc.__class__.__name__)
+
+    async def usage_hours(self, team: str, key: str | None, start: float, end: float) -> dict[int, Tally]:
+        return await redis_history.read_hours(self._pipe, self.prefix, team, key, start, end)
+
+    async def usage_page(self, start: float, end: float, team: str | None, key: str | None,
+                         after: Cursor, limit: int) -> tuple[list[UsageRow], Cursor]:
+        return await redis_history.read_page(self._client, self.prefix + "log", _row, start, end, team, key,
+                                             after, limit)
+
+    async def prune_log(self, before: float, limit: int) -> int:
+        return await redis_history.prune(self._client, self.prefix, before, limit)
 
     # --- renewal ----------------------------------------------------------------------------
     async def _renew_loop(self) -> None:

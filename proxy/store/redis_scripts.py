@@ -19,6 +19,7 @@ from string import Template
 
 from proxy.ledger import DIMS
 from proxy.store.base import ROW_AMOUNTS, UsageRow
+from proxy.store.redis_history import DENIAL_LUA, LUA as HISTORY_LUA
 
 NO_FIRST_REQUEST = -1.0  # f of a scope's totals with no request in the period yet
 # Reservations written before the dimensions were declared have 5 and say nothing of it; a layout of
@@ -56,7 +57,19 @@ local function free_of(hold, charged)
 end
 local function keep_until(keep_ms, now_ms)  -- a lifetime from the caller -> absolute on the server's clock
   if keep_ms == '0' then return 0 end
-  return now_ms + tonumber(keep_ms)
+  local k = tonumber(keep_ms)
+  if k < 0 then return now_ms - k, true end   -- '-TTL': a run's totals, kept TTL past each request (slides)
+  return now_ms + k
+end
+-- A run's totals 'run:TEAM/KEY/RUN@0' are listed in their key's index of runs, P R:TEAM/KEY (a zset
+-- of run ids scored by when each is forgotten, ms): /admin/runs reads it, newest first.
+local function index_run(t, at, now_ms)
+  local base, run = string.match(t, '^run:(.*)/([^/@]*)@')  -- (a run id has neither '/' nor '@')
+  if not base then return end
+  local z = P .. 'R:' .. base
+  redis.call('ZADD', z, at, run)
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', now_ms)   -- (the runs forgotten since: their totals expired)
+  redis.call('PEXPIREAT', z, at)
 end
 
 -- A record written with another number of dimensions (its state byte says how many: 0 LEGACY).
@@ -173,6 +186,16 @@ end
 local function flat_states(out, states)   -- per scope its totals' bytes as read
   for _, s in ipairs(states) do out[#out + 1] = s.raw end
   return table.concat(out)
+end
+-- reserve's denial by scope j, dimension d. A denial writes no totals: the runs' that exist (slides:
+-- their scopes, nil: none) are kept alive here, as an admission would.
+local function deny(j, d, states, slides, ts, xs, now_ms)
+  if slides then
+    for k in pairs(slides) do
+      if redis.call('PEXPIREAT', P .. 'T:' .. ts[k], xs[k]) == 1 then index_run(ts[k], xs[k], now_ms) end
+    end
+  end
+  return flat_states({'D', struct.pack('<BB', j, d)}, states)
 end
 local function wall_clock_spent(state, limit, now)
   local used = 0
@@ -319,7 +342,12 @@ elseif r then
   return '!ERR reservation id already used'
 end
 local now_ms = server_ms()
-for j = 1, n do xs[j] = keep_until(xs[j], now_ms) end
+local slides   -- the run scopes ('-TTL' keep): their totals live TTL past each request, denied or not
+for j = 1, n do
+  local at, slide = keep_until(xs[j], now_ms)
+  xs[j] = at
+  if slide then slides = slides or {}; slides[j] = true end
+end
 purge(now_ms, PURGE_MAX)
 local states = read_states(ts)
 
@@ -342,11 +370,11 @@ for j = 1, n do
         fits = cap == nil or cap >= need_out
         if cap ~= nil and cap < out then out = cap end
       end
-      if not fits then return flat_states({'D', struct.pack('<BB', j, d)}, states) end
+      if not fits then return deny(j, d, states, slides, ts, xs, now_ms) end
     end
   end
   if L[$N1] and wall_clock_spent(st, L[$N1], now) then
-    return flat_states({'D', struct.pack('<BB', j, $N1)}, states)
+    return deny(j, $N1, states, slides, ts, xs, now_ms)
   end
 end
 out = math.max(out, 0)
@@ -360,6 +388,12 @@ for j = 1, n do
   write_totals(ts[j], v)
   if fresh then expire_totals(ts[j], xs[j]) end   -- (the totals' lifetime is fixed for their period)
   if keep and xs[j] ~= 0 then keep = math.max(keep, xs[j]) else keep = nil end
+end
+if slides then   -- a run's: from this request on (its first one made it: index it)
+  for j in pairs(slides) do
+    expire_totals(ts[j], xs[j])
+    index_run(ts[j], xs[j], now_ms)
+  end
 end
 redis.call('ZADD', XK, now_ms + HOLD_TTL_MS, id)
 local rec = {st = LIVE, n = n, t = ts, x = xs, h = hold, c = {$ZN}, out = out, at = now_ms,
@@ -416,14 +450,17 @@ end
 return 'K' .. struct.pack('$KF', $NEWHOLDV)
 """
 
-# A[2] id, [3..N + 2] actual, [N + 3] n; per scope 2: totals name, keep ms (used only if the reservation
-# is unknown); then the usage row's values in ROW_FIELDS order (none: no row)
+# A[2] id, [3..N + 2] actual, [N + 3] n (-n: a run scope is among them); per scope 2: totals name, keep ms
+# (used only if the reservation is unknown, and a run's '-TTL' always); then the usage row's values in
+# ROW_FIELDS order (none: no row), then the history's retention in ms (redis_history.py)
 _SETTLE = r"""
 local id = A[2]
 local r = load(id)
 if r and r.st == DONE then return 'already' end
 local actual = {$ACTUAL}
 local n = tonumber(A[$SN])
+local slides = n < 0   -- -n: a run's totals among them ('-TTL' keep), kept TTL past this request's end too
+if slides then n = -n end
 local outcome = 'settled'
 if r and r.st == LIVE then
   local free, minus = free_of(r.h, r.c), {}
@@ -444,6 +481,17 @@ else                             -- unknown here (its record aged out): count it
   end
   outcome = 'missing'
 end
+if slides then
+  local now_ms = server_ms()
+  for j = 1, n do
+    local t, keep = A[$SN - 1 + 2 * j], A[$SN + 2 * j]
+    if string.byte(keep) == 45 and TOT[t] then   -- ('-': read and written above, under this name)
+      local at = now_ms - tonumber(keep)
+      expire_totals(t, at)
+      index_run(t, at, now_ms)
+    end
+  end
+end
 tombstone(id)
 local row = $SN + 2 * n   -- the row's values follow, in ROW_FIELDS order
 if #A > row then
@@ -460,6 +508,8 @@ if #A > row then
     redis.call('XADD', P .. 'log', 'MAXLEN', '~', LOG_MAX, '*', unpack(entry))
   end
 end
+-- the row's hourly tallies (redis_history.py; the retention follows the row's values): never a failed settlement
+if #A > row + #ROW_FIELDS then pcall(hist_row, A, row) end
 -- (no purge here: reserve, charge and states purge before they read, so no decision and no view
 -- ever sees an expired hold)
 return outcome
@@ -514,18 +564,42 @@ flush_totals()
 return 'ok'
 """
 
+# ARG[4] 'TEAM/KEY' (its index of runs, P R:TEAM/KEY), [5] how many to list; answers the number of
+# runs not yet forgotten, then per listed run (latest first): its id, its totals' bytes, when it is
+# forgotten (ms)
+_RUNS = r"""
+local base, now_ms = ARG[4], server_ms()
+local z = P .. 'R:' .. base
+purge(now_ms, 1000)
+redis.call('ZREMRANGEBYSCORE', z, '-inf', now_ms)
+local out = {redis.call('ZCARD', z)}
+local limit = tonumber(ARG[5])
+if limit >= 1 then
+  local ids = redis.call('ZREVRANGE', z, 0, limit - 1, 'WITHSCORES')
+  for i = 1, #ids, 2 do
+    local _, raw = read_totals('run:' .. base .. '/' .. ids[i] .. '@0')
+    out[#out + 1] = ids[i]
+    out[#out + 1] = raw
+    out[#out + 1] = ids[i + 1]
+  end
+end
+flush_totals()
+return out
+"""
+
 
 def _op(name: str, body: str) -> str:
     """One operation as a Lua function of its item A = {op, arguments...}."""
     return f"local function {name}(A)\n{body}\nend\n"
 
 
-# ARGV[4] is a JSON array of items [op, arguments...] (op r reserve, c charge, s settle, l release),
+# ARGV[4] is a JSON array of items [op, arguments...] (op r reserve, c charge, s settle, l release,
+# d a denial counted in the history: redis_history.py),
 # run one after the other in this order, each exactly as it would run alone: item k sees what items
 # 1..k-1 wrote. Answers an array of the items' replies; an item that fails answers '!' and the error
 # (its own: the items after it still run; the reserve of a used id is one).
 _BATCH = r"""
-local OPS = {r = reserve, c = charge, s = settle, l = release}
+local OPS = {r = reserve, c = charge, s = settle, l = release, d = denial}
 local out = {}
 for i, item in ipairs(cjson.decode(ARGV[4])) do
   local ok, reply = pcall(OPS[item[1]], item)
@@ -566,9 +640,10 @@ def layout(n: int) -> dict[str, str]:
 def _scripts(n: int) -> dict[str, str]:
     fill = layout(n)
     sources = {
-        "batch": _PRELUDE + _EXACT + _op("reserve", _RESERVE) + _op("charge", _CHARGE) + _op("settle", _SETTLE)
-        + _op("release", _RELEASE) + _BATCH,
-        **{name: _PRELUDE + _FLAT + body for name, body in (("renew", _RENEW), ("states", _STATES), ("reset", _RESET))},
+        "batch": _PRELUDE + _EXACT + HISTORY_LUA + _op("reserve", _RESERVE) + _op("charge", _CHARGE)
+        + _op("settle", _SETTLE) + _op("release", _RELEASE) + _op("denial", DENIAL_LUA) + _BATCH,
+        **{name: _PRELUDE + _FLAT + body for name, body in (("renew", _RENEW), ("states", _STATES), ("reset", _RESET),
+                                                                    ("runs", _RUNS))},
     }
     return {name: Template(src).substitute(fill) for name, src in sources.items()}
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -54,10 +55,11 @@ except ImportError:  # (Windows: no flock; a dead process's running charges then
     fcntl = None  # type: ignore[assignment]
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import FIELDS, ZERO, Amounts, Ask, Denied, Scope
-from proxy.store import sqlite_keys
+from proxy.ledger import FIELDS, ZERO, Amounts, Ask, Denied, Scope, ScopeState
+from proxy.store import sqlite_history, sqlite_keys
 from proxy.store.base import ROW_AMOUNTS, KeyRecord, Reservation, UsageRow
-from proxy.store.memory import MemoryStore, PeriodKey
+from proxy.store.base import Cursor, Tally, hour_of
+from proxy.store.memory import MemoryStore, PeriodKey, RunEntry, newest_runs
 
 log = logging.getLogger("budget_proxy.store")
 T = TypeVar("T")
@@ -72,6 +74,7 @@ _AMOUNT_COLUMNS = _columns("{c} INTEGER NOT NULL DEFAULT 0")
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS totals (
   scope_id TEXT NOT NULL, period_start REAL NOT NULL, {_AMOUNT_COLUMNS}, first_request_at REAL,
+  expires_at REAL,  -- a run scope's: forgotten from then on (its last request + run_ttl); else NULL
   PRIMARY KEY (scope_id, period_start));
 CREATE TABLE IF NOT EXISTS usage_log (
   id INTEGER PRIMARY KEY, time REAL NOT NULL, team TEXT NOT NULL, key TEXT NOT NULL,
@@ -84,30 +87,52 @@ CREATE INDEX IF NOT EXISTS usage_log_time ON usage_log (time);
 CREATE TABLE IF NOT EXISTS inflight (
   id TEXT PRIMARY KEY, owner TEXT NOT NULL, team TEXT NOT NULL, key TEXT NOT NULL,
   model TEXT NOT NULL, route TEXT NOT NULL,
-  scopes TEXT NOT NULL,  -- JSON [[scope id, period start, first_request_at], ...]
+  scopes TEXT NOT NULL,  -- JSON [[scope id, period start, first_request_at(, a run's expires_at)], ...]
   started REAL NOT NULL, updated REAL NOT NULL, {_AMOUNT_COLUMNS});
 """
 AMOUNT_TABLES = ("totals", "inflight")  # the tables with a column per dimension (_add_dimension_columns)
 _PARAMS = ",".join("?" * len(FIELDS))
 
 UPSERT_ADD = f"""
-INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at) VALUES (?, ?, {_PARAMS}, ?)
+INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at, expires_at)
+VALUES (?, ?, {_PARAMS}, ?, ?)
 ON CONFLICT (scope_id, period_start) DO UPDATE SET {_columns("{c} = {c} + excluded.{c}")},
-  first_request_at = COALESCE(first_request_at, excluded.first_request_at)
+  first_request_at = COALESCE(first_request_at, excluded.first_request_at),
+  expires_at = MAX(COALESCE(expires_at, excluded.expires_at), COALESCE(excluded.expires_at, expires_at))
 """
 
 UPSERT_SET = f"""
-INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at) VALUES (?, ?, {_PARAMS}, ?)
+INSERT INTO totals (scope_id, period_start, {_columns("{c}")}, first_request_at, expires_at)
+VALUES (?, ?, {_PARAMS}, ?, ?)
 ON CONFLICT (scope_id, period_start) DO UPDATE SET {_columns("{c} = excluded.{c}")},
-  first_request_at = excluded.first_request_at
+  first_request_at = excluded.first_request_at, expires_at = excluded.expires_at
 """
-SELECT_TOTALS = f"SELECT {_columns('{c}')}, first_request_at FROM totals WHERE scope_id = ? AND period_start = ?"
+SELECT_TOTALS = (f"SELECT {_columns('{c}')}, first_request_at, expires_at FROM totals "
+                 "WHERE scope_id = ? AND period_start = ?")
+
+# Run scopes (docs/budgets.md, "Runs"): a forgotten run's row is deleted before the upserts of the
+# transaction that carries the deletion (a run started again in it adds to no old amounts); rows
+# that no request asks for again are found by the sweep, RUN_SWEEP_MAX at a time.
+DELETE_TOTALS = "DELETE FROM totals WHERE scope_id = ? AND period_start = ?"
+SELECT_EXPIRED_RUNS = ("SELECT scope_id, period_start FROM totals WHERE expires_at <= ? "
+                       "ORDER BY expires_at LIMIT ?")
+SELECT_RUNS = (f"SELECT scope_id, period_start, {_columns('{c}')}, first_request_at, expires_at FROM totals "
+               "WHERE scope_id >= ? AND scope_id < ? AND expires_at > ?")
+RUN_SWEEP_EVERY_S = 600.0  # how often reserve looks on disk for runs no request has asked for since their expiry
+RUN_SWEEP_MAX = 1000
+
+
+def _add_run_expiry(db: sqlite3.Connection) -> None:
+    """A ledger written before run scopes gains totals.expires_at (NULL: no expiry) and its index."""
+    if "expires_at" not in {row[1] for row in db.execute("PRAGMA table_info(totals)")}:
+        db.execute("ALTER TABLE totals ADD COLUMN expires_at REAL")
+    db.execute("CREATE INDEX IF NOT EXISTS totals_expires_at ON totals (expires_at) WHERE expires_at IS NOT NULL")
 
 
 INSERT_ROW = (
     "INSERT INTO usage_log (time, team, key, model, route, input_tokens, cache_write_5m_tokens, "
     "cache_write_1h_tokens, cache_read_tokens, output_tokens, web_search_requests, cost_nanos, steps, "
-    "duration_s, outcome, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+    "duration_s, outcome, request_id, run) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")  # (run: sqlite_history.migrate)
 
 # A reservation's running charge: (id, owner, team, key, model, route, scopes, started) are written
 # once; later pushes change only `updated` and the amounts.
@@ -199,12 +224,13 @@ class PendingTotal:
     """What the next transaction writes to one (scope, period) row: the settlements of the batch
     summed into one upsert. After a reset in the batch it overwrites the row instead of adding."""
 
-    __slots__ = ("overwrite", "amounts", "first_request_at")
+    __slots__ = ("overwrite", "amounts", "first_request_at", "expires_at")
 
     def __init__(self, overwrite: bool, amounts: Amounts, first_request_at: float | None) -> None:
         self.overwrite = overwrite
         self.amounts = amounts
         self.first_request_at = first_request_at
+        self.expires_at: float | None = None  # a run scope's (the latest settlement's word)
 
     def add(self, amounts: Amounts, first_request_at: float | None) -> None:
         self.amounts = self.amounts + amounts
@@ -213,7 +239,7 @@ class PendingTotal:
             self.first_request_at = first_request_at
 
     def params(self, key: PeriodKey) -> tuple[Any, ...]:
-        return (key[0], key[1], *self.amounts, self.first_request_at)
+        return (key[0], key[1], *self.amounts, self.first_request_at, self.expires_at)
 
 
 class Running:
@@ -248,6 +274,10 @@ class SqliteStore(MemoryStore):
         self._inflight: dict[str, Running] = {}
         self._pending_running: set[str] = set()
         self._pending_gone: list[tuple[str]] = []
+        # run scopes forgotten (docs/budgets.md, "Runs"): their rows, deleted by the next transaction
+        self._pending_forget: list[PeriodKey] = []
+        self.book.on_forget = self._forget_row
+        self._sweep_at = -math.inf  # when reserve next looks on disk for runs due (RUN_SWEEP_EVERY_S)
         self._owner = secrets.token_hex(16)
         self._lock_fd: int | None = None
         self._writing = False
@@ -317,6 +347,8 @@ class SqliteStore(MemoryStore):
         db.executescript(SCHEMA)
         db.executescript(sqlite_keys.SCHEMA)
         _add_dimension_columns(db)
+        _add_run_expiry(db)
+        sqlite_history.migrate(db)  # the usage log's run column, indexes and hourly tables
         self._db = db
         if self._on_disk():
             self._lock_owner()
@@ -330,20 +362,33 @@ class SqliteStore(MemoryStore):
             raise sqlite3.OperationalError("store is closed")
         return self._db
 
-    def _load_rows(self, keys: list[PeriodKey]) -> list[tuple[PeriodKey, Amounts, float | None]]:
+    def _load_rows(self, keys: list[PeriodKey]) -> list[tuple[PeriodKey, Amounts, float | None, float | None]]:
+        """(key, settled, first_request_at, expires_at) of each key's row (ZERO, None, None: none)."""
         db = self._db_or_raise()
         out = []
         for scope_id, start in keys:
             row = db.execute(SELECT_TOTALS, (scope_id, start)).fetchone()
             if row is None:
-                out.append(((scope_id, start), ZERO, None))
+                out.append(((scope_id, start), ZERO, None, None))
             else:
-                out.append(((scope_id, start), Amounts(*row[:-1]), row[-1]))
+                out.append(((scope_id, start), Amounts(*row[:-2]), row[-2], row[-1]))
         return out
 
+    def _expired_runs(self, now: float) -> list[PeriodKey]:
+        return [(sid, start) for sid, start in self._db_or_raise().execute(SELECT_EXPIRED_RUNS, (now, RUN_SWEEP_MAX))]
+
+    def _read_runs(self, prefix: str, now: float) -> list[tuple[PeriodKey, Amounts, float | None, float]]:
+        """Every run row under `prefix` not expired by `now`: (key, settled, first_request_at, expires_at)."""
+        # ids under the prefix sort between it and the prefix with its last character's successor
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return [((sid, start), Amounts(*rest[:-2]), rest[-2], rest[-1])
+                for sid, start, *rest in self._db_or_raise().execute(SELECT_RUNS, (prefix, upper, now))]
+
     def _write(self, totals: dict[PeriodKey, PendingTotal], rows: list[tuple[Any, ...]],
-               upserts: Sequence[tuple[Any, ...]] = (), deletes: Sequence[tuple[str]] = ()) -> None:
-        """One transaction: one upsert per (scope, period) touched, the running charges of requests in
+               upserts: Sequence[tuple[Any, ...]] = (), deletes: Sequence[tuple[str]] = (),
+               forget: Sequence[PeriodKey] = ()) -> None:
+        """One transaction: the rows of forgotten runs deleted, then one upsert per (scope, period)
+        touched, the running charges of requests in
         flight (written, or deleted once settled), and the usage-log rows. If it fails and there are
         usage rows, once more with each row on its own (insert_rows_one_by_one): a row that cannot be
         written never takes the totals or the other rows with it."""
@@ -352,6 +397,8 @@ class SqliteStore(MemoryStore):
         overwrites = [p.params(key) for key, p in totals.items() if p.overwrite]
 
         def totals_and_inflight() -> None:
+            if forget:  # (first: a run started again since adds to no old amounts)
+                db.executemany(DELETE_TOTALS, forget)
             if adds:
                 db.executemany(UPSERT_ADD, adds)
             if overwrites:
@@ -420,17 +467,18 @@ class SqliteStore(MemoryStore):
                 r.written = True
                 upserts.append((*r.fixed, float(r.at), *r.res.charged))
         waiters, self._pending_waiters = self._pending_waiters, []
+        forget, self._pending_forget = self._pending_forget, []
         self._writing = True
-        work = (waiters, running)
+        work = (waiters, running, forget)
         try:
-            self._submit(self._write, (totals, rows, upserts, gone), self._written, work)
+            self._submit(self._write, (totals, rows, upserts, gone, forget), self._written, work)
         except sqlite3.Error as exc:
             self._written(work, None, exc)
 
-    def _written(self, work: tuple[list[asyncio.Future[None]], set[str]], _: Any,
+    def _written(self, work: tuple[list[asyncio.Future[None]], set[str], list[PeriodKey]], _: Any,
                  error: BaseException | None) -> None:
         """On the loop, when a batch's transaction has committed (or failed: then all of it failed)."""
-        waiters, running = work
+        waiters, running, forget = work
         failure = None
         if error is not None:
             failure = self._unavailable(error)
@@ -440,6 +488,8 @@ class SqliteStore(MemoryStore):
             # row stays (its settlement failed with this batch: folded at the next start, it counts
             # what was charged rather than nothing)
             self._pending_running.update(rid for rid in running if rid in self._inflight)
+            # forgotten runs' rows go with the next write (first in it, as in this one)
+            self._pending_forget[:0] = forget
         for fut in waiters:
             if not fut.done():
                 if failure is None:
@@ -447,7 +497,7 @@ class SqliteStore(MemoryStore):
                 else:
                     fut.set_exception(failure)
         # (after a failure, requeued running charges wait for the next settle or charge: no retry loop)
-        if self._pending_waiters or (failure is None and self._pending_running):
+        if self._pending_waiters or (failure is None and (self._pending_running or self._pending_forget)):
             self._write_pending()
             return
         self._writing = False
@@ -575,8 +625,8 @@ class SqliteStore(MemoryStore):
             db.execute("SAVEPOINT fold")
             try:
                 charged = Amounts(*map(safe_int, amounts))
-                for scope_id, start, first in json.loads(scopes):
-                    db.execute(UPSERT_ADD, (scope_id, start, *charged, first))
+                for scope_id, start, first, *expires in json.loads(scopes):  # (a run's: its expiry)
+                    db.execute(UPSERT_ADD, (scope_id, start, *charged, first, expires[0] if expires else None))
                 db.execute(DELETE_INFLIGHT, (rid,))
             except Exception as exc:  # (a row this version cannot read: left for an operator)
                 db.execute("ROLLBACK TO fold")
@@ -586,7 +636,7 @@ class SqliteStore(MemoryStore):
                 continue
             db.execute("RELEASE fold")
             usage.append((updated, team, key, model, route, *(0 if i is None else charged[i] for _, i in ROW_AMOUNTS),
-                          max(0.0, safe_float(updated) - safe_float(started)), INTERRUPTED, rid))
+                          max(0.0, safe_float(updated) - safe_float(started)), INTERRUPTED, rid, ""))
         insert_rows_one_by_one(db, usage)
         return len(usage)
 
@@ -604,6 +654,9 @@ class SqliteStore(MemoryStore):
         for s, start in zip(res.scopes, res.period_starts):
             t = totals.get((s.id, start))
             scopes.append([s.id, start, None if t is None else t.first_request_at])
+            due = self.book.runs.get((s.id, start)) if s.ttl is not None else None
+            if due is not None:  # a run's: folded with the expiry it had (docs/budgets.md, "Runs")
+                scopes[-1].append(due[0])
         # (the relay tells the store no model or route; read them should a Reservation carry them)
         return (safe_text(res.id), self._owner, safe_text(team), safe_text(key),
                 safe_text(getattr(res, "model", "")), safe_text(getattr(res, "route", "")), json.dumps(scopes),
@@ -646,17 +699,80 @@ class SqliteStore(MemoryStore):
     async def ping(self) -> None:
         await self._run(self._ping)
 
-    async def _ensure_loaded(self, keys: list[PeriodKey]) -> None:
+    async def _ensure_loaded(self, keys: list[PeriodKey], now: float = -math.inf) -> None:
         totals = self.book.totals
         missing = [k for k in keys if k not in totals]
         if missing:
-            for key, settled, first in await self._run(self._load_rows, missing):
+            for key, settled, first, expires in await self._run(self._load_rows, missing):
+                if expires is not None and expires <= now:  # a run forgotten on disk: it starts again
+                    settled, first = ZERO, None
+                    if key not in totals:
+                        self._forget_row(key)
                 self.book.load(key, settled, first)
 
     async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
         keys = self.book.period_keys(scopes, now)
-        await self._ensure_loaded(keys)
-        return self.book.reserve_in(scopes, keys, ask, now, request_id)
+        if now >= self._sweep_at:
+            self._sweep(now)
+        await self._ensure_loaded(keys, now)
+        got = self.book.reserve_in(scopes, keys, ask, now, request_id)
+        if type(got) is Denied and any(s.ttl is not None for s in scopes):
+            self._keep_runs(scopes, keys)
+        return got
+
+    def _keep_runs(self, scopes: Sequence[Scope], keys: list[PeriodKey]) -> None:
+        """A denied request keeps its run alive (Book._touch_runs): on disk too, so that a restart
+        does not forget it sooner. (An admitted one's settlement writes its expiry.)"""
+        pending = self._pending_totals
+        for s, key in zip(scopes, keys):
+            due = self.book.runs.get(key) if s.ttl is not None else None
+            if due is not None:
+                p = pending.get(key)
+                if p is None:
+                    t = self.book.totals.get(key)
+                    p = pending[key] = PendingTotal(False, ZERO, None if t is None else t.first_request_at)
+                p.expires_at = due[0]
+        self._schedule()
+
+    # --- run scopes (docs/budgets.md, "Runs") ---------------------------------------------------
+    # The book forgets a run (Book.forget) and its row goes with the next transaction. A run that no
+    # request asks for again after a restart is only on disk: reserve sweeps for those every
+    # RUN_SWEEP_EVERY_S (RUN_SWEEP_MAX rows a time, on the worker thread), and a row read for a
+    # request or /budget after its expiry counts as nothing.
+    def _forget_row(self, key: PeriodKey) -> None:
+        self._pending_totals.pop(key, None)  # (the forgotten run's settlements not yet written go with it)
+        self._pending_forget.append(key)
+        if not self._closed:
+            self._schedule()
+
+    def _sweep(self, now: float) -> None:
+        self._sweep_at = now + RUN_SWEEP_EVERY_S
+        try:
+            self._submit(self._expired_runs, (now,), self._swept, now)
+        except sqlite3.Error:
+            pass  # (closed)
+
+    def _swept(self, now: float, keys: list[PeriodKey] | None, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("ledger store: sweep for expired runs failed: %s", error.__class__.__name__)
+            return
+        totals, pending = self.book.totals, set(self._pending_forget)
+        forgotten = [k for k in keys or () if k not in totals and k not in pending]  # (the book's own: its word)
+        for key in forgotten:
+            self._forget_row(key)
+        if len(keys or ()) >= RUN_SWEEP_MAX and forgotten:
+            self._sweep_at = now  # more to come: the next reserve sweeps again
+
+    async def list_runs(self, prefix: str, now: float, limit: int) -> tuple[int, list[RunEntry]]:
+        """LedgerStore.list_runs: the book's runs under `prefix`, and those only on disk."""
+        in_book = self.book.runs_of(prefix, now)  # (read before the await: the book's word wins)
+        seen = {sid for sid, _, _ in in_book}
+        rows = await self._run(self._read_runs, prefix, now)
+        totals = self.book.totals
+        entries = list(in_book) + [(key[0], ScopeState(settled, ZERO, first), expires)
+                                   for key, settled, first, expires in rows
+                                   if key[0] not in seen and key not in totals]
+        return newest_runs(entries, limit)
 
     async def charge(self, res: Reservation, charged: Amounts, now: float) -> Reservation | Denied:
         got = self.book.charge(res, charged, now)
@@ -675,9 +791,13 @@ class SqliteStore(MemoryStore):
             first = totals[key].first_request_at
             p = pending.get(key)
             if p is None:
-                pending[key] = PendingTotal(False, actual, first)
+                p = pending[key] = PendingTotal(False, actual, first)
             else:
                 p.add(actual, first)
+            if scope.ttl is not None:  # a run's row says when it is forgotten
+                due = self.book.runs.get(key)
+                if due is not None:
+                    p.expires_at = due[0]
         if row is not None:
             self._pending_rows.append(row.as_tuple())
         if self._inflight:
@@ -690,8 +810,19 @@ class SqliteStore(MemoryStore):
         return res.as_settled()
 
     async def states(self, scopes: Sequence[Scope], now: float):  # type: ignore[override]
-        await self._ensure_loaded(self.book.period_keys(scopes, now))
-        return await super().states(scopes, now)
+        keys = self.book.period_keys(scopes, now)
+        totals = self.book.totals
+        # A run's row is read, not kept in the book, unless the book has the run (a run id asked
+        # about is not a run: only requests make one).
+        runs = [k for s, k in zip(scopes, keys) if s.ttl is not None and k not in totals]
+        await self._ensure_loaded([k for s, k in zip(scopes, keys) if s.ttl is None], now)
+        read = {}
+        if runs:
+            for key, settled, first, expires in await self._run(self._load_rows, runs):
+                if expires is None or expires > now:
+                    read[key] = ScopeState(settled, ZERO, first)
+        return [self.book.state(s, now) if k in totals or s.ttl is None else read.get(k, ScopeState())
+                for s, k in zip(scopes, keys)]
 
     async def reset(self, scope: Scope, now: float) -> None:
         key = self.book.period_key(scope, now)
@@ -720,3 +851,60 @@ class SqliteStore(MemoryStore):
 
     async def revoke_key(self, team: str, name: str, now: float) -> KeyRecord | None:
         return await self._run(self._on_db, sqlite_keys.revoke, team, name, now)
+
+    # --- history (proxy/store/sqlite_history.py) ------------------------------------------------
+    # Denial counts wait here, {(team, key, hour): n}, for one write job at a time on the worker
+    # thread (its own short transaction between the group commits); those that come meanwhile go
+    # with the next. Nobody waits for it: a denial answers at once.
+    _denials: dict[tuple[str, str, int], int] | None = None
+    _denials_busy = False
+
+    def _history_db(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self._db_or_raise(), *args)
+
+    def log_denial(self, team: str, key: str, now: float) -> None:
+        try:
+            if self._denials is None:
+                self._denials = {}
+            k = (team, key, hour_of(now))
+            self._denials[k] = self._denials.get(k, 0) + 1
+            if not self._denials_busy:
+                self._write_denials()
+        except Exception as exc:  # (never the request's failure)
+            log.warning("ledger store: denial not counted: %s", exc.__class__.__name__)
+
+    def _write_denials(self) -> None:
+        counts, self._denials = self._denials, {}
+        if not counts or self._closed:
+            self._denials_busy = False
+            return
+        self._denials_busy = True
+        try:
+            self._submit(self._history_db, (sqlite_history.write_denials, counts), self._denials_written, len(counts))
+        except Exception as exc:
+            self._denials_written(len(counts), None, exc)
+
+    def _denials_written(self, n: int, _: Any, error: BaseException | None) -> None:
+        if error is not None:
+            log.warning("ledger store: %d denial count(s) not written: %s", n, error.__class__.__name__)
+        self._write_denials()  # (those that came meanwhile; none: idle)
+
+    async def usage_hours(self, team: str, key: str | None, start: float, end: float) -> dict[int, Tally]:
+        return await self._run(self._history_db, sqlite_history.read_hours, team, key, start, end)
+
+    async def usage_page(self, start: float, end: float, team: str | None, key: str | None,
+                         after: Cursor, limit: int) -> tuple[list[UsageRow], Cursor]:
+        return await self._run(self._history_db, sqlite_history.read_page, start, end, team, key, after, limit)
+
+    async def prune_log(self, before: float, limit: int) -> int:
+        return await self._run(self._history_db, sqlite_history.prune, before, limit)
+
+    def set_retention(self, seconds: float) -> None:
+        """Nothing expires on its own here: prune_log does it all."""
+
+    async def claim_alert(self, event_key: str, ttl: float) -> bool:
+        """LedgerStore.claim_alert: a row in the ledger's file (proxy/store/sqlite_alerts.py), so a
+        restart does not send a period's events again."""
+        from proxy.store import sqlite_alerts
+
+        return await self._run(self._on_db, sqlite_alerts.claim, event_key, ttl)

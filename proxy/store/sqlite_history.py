@@ -1,0 +1,173 @@
+"""SqliteStore's history (docs/http-api.md, "History"): what /admin/history and /admin/usage.csv read,
+and the retention that prunes it. Every function runs on the store's worker thread with its
+connection.
+
+  usage_log      the log itself (sqlite.py), one row per settled request; gains a `run` column and
+                 an index (team, time), so that the CSV export of one team pages through its own
+                 rows in order (time, id) without a sort (a key's: its team's rows, filtered). No
+                 (team, key, time) index: history does not need one, and it costs the write path
+                 ~30 us a row (bench/history_scale.py: 16-row transactions, 8 us a row without the
+                 history, 13 with the trigger, 24 with (team, time) too, 54 with (team, key, time) too).
+  history_team   per team and UTC hour: requests, input_tokens (incl. cache), output_tokens,
+  history_key    cost_nanos, steps, denied, cut; per team, key and hour likewise. Both are kept
+                 by a trigger on usage_log (every insert adds its row to its two hours, in the same
+                 transaction: the group commit's, the crash recovery's, the one-by-one path's), and
+                 by the denial counts (a denied request has no usage row). A history query is a
+                 primary-key range of at most one row per hour: O(buckets), whatever the log holds
+                 (bench/history_scale.py measures 10 million rows).
+A ledger written before this version gets the column, the indexes and the tables at its next open,
+the tables filled from the rows it already has (once: in the transaction that creates them).
+Retention deletes in bounded batches, each its own short transaction, so the group commits of
+settling requests interleave with a long prune."""
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Sequence
+
+from proxy.store.base import Tally, UsageRow
+
+_COUNTS = "requests, input_tokens, output_tokens, cost_nanos, steps, denied, cut"
+_COUNT_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in _COUNTS.split(", "))
+_ADD = ", ".join(f"{c} = {c} + excluded.{c}" for c in _COUNTS.split(", "))
+
+TABLES = f"""
+CREATE TABLE IF NOT EXISTS history_team (
+  team TEXT NOT NULL, hour INTEGER NOT NULL, {_COUNT_COLUMNS},
+  PRIMARY KEY (team, hour)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_team_hour ON history_team (hour);
+CREATE TABLE IF NOT EXISTS history_key (
+  team TEXT NOT NULL, key TEXT NOT NULL, hour INTEGER NOT NULL, {_COUNT_COLUMNS},
+  PRIMARY KEY (team, key, hour)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_key_hour ON history_key (hour);
+"""
+
+INDEXES = """
+CREATE INDEX IF NOT EXISTS usage_log_team_time ON usage_log (team, time);
+"""
+
+_HOUR = "CAST(NEW.time / 3600 AS INTEGER) * 3600"
+_INPUT = "NEW.input_tokens + NEW.cache_write_5m_tokens + NEW.cache_write_1h_tokens + NEW.cache_read_tokens"
+_VALUES = f"1, {_INPUT}, NEW.output_tokens, NEW.cost_nanos, NEW.steps, 0, NEW.outcome = 'cut'"
+TRIGGER = f"""
+CREATE TRIGGER IF NOT EXISTS usage_log_history AFTER INSERT ON usage_log BEGIN
+  INSERT INTO history_team (team, hour, {_COUNTS}) VALUES (NEW.team, {_HOUR}, {_VALUES})
+    ON CONFLICT (team, hour) DO UPDATE SET {_ADD};
+  INSERT INTO history_key (team, key, hour, {_COUNTS}) VALUES (NEW.team, NEW.key, {_HOUR}, {_VALUES})
+    ON CONFLICT (team, key, hour) DO UPDATE SET {_ADD};
+END;
+"""
+
+_SUMS = ("count(*), sum(input_tokens + cache_write_5m_tokens + cache_write_1h_tokens + cache_read_tokens), "
+         "sum(output_tokens), sum(cost_nanos), sum(steps), 0, sum(outcome = 'cut')")
+BACKFILL = (
+    f"INSERT INTO history_key (team, key, hour, {_COUNTS}) "
+    f"SELECT team, key, CAST(time / 3600 AS INTEGER) * 3600 AS h, {_SUMS} FROM usage_log GROUP BY team, key, h",
+    f"INSERT INTO history_team (team, hour, {_COUNTS}) "
+    f"SELECT team, hour, {', '.join(f'sum({c})' for c in _COUNTS.split(', '))} FROM history_key GROUP BY team, hour",
+)
+
+DENIED_TEAM = (f"INSERT INTO history_team (team, hour, denied) VALUES (?, ?, ?) "
+               "ON CONFLICT (team, hour) DO UPDATE SET denied = denied + excluded.denied")
+DENIED_KEY = (f"INSERT INTO history_key (team, key, hour, denied) VALUES (?, ?, ?, ?) "
+              "ON CONFLICT (team, key, hour) DO UPDATE SET denied = denied + excluded.denied")
+
+HOURS_TEAM = f"SELECT hour, {_COUNTS} FROM history_team WHERE team = ? AND hour >= ? AND hour < ?"
+HOURS_KEY = f"SELECT hour, {_COUNTS} FROM history_key WHERE team = ? AND key = ? AND hour >= ? AND hour < ?"
+
+ROW_COLUMNS = ", ".join(UsageRow._fields)
+
+PRUNE_LOG = "DELETE FROM usage_log WHERE id IN (SELECT id FROM usage_log WHERE time < ? ORDER BY time LIMIT ?)"
+PRUNE_TEAM = ("DELETE FROM history_team WHERE (team, hour) IN "
+              "(SELECT team, hour FROM history_team WHERE hour <= ? ORDER BY hour LIMIT ?)")
+PRUNE_KEY = ("DELETE FROM history_key WHERE (team, key, hour) IN "
+             "(SELECT team, key, hour FROM history_key WHERE hour <= ? ORDER BY hour LIMIT ?)")
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """The history's column, indexes, tables and trigger, in one IMMEDIATE transaction (two processes
+    opening one old ledger at once fill the tables once). Idempotent."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "run" not in {row[1] for row in db.execute("PRAGMA table_info(usage_log)")}:
+            db.execute("ALTER TABLE usage_log ADD COLUMN run TEXT NOT NULL DEFAULT ''")
+        for stmt in INDEXES.strip().splitlines():
+            db.execute(stmt)
+        fresh = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history_key'").fetchone() is None
+        for stmt in TABLES.split(";"):
+            if stmt.strip():
+                db.execute(stmt)
+        if fresh:  # (before the trigger: the rows so far, summed once)
+            for stmt in BACKFILL:
+                db.execute(stmt)
+        db.execute(TRIGGER)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def write_denials(db: sqlite3.Connection, counts: dict[tuple[str, str, int], int]) -> None:
+    """Add denial counts {(team, key, hour): n} to both tables, in one transaction."""
+    teams: dict[tuple[str, int], int] = {}
+    for (team, _, hour), n in counts.items():
+        teams[(team, hour)] = teams.get((team, hour), 0) + n
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(DENIED_TEAM, [(t, h, n) for (t, h), n in teams.items()])
+        db.executemany(DENIED_KEY, [(t, k, h, n) for (t, k, h), n in counts.items()])
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def read_hours(db: sqlite3.Connection, team: str, key: str | None, start: float, end: float) -> dict[int, Tally]:
+    rows = (db.execute(HOURS_TEAM, (team, start, end)) if key is None
+            else db.execute(HOURS_KEY, (team, key, start, end)))
+    return {int(hour): Tally(*counts) for hour, *counts in rows}
+
+
+def read_page(db: sqlite3.Connection, start: float, end: float, team: str | None, key: str | None,
+              after: tuple[float, int] | None, limit: int) -> tuple[list[UsageRow], tuple[float, int] | None]:
+    """A page of rows in (time, id) order, and the cursor after its last (None: it was the last)."""
+    where, params = ["time >= ?", "time < ?"], [start, end]
+    if after is not None:  # (time >= its time keeps the index range; the few rows of that time are skipped)
+        where[0] = "time >= ?"
+        params[0] = max(start, after[0])
+        where.append("NOT (time = ? AND id <= ?)")
+        params += [after[0], after[1]]
+    if team is not None:
+        where.append("team = ?")
+        params.append(team)
+    if key is not None:
+        where.append("key = ?")
+        params.append(key)
+    sql = f"SELECT id, {ROW_COLUMNS} FROM usage_log WHERE {' AND '.join(where)} ORDER BY time, id LIMIT ?"
+    got = db.execute(sql, (*params, limit)).fetchall()
+    rows = [UsageRow(*r[1:]) for r in got]
+    return rows, ((got[-1][1], got[-1][0]) if len(got) == limit else None)
+
+
+def prune(db: sqlite3.Connection, before: float, limit: int) -> int:
+    """One bounded batch of retention, one transaction: up to `limit` rows of the log older than
+    `before`, and up to `limit` rows of each hourly table whose hour ended by then. Answers how many
+    rows went in all (below `limit`: nothing more to do)."""
+    last_hour = before - 3600  # (an hour that ends by `before`)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        n = db.execute(PRUNE_LOG, (before, limit)).rowcount
+        n += db.execute(PRUNE_TEAM, (last_hour, limit)).rowcount
+        n += db.execute(PRUNE_KEY, (last_hour, limit)).rowcount
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return n
+
+
+def explain(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[str]:
+    """EXPLAIN QUERY PLAN's details (the bench and tests check that an index is used)."""
+    return [r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + sql, params)]
