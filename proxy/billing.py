@@ -9,7 +9,7 @@ own, and to a whole request only when it can have been one call (`whole_is_one_c
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from proxy.pricing import ModelPrice, PriceTable, cost_nanos
 from proxy.usage import Usage
@@ -64,3 +64,33 @@ def bill_cost_nanos(table: PriceTable, requested: ModelPrice | None, bill: Bill,
     if searches > 0 and served is not None:
         cost += cost_nanos(served, Usage(web_search_requests=searches), long_context=False)
     return cost
+
+
+def _fallback_model_ids(node: Any, inside: bool = False, depth: int = 0) -> list[str]:
+    """Every string under a member whose name (or an object whose `type`) speaks of a fallback."""
+    if depth > 8:
+        return []
+    if isinstance(node, str):
+        return [node] if inside else []
+    if isinstance(node, list):
+        return [m for item in node for m in _fallback_model_ids(item, inside, depth + 1)]
+    if not isinstance(node, dict):
+        return []
+    here = inside or "fallback" in str(node.get("type", ""))
+    return [m for k, v in node.items() for m in _fallback_model_ids(v, here or "fallback" in k, depth + 1)]
+
+
+def dearest_price(table: PriceTable, requested: ModelPrice | None, body: dict[str, Any]) -> ModelPrice | None:
+    """The price admission reserves at: the requested model's, or the dearest priced model a
+    requested fallback chain names (its output rate, then its input rate), since any of them
+    may serve (docs/budgets.md, "What is charged")."""
+    if not any("fallback" in k for k in body) and "fallback" not in str(body.get("tools", "")):
+        return requested
+    best = requested
+    for model_id in _fallback_model_ids(body):
+        price = table.lookup(model_id) if len(model_id) <= 256 else None
+        if price is not None and (best is None or (price.rates.output, price.rates.input)
+                                  > (best.rates.output, best.rates.input)):
+            best = price
+    return best
+

@@ -16,7 +16,7 @@ import httpx
 
 from proxy import pricing as pricing_mod
 from proxy.auth import Caller, presented_secret
-from proxy.billing import NO_BILL, Bill, bill_cost_nanos, one_call_may_be_long, price_for
+from proxy.billing import NO_BILL, Bill, bill_cost_nanos, dearest_price, one_call_may_be_long, price_for
 from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
 from proxy.denials import budget_error
 from proxy.errors import (InvalidRequest, PermissionDenied, ProxyError, StoreUnavailable, UpstreamTimeout,
@@ -203,7 +203,7 @@ class Relay:
         if not caller.may_use(facts.model):
             raise PermissionDenied(f"Key '{caller.key}' may not use model '{facts.model}'.")
         scopes = rt.runs.with_run(caller, headers, rt.budgets.scopes_for(caller))
-        price = rt.pricing.lookup(facts.model)
+        price = dearest_price(rt.pricing, rt.pricing.lookup(facts.model), facts.body)
         if price is None and rt.budgets.has_cost_limit(scopes) and rt.config.admission.unpriced_models == "deny":
             raise InvalidRequest(f"Model '{facts.model}' has no price in the pricing table and a cost budget "
                                  "applies; add it to the pricing file or set admission.unpriced_models: allow.")

@@ -489,3 +489,26 @@ def test_a_data_only_stream_is_metered_as_the_same_stream_with_event_lines(start
     assert (outcome, out, last_type, err) == expected
     assert (inp, read, steps) == (25, 3, 1)
     assert cost == 25 * 1000 + 3 * 100 + out * 5000
+
+
+# --- admission of a requested fallback chain ---------------------------------------------------
+
+def test_admission_reserves_at_the_dearest_model_a_requested_fallback_chain_names():
+    """SPEC §11: any model of the chain may serve, so the hold is priced at the dearest
+    (claude-opus-4-1 outputs at $75 per Mtok against haiku's $5); names without a price and
+    a body that names no fallback change nothing."""
+    import yaml
+
+    from proxy.app import shipped_pricing_path
+    from proxy.billing import dearest_price
+    from proxy.pricing import parse_price_table
+
+    table = parse_price_table(yaml.safe_load(shipped_pricing_path().read_text()))
+    haiku = table.lookup("claude-haiku-4-5")
+    assert dearest_price(table, haiku, {"model": "claude-haiku-4-5"}) is haiku
+    chain = {"model": "claude-haiku-4-5", "fallbacks": ["no-such-model", "claude-opus-4-1"]}
+    assert dearest_price(table, haiku, chain).model_id == "claude-opus-4-1"
+    tool = {"model": "claude-haiku-4-5", "tools": [{"type": "fallback_2026", "model": "claude-sonnet-4-5"}]}
+    assert dearest_price(table, haiku, tool).model_id == "claude-sonnet-4-5"
+    assert dearest_price(table, None, {"model": "x", "fallback": {"models": ["claude-sonnet-4-5"]}}).model_id \
+        == "claude-sonnet-4-5"
