@@ -7,23 +7,26 @@
 
 SQLite: the rows are generated (seeded, in time order, as the proxy writes them; team t00 holds 30%
 of them, the others share the rest; 10 keys a team) and inserted with executemany into a temporary
-ledger that has only the usage_log table (no index: the fastest load), then each index of the
-history is created and timed, then the hourly tables are filled from the rows (what
-sqlite_history.migrate does when it finds an old ledger). Then the ledger is opened as the proxy
-opens it (SqliteStore) and the /admin/history-equivalent call (admin_history.history_document, which
-the route answers) is timed for 30 days: the biggest team and one of its keys, a small team and one
-of its keys, by hour and by day. For comparison, the same history summed from the raw log through
-the (team, time) index (what the indexes alone would give). Then a CSV export of one key (the
-route's pages of 1000 rows), the write path's cost per usage row with the indexes and the trigger
-(transactions of 16 rows, as the group commit's, WAL, synchronous=NORMAL), and a retention prune of
-the oldest day in batches of 2000.
+ledger that has only the usage_log table (no index: the fastest load); then each index the ledger
+has is created and timed ((time), and (team, time) for the history's CSV export), then the hourly
+tables are filled from the rows (what sqlite_history.migrate does when it opens an old ledger).
+Then the ledger is opened as the proxy opens it (SqliteStore) and the /admin/history-equivalent
+call (admin_history.history_document, which the route answers) is timed for 30 days: the biggest
+team and one of its keys, a small team and one of its keys, by hour and by day (the first call,
+then the median of 5). For comparison, the same sums computed from the raw log through the
+(team, time) index. Then a CSV export of one key (the route's pages of 1000 rows, CSV built), a
+retention prune of the oldest day in the store's batches of 2000, and, on a separate ledger of 1
+million rows, the write path's cost per usage row (transactions of 16 rows as a group commit's,
+WAL, synchronous=NORMAL) with and without the history's trigger and indexes, interleaved rounds.
 
 Redis: the Lua cost of the hourly tallies per request (redis-server's own time per EVALSHA, from
 INFO commandstats, over N reserve+settle requests run one at a time through RedisStore: with the
-tallies, and with the settle script's tally line removed), the cost of a denial item, then history
-and CSV over --redis-requests real settlements spread over 30 days, then the tallies' memory at the
-density 10 million rows leave (every team and key, every hour of 30 days, written directly), and
-the history query over them. The keys under the bench's prefix are deleted at the end.
+tallies, and with the settle script's tally line removed; interleaved rounds), the cost of a
+denial item, then history and CSV over --redis-requests real settlements spread over 30 days, then
+the tallies' memory at the density 10 million rows leave (every team and key, every hour of 30
+days, written directly: a history query reads one tally per hour, however many rows made it), the
+history query over them, and a retention prune. The keys under the bench's prefix are deleted at
+the end.
 """
 from __future__ import annotations
 
@@ -170,10 +173,10 @@ async def sqlite_bench(args: argparse.Namespace) -> None:
     print(f"SqliteStore.open() on it (schema and migration checks, recovery): {ms(s)}")
     heavy, light = teams[0], teams[-1]
     n_heavy = await store._run(lambda: store._db.execute(  # noqa: SLF001
-        "SELECT count(*) FROM usage_log WHERE team = ? AND time >= ?", (heavy, start)).fetchone()[0])
+        "SELECT count(*) FROM usage_log WHERE team = ? AND time >= ? AND time < ?", (heavy, start, end)).fetchone()[0])
     n_heavy_key = await store._run(lambda: store._db.execute(  # noqa: SLF001
-        "SELECT count(*) FROM usage_log WHERE team = ? AND key = ? AND time >= ?",
-        (heavy, keys[heavy][0], start)).fetchone()[0])
+        "SELECT count(*) FROM usage_log WHERE team = ? AND key = ? AND time >= ? AND time < ?",
+        (heavy, keys[heavy][0], start, end)).fetchone()[0])
     print(f"\n/admin/history-equivalent (history_document: store.usage_hours + bucketing), {args.days} days; "
           f"first call, then the median of 5:")
     print(f"  team {heavy} holds {n_heavy:,} rows in the range, its key {keys[heavy][0]} {n_heavy_key:,}")
@@ -361,6 +364,44 @@ async def lua_cost(url: str, client: Any, with_tallies: bool, n: int) -> tuple[f
     return stats["usec_per_call"], stats["usec"] / n
 
 
+LOOP_LUA = """
+local n, mode, base = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local vals = {'0', 't00', 'k', 'claude-haiku-4-5', '/v1/messages', '1200', '0', '0', '300', '300', '0', '8100000',
+              '1', '0.5', 'completed', 'req_x', ''}
+local A = {}
+for i = 1, #vals do A[i] = vals[i] end
+A[#vals + 1] = '7776000000'
+local t0 = redis.call('TIME')
+for i = 1, n do
+  A[1] = string.format('%.3f', base + i * 0.25)   -- 4 requests a second: a new hour every 14400
+  A[3] = 't00-k' .. (i % 10)
+  if mode == 'tallies' then hist_row(A, 0)
+  elseif mode == 'xadd' then
+    local e = {}
+    for j = 1, #vals do e[2 * j - 1], e[2 * j] = 'f' .. j, A[j] end
+    redis.call('XADD', P .. 'log', 'MAXLEN', '~', '100000', '*', unpack(e))
+  end
+end
+local t1 = redis.call('TIME')
+return (tonumber(t1[1]) - tonumber(t0[1])) * 1000000 + tonumber(t1[2]) - tonumber(t0[2])
+"""
+
+
+def lua_loop_cost(client: Any, prefix: str, n: int = 20_000, rounds: int = 7) -> dict[str, list[float]]:
+    """The tallies' Lua (hist_row: what the settle script runs a request) in a loop of n inside one
+    script, timed with Redis' TIME: microseconds a request, per round; beside the same loop doing
+    nothing, and doing the row's own XADD (what logging a row cost before)."""
+    from proxy.store.redis_history import LUA
+
+    sha = client.script_load("local P = ARGV[1]\n" + LUA + LOOP_LUA)
+    got: dict[str, list[float]] = {"empty loop": [], "tallies (hist_row)": [], "the row's XADD": []}
+    modes = {"empty loop": "empty", "tallies (hist_row)": "tallies", "the row's XADD": "xadd"}
+    for _ in range(rounds):
+        for name, mode in modes.items():
+            got[name].append(client.evalsha(sha, 0, prefix + "loop:", n, mode, 1_764_547_200) / n)
+    return got
+
+
 async def one_request(store: Any, rid: str, t: float, team: str = "bench", key: str = "k", outcome: str = "completed",
                       scopes: list[Scope] = SCOPES) -> None:
     res = await store.reserve(scopes, ASK, time.time(), rid)
@@ -381,6 +422,12 @@ async def redis_bench(args: argparse.Namespace) -> None:
     client = redis_sync.Redis.from_url(args.redis)
     print(f"\n== Redis ({args.redis}, prefix {prefix}) ==", flush=True)
     try:
+        loop = lua_loop_cost(client, prefix)
+        print("Lua cost a request, measured inside Redis (one script runs it 20,000 times between two TIME "
+              "calls; 7 interleaved rounds):")
+        for name, values in loop.items():
+            print(f"  {name:<20} median {statistics.median(values):5.1f} us, min {min(values):5.1f} us  "
+                  f"[{', '.join(f'{v:.1f}' for v in values)}]")
         n, rounds = 5_000, 5
         cost_url = f"{args.redis}?prefix={prefix}cost:"
         got: dict[bool, list[float]] = {True: [], False: []}
@@ -388,11 +435,15 @@ async def redis_bench(args: argparse.Namespace) -> None:
             for with_tallies in (False, True):
                 got[with_tallies].append((await lua_cost(cost_url, client, with_tallies, n))[1])
         without_t, with_t = statistics.median(got[False]), statistics.median(got[True])
-        print(f"Lua cost (redis-server's own time per request, INFO commandstats: a reserve and a settle, one "
-              f"request at a time, {n:,} requests a round, median of {rounds} interleaved rounds):")
-        print(f"  without the tallies: {without_t:.1f} us a request  [{', '.join(f'{v:.1f}' for v in got[False])}]")
-        print(f"  with the tallies:    {with_t:.1f} us a request  [{', '.join(f'{v:.1f}' for v in got[True])}]  "
-              f"(+{with_t - without_t:.1f} us, +{(with_t - without_t) / without_t:.0%})")
+        print(f"end to end (redis-server's time per request from INFO commandstats: a reserve and a settle, "
+              f"one request at a time, {n:,} requests a round, {rounds} interleaved rounds; noisy on a shared "
+              f"machine):")
+        print(f"  without the tallies: median {without_t:.1f} us a request, min {min(got[False]):.1f}  "
+              f"[{', '.join(f'{v:.1f}' for v in got[False])}]")
+        print(f"  with the tallies:    median {with_t:.1f} us a request, min {min(got[True]):.1f}  "
+              f"[{', '.join(f'{v:.1f}' for v in got[True])}]")
+        print(f"  difference: median +{with_t - without_t:.1f} us ({(with_t - without_t) / without_t:+.0%}), "
+              f"min +{min(got[True]) - min(got[False]):.1f} us")
 
         store = RedisStore.from_url(url)
         await store.open()

@@ -4,7 +4,7 @@ reply that costs nothing. It isolates what the proxy adds on top of any pass-thr
 profiles it with cProfile without py-spy's sampling noise.
 
     .venv/bin/python -m bench.inproc [--mode json|sse] [--store memory|sqlite|redis] [--requests 20000]
-                                     [--concurrency 16] [--profile]
+                                     [--concurrency 16] [--profile] [--runs N]
 
 Not a load test: the figure is CPU µs per request of the proxy's logic alone."""
 from __future__ import annotations
@@ -52,18 +52,21 @@ class CannedReply:
         pass
 
 
-def build_app(store: str, tmp: Path) -> Any:
+def build_app(store: str, tmp: Path, runs: int = 0) -> Any:
     from proxy.app import create_app
     from proxy.config import parse_config
     import yaml
 
     url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp / 'ledger.db'}",
            "redis": f"{REDIS_URL}/{REDIS_DB}?prefix={REDIS_PREFIX}"}[store]
-    loaded = parse_config(yaml.safe_load(proxy_yaml("http://127.0.0.1:9", url)), path=tmp / "proxy.yaml")
+    data = yaml.safe_load(proxy_yaml("http://127.0.0.1:9", url))
+    if runs:  # every request also charged to one of `runs` run scopes of the key
+        data["teams"]["bench"]["keys"]["load"]["run_budget"] = {"tokens": 10**12, "steps": 10**9}
+    loaded = parse_config(data, path=tmp / "proxy.yaml")
     return create_app(loaded)
 
 
-async def drive(app: Any, mode: str, requests: int, concurrency: int) -> float:
+async def drive(app: Any, mode: str, requests: int, concurrency: int, runs: int = 0) -> float:
     from proxy import relay as relay_mod
 
     if mode == "json":
@@ -81,10 +84,13 @@ async def drive(app: Any, mode: str, requests: int, concurrency: int) -> float:
                (b"anthropic-version", b"2023-06-01"), (b"x-api-key", KEY.encode()),
                (b"content-length", str(len(body)).encode())]
     statuses: list[int] = []
+    run_headers = [headers + [(b"x-budget-run", f"run-{i}".encode())] for i in range(runs)]
+    counter = iter(range(1 << 62))
 
     async def one() -> None:
+        with_run = run_headers[next(counter) % runs] if runs else headers
         scope = {"type": "http", "method": "POST", "path": "/v1/messages", "query_string": b"",
-                 "headers": headers, "http_version": "1.1", "scheme": "http"}
+                 "headers": with_run, "http_version": "1.1", "scheme": "http"}
         sent = False
 
         async def receive() -> dict[str, Any]:
@@ -130,6 +136,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--runs", type=int, default=0, help="send x-budget-run over this many runs (0: no header)")
     args = p.parse_args()
     import logging
     import uvloop
@@ -140,11 +147,11 @@ def main() -> None:
         import sys
         sys.stderr = open(Path(tmp) / "access.log", "w")  # the access log goes there, as `serve --log-format json`
         setup_logging("json")
-        app = build_app(args.store, Path(tmp))
+        app = build_app(args.store, Path(tmp), args.runs)
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
-        us = uvloop.run(drive(app, args.mode, args.requests, args.concurrency))
+        us = uvloop.run(drive(app, args.mode, args.requests, args.concurrency, args.runs))
         if prof:
             prof.disable()
             out = io.StringIO()
@@ -154,7 +161,8 @@ def main() -> None:
         if args.store == "redis":
             clear_redis(REDIS_PREFIX)
     sys.stderr = sys.__stderr__
-    print(f"{args.mode} store={args.store} c={args.concurrency}: {us:.1f} µs CPU per request (proxy logic only)")
+    runs = f" runs={args.runs}" if args.runs else ""
+    print(f"{args.mode} store={args.store} c={args.concurrency}{runs}: {us:.1f} µs CPU per request (proxy logic only)")
 
 
 if __name__ == "__main__":

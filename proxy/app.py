@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from proxy.runs import RUN_HEADER, RunBudgets, run_id_of
 from proxy.relay import Relay
 from proxy.runtime_keys import RuntimeKeys
 from proxy.store import LedgerStore, open_store
-from proxy.upstream import PooledTransport
+from proxy.upstream import EgressProxies, PooledTransport, ProxiedTransport, tls_context
 from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
@@ -115,6 +116,7 @@ class AppState:
         self.clock = clock
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
+        self.egress = EgressProxies.from_env(os.environ)  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once (SPEC §12)
         self.metrics = Metrics()
         self.output_ratios = OutputRatios()  # bytes per output token, learned (proxy/ratio.py)
         self.generation = 0                 # bumped by every reload that took effect
@@ -150,8 +152,14 @@ class AppState:
                 t = self._injected_transport
             else:
                 u = self.runtime.config.upstreams[provider]  # type: ignore[index]
-                t = PooledTransport(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
-                                     read_timeout=u.timeout_seconds, max_duration=u.max_duration_seconds)
+                # An upstream behind an egress proxy goes through httpx's transport; a direct one
+                # through the project's pool (proxy/upstream.py says why).
+                via = u.proxy or self.egress.proxy_for(u.base_url)
+                kw = dict(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
+                          read_timeout=u.timeout_seconds, max_duration=u.max_duration_seconds,
+                          pool_timeout=u.pool_timeout_seconds,
+                          ssl_context=tls_context(u.ca_bundle) if u.ca_bundle else None)
+                t = ProxiedTransport(via, **kw) if via else PooledTransport(**kw)  # type: ignore[arg-type]
             self.transports[provider] = t
         return t
 

@@ -63,6 +63,9 @@ class UpstreamConfig(_Strict):
     max_duration_seconds: float = Field(3600.0, gt=0)  # a whole response, headers and body
     connect_timeout_seconds: float = Field(10.0, gt=0)
     max_connections: int = Field(1000, gt=0)
+    pool_timeout_seconds: float = Field(10.0, gt=0)  # the wait for a connection when all max_connections are busy
+    ca_bundle: str | None = None  # a PEM file of CAs for https upstreams (else the system's; SSL_CERT_FILE honoured)
+    proxy: str | None = None  # http://HOST:PORT egress proxy (wins over HTTPS_PROXY / HTTP_PROXY / NO_PROXY)
 
     @field_validator("base_url")
     @classmethod
@@ -70,6 +73,29 @@ class UpstreamConfig(_Strict):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  (a bad port raises)
+        except ValueError:
+            raise ValueError("must be http://HOST:PORT") from None
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("must be http://HOST:PORT")
+        return v.rstrip("/")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _readable_file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
 
 
 def _known_provider(name: str) -> str:
@@ -246,9 +272,15 @@ class ProxyConfig(_Strict):
     @field_validator("store")
     @classmethod
     def _store_url(cls, v: str) -> str:
-        if not (v == "memory://" or v.startswith("sqlite:///") or v.startswith("redis://")):
-            raise ValueError("must be memory://, sqlite:///PATH or redis://HOST:PORT/DB")
-        return v
+        if v == "memory://" or v.startswith("sqlite:///"):
+            return v
+        if v.startswith(("redis://", "rediss://", "redis+sentinel://")):
+            from proxy.store.redis import parse_redis_url  # (the message it raises names no password)
+
+            parse_redis_url(v)
+            return v
+        raise ValueError("must be memory://, sqlite:///PATH, redis://HOST:PORT/DB, rediss://HOST:PORT/DB "
+                         "or redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB")
 
     @model_validator(mode="after")
     def _upstream_defaults(self) -> ProxyConfig:

@@ -1,5 +1,14 @@
 """GET /admin/dashboard: a server-rendered page for people; no build step, no external assets.
 
+What it shows: every team and key scope (config keys, and runtime keys marked "runtime"), the
+most used first (the highest used / limit across its limited dimensions); for the first MAX_TRENDS of
+them a trend from the usage history (LedgerStore.usage_hours, one query per scope): the last 24 h
+by hour for a scope whose period is hour, day or none, the last 30 days by day for week or month,
+drawn as an inline SVG sparkline of its most used dimension; and, while it is burning, when it runs
+out at its recent rate (see runs_out). Then the runtime keys, and per key with a run budget its
+active runs and the most used of them (LedgerStore.list_runs, as GET /admin/runs). Inline CSS and
+SVG only: nothing is fetched, no script runs; one column on a phone.
+
 Auth, in this order: no admin key configured -> 404 (as /admin); a key in x-api-key or
 Authorization decides alone (admin -> page, proxy key -> 403, other -> 401); otherwise the
 session cookie set by the login form; otherwise 303 to the login page.
@@ -12,17 +21,20 @@ cookie is Secure when the request came over TLS, or with `x-forwarded-proto: htt
 server.trusted_proxies. Failed logins are throttled per client address (see LoginThrottle)."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import heapq
 import hmac
 import ipaddress
+import logging
 import math
 import re
 import secrets
 from collections import OrderedDict, deque
+from datetime import datetime, timezone
 from html import escape
-from typing import Any, Union
+from typing import Any, Callable, NamedTuple, Union
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -32,9 +44,14 @@ from starlette.routing import Route
 from proxy.admin import usage_document
 from proxy.auth import presented_secret
 from proxy.errors import AuthenticationError, NotFound, PermissionDenied, ProxyError, StoreUnavailable
-from proxy.ledger import BY_NAME, DIMENSIONS
+from proxy.history import BUCKETS, bucket_tallies, floor_to
+from proxy.ledger import BY_NAME, DIMENSIONS, Scope, in_unit
 from proxy.periods import iso
+from proxy.runs import run_scope_id
+from proxy.store.base import Tally
+from proxy.views import scope_view
 
+log = logging.getLogger("budget_proxy")
 COOKIE = "bp_dashboard"
 REFRESH_SECONDS = 5
 MAX_FORM_BYTES = 4096
@@ -51,11 +68,22 @@ body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;backgr
 header{display:flex;align-items:center;gap:16px;padding:12px 24px;background:#1d2330;color:#fff}
 header h1{font-size:18px;margin:0;flex:1}header small{color:#aab}
 header button,form.login button{font:inherit;padding:4px 12px;border-radius:4px;border:1px solid #889;cursor:pointer}
-main{padding:16px 24px;display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:16px}
-section.team{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 3px #0002}
+main{padding:16px 24px;display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,420px),1fr));gap:16px}
+main>*{min-width:0}h2,h3,.head,.meta,.runs li{overflow-wrap:anywhere}
+.kind{display:inline-block;font-size:11px;font-weight:600;padding:0 6px;margin-left:6px;border-radius:8px;
+background:#e3e9f7;color:#2c4a8a;vertical-align:middle}
+.trend{margin:8px 0 2px}.trend svg{display:block;width:100%;height:40px}
+.trend polyline{fill:none;stroke:#3867c7;stroke-width:1.5}
+.trend .area{fill:#3867c733;stroke:none}
+.trend .cap{display:flex;justify-content:space-between;gap:8px;flex-wrap:wrap;color:#667;font-size:12px}
+.burn{font-size:12px;margin:4px 0;color:#445}.burn.soon{color:#b3261e;font-weight:600}
+section.extras{grid-column:1/-1}.runs{margin:4px 0 8px;padding-left:18px}.runs li{margin:2px 0}
+@media (max-width:600px){header{padding:10px 12px;gap:8px;flex-wrap:wrap}main{padding:10px;gap:10px}
+section.scope,section.extras{padding:10px 12px}}
+section.scope,section.extras{background:#fff;border-radius:8px;padding:12px 16px;box-shadow:0 1px 3px #0002}
 h2{font-size:16px;margin:0 0 4px}h3{font-size:14px;margin:12px 0 4px;border-top:1px solid #e3e5ea;padding-top:8px}
 .meta{color:#667;font-size:12px;margin-bottom:6px}.none{color:#889;font-style:italic}
-.dim{margin:6px 0}.head{display:flex;justify-content:space-between;gap:12px;font-size:13px}
+.dim{margin:6px 0}.head{display:flex;justify-content:space-between;flex-wrap:wrap;gap:0 12px;font-size:13px}
 .name{color:#445}.fig{font-variant-numeric:tabular-nums;text-align:right}
 .bar{height:10px;margin-top:2px;background:#e6e8ee;border-radius:5px;overflow:hidden;display:flex}
 .used{background:#2e9d5b}.warn .used{background:#d99a1e}.over .used{background:#d0453b}
@@ -321,19 +349,229 @@ def scope_block(label: str, budget: dict[str, Any]) -> str:
     return f'<div class="meta">{escape(period)}</div>{rows}{extra}'
 
 
-def render_dashboard(doc: dict[str, Any], now: float) -> str:
-    teams = []
+MAX_TRENDS = 50        # scopes drawn with a trend (the most used first); the rest are listed without
+TOP_RUNS = 3           # runs shown per key with a run budget (the most used of its latest RUNS_SCANNED)
+RUNS_SCANNED = 50
+MAX_RUN_KEYS = 50      # keys with a run budget whose runs are shown (one list_runs query each)
+SPARK_W, SPARK_H = 240, 40
+
+# The dimensions the usage history can draw (proxy/store/base.py Tally), in the dimension's unit.
+TREND_DIMS: dict[str, Callable[[Tally], float]] = {
+    "tokens": lambda t: t.input_tokens + t.output_tokens,
+    "cost_usd": lambda t: in_unit("cost_usd", t.cost_nanos),
+    "input_tokens": lambda t: t.input_tokens,
+    "output_tokens": lambda t: t.output_tokens,
+    "steps": lambda t: t.steps,
+}
+
+
+class Trend(NamedTuple):
+    """A scope's usage history: every bucket of the window, oldest first."""
+
+    bucket: str                        # "hour" (the last 24 h) | "day" (the last 30 days)
+    series: list[tuple[int, Tally]]
+
+
+def trend_window(period: str, now: float) -> tuple[str, int, int]:
+    """(bucket, start, end): the last 24 h by hour for a scope of period hour/day/none, the last
+    30 days by day for week/month; the current bucket is the last."""
+    if period in ("week", "month"):
+        end = floor_to(now, BUCKETS["day"]) + BUCKETS["day"]
+        return "day", end - 30 * BUCKETS["day"], end
+    end = floor_to(now, BUCKETS["hour"]) + BUCKETS["hour"]
+    return "hour", end - 24 * BUCKETS["hour"], end
+
+
+def fractions(budget: dict[str, Any]) -> dict[str, float]:
+    """used / limit of each limited dimension (a limit of 0: 1.0 once anything is used, else 0)."""
+    out = {}
+    for d, limit in budget["limit"].items():
+        used = budget["used"].get(d, 0) or 0
+        out[d] = used / limit if limit else (1.0 if used else 0.0)
+    return out
+
+
+def fraction_used(budget: dict[str, Any]) -> float:
+    """The highest fraction used across the scope's limited dimensions (-1: it has no limit)."""
+    return max(fractions(budget).values(), default=-1.0)
+
+
+def trend_dim(budget: dict[str, Any]) -> str:
+    """What a scope's trend draws: its most used limited dimension the history has, else tokens."""
+    ranked = sorted(fractions(budget).items(), key=lambda kv: -kv[1])
+    return next((d for d, _ in ranked if d in TREND_DIMS), "tokens")
+
+
+def sparkline(values: list[float]) -> str:
+    """An inline SVG line (and the area under it) of `values`, scaled to the largest."""
+    n, peak = len(values), max(values, default=0) or 1
+    step = SPARK_W / max(1, n - 1)
+    pts = " ".join(f"{i * step:.1f},{SPARK_H - 2 - (v / peak) * (SPARK_H - 4):.1f}" for i, v in enumerate(values))
+    return (f'<svg class="spark" viewBox="0 0 {SPARK_W} {SPARK_H}" preserveAspectRatio="none" role="img" '
+            f'aria-label="usage trend" data-points="{n}">'
+            f'<polygon class="area" points="0,{SPARK_H} {pts} {SPARK_W},{SPARK_H}"/>'
+            f'<polyline points="{pts}" vector-effect="non-scaling-stroke"/></svg>')
+
+
+def clock_text(t: float, now: float) -> str:
+    """14:20 UTC today, else 2026-12-09 14:20 UTC."""
+    when = datetime.fromtimestamp(t, timezone.utc)
+    same_day = when.date() == datetime.fromtimestamp(now, timezone.utc).date()
+    return when.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC")
+
+
+def runs_out(budget: dict[str, Any], trend: Trend, now: float) -> tuple[str, bool] | None:
+    """When the scope runs out at its recent rate: (text, soon), or None when it is not burning
+    (no limit the history can measure, or nothing used recently). The recent rate is what the
+    last two buckets hold (the previous one and the current one so far: the last 1-2 hours, or
+    1-2 days) over the time since the previous one began; the earliest dimension to run out wins."""
+    if len(trend.series) < 2:
+        return None
+    since = trend.series[-2][0]
+    elapsed = max(1.0, now - since)
+    earliest: float | None = None
+    for d, limit in budget["limit"].items():
+        if d not in TREND_DIMS:
+            continue
+        rate = sum(TREND_DIMS[d](t) for _, t in trend.series[-2:]) / elapsed
+        if rate <= 0:
+            continue
+        left = limit - (budget["used"].get(d, 0) or 0) - (budget["held"].get(d, 0) or 0)
+        at = now + max(0.0, left) / rate
+        earliest = at if earliest is None else min(earliest, at)
+    if earliest is None:
+        return None
+    resets = budget.get("resets_at")
+    if resets and earliest >= datetime.fromisoformat(resets.replace("Z", "+00:00")).timestamp():
+        return "at this rate: not before reset", False
+    if earliest <= now:
+        return "at this rate: out now", True
+    return f"runs out ~{clock_text(earliest, now)}", earliest - now < 3 * 3600
+
+
+def trend_block(budget: dict[str, Any], trend: Trend | None, now: float) -> str:
+    if trend is None:
+        return ""
+    dim = trend_dim(budget)
+    values = [TREND_DIMS[dim](t) for _, t in trend.series]
+    span = "last 24 h by hour" if trend.bucket == "hour" else "last 30 days by day"
+    cap = (f'<div class="cap"><span>{dim} · {span}</span>'
+           f'<span>peak {escape(fmt(dim, max(values, default=0)))}/{trend.bucket} · '
+           f'total {escape(fmt(dim, sum(values)))}</span></div>')
+    burn = runs_out(budget, trend, now)
+    burn_html = (f'<div class="burn{" soon" if burn[1] else ""}">{escape(burn[0])}</div>' if burn else "")
+    return f'<div class="trend" data-dim="{dim}" data-bucket="{trend.bucket}">{sparkline(values)}{cap}</div>{burn_html}'
+
+
+def scope_cards(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every team and key scope as {"label", "team", "key", "kind", "runtime", "budget", "fraction"},
+    the most used first (then by name)."""
+    cards = []
     for team in doc["teams"]:
         name = team["name"]
-        keys = "".join(f'<h3>key {escape(k["name"])}</h3>{scope_block(name + "/" + k["name"], k["budget"])}'
-                       for k in team["keys"])
-        teams.append(f'<section class="team" data-team="{escape(name)}"><h2>team {escape(name)}</h2>'
-                     f'{scope_block(name, team["budget"])}{keys}</section>')
-    body = "".join(teams) or '<p class="none">No teams configured.</p>'
+        cards.append({"label": name, "team": name, "key": None, "kind": "team", "runtime": False,
+                      "budget": team["budget"]})
+        for k in team["keys"]:
+            cards.append({"label": f"{name}/{k['name']}", "team": name, "key": k["name"], "kind": "key",
+                          "runtime": bool(k.get("runtime")), "budget": k["budget"]})
+    for c in cards:
+        c["fraction"] = fraction_used(c["budget"])
+    cards.sort(key=lambda c: (-c["fraction"], c["label"]))
+    return cards
+
+
+def card_html(c: dict[str, Any], trend: Trend | None, now: float, trended: bool) -> str:
+    label, fr = c["label"], c["fraction"]
+    badge = '<span class="kind">runtime</span>' if c["runtime"] else ""
+    note = "" if trended else '<div class="meta">trend: only the most used scopes have one</div>'
+    return (f'<section class="scope" data-scope="{escape(label)}" data-kind="{c["kind"]}" '
+            f'data-fraction="{"" if fr < 0 else f"{fr:.4f}"}"{" data-runtime" if c["runtime"] else ""}>'
+            f'<h2>{c["kind"]} {escape(label)}{badge}</h2>{scope_block(label, c["budget"])}'
+            f'{trend_block(c["budget"], trend, now)}{note}</section>')
+
+
+def extras_html(cards: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    runtime = [c["label"] for c in cards if c["runtime"]]
+    rt = ("".join(f"<li>{escape(label)}</li>" for label in sorted(runtime)) if runtime
+          else '<li class="none">none</li>')
+    parts = [f'<h2>Runtime keys</h2><ul class="runs runtime-keys">{rt}</ul>']
+    if runs:
+        items = []
+        for r in runs:
+            top = "".join(f'<li class="run" data-run="{escape(x["run"])}">{escape(x["run"])} · '
+                          f'{escape(x["text"])}</li>' for x in r["top"])
+            items.append(f'<div class="keyruns" data-key="{escape(r["label"])}" data-active="{r["active"]}">'
+                         f'<div class="head"><span class="name">{escape(r["label"])}</span>'
+                         f'<span class="fig">{r["active"]} active run{"" if r["active"] == 1 else "s"}</span></div>'
+                         f'{f"<ul class=runs>{top}</ul>" if top else ""}</div>')
+        parts.append("<h2>Active runs</h2>" + "".join(items))
+    return f'<section class="extras">{"".join(parts)}</section>'
+
+
+def render_dashboard(doc: dict[str, Any], now: float, trends: dict[str, Trend] | None = None,
+                     runs: list[dict[str, Any]] | None = None) -> str:
+    """The page's body: every scope, the most used first; the first MAX_TRENDS with their trend
+    (`trends`, by label), then runtime keys and active runs."""
+    trends = trends or {}
+    cards = scope_cards(doc)
+    body = "".join(card_html(c, trends.get(c["label"]), now, i < MAX_TRENDS or not trends)
+                   for i, c in enumerate(cards))
+    body = (body + extras_html(cards, runs or [])) if cards else '<p class="none">No teams configured.</p>'
     stamp = (iso(now) or "").replace("T", " ").replace("Z", " UTC")
     return (f'<header><h1>budget-proxy</h1><small>as of {escape(stamp)} · refreshes every {REFRESH_SECONDS}s'
             f'</small><form method="post" action="logout"><button type="submit">Sign out'
             f'</button></form></header><main>{body}</main>')
+
+
+async def load_trends(store: Any, cards: list[dict[str, Any]], now: float) -> dict[str, Trend]:
+    """The trends of the first MAX_TRENDS cards: one usage_hours query each. A store that cannot
+    answer leaves the trends out (the budgets still show)."""
+    async def one(c: dict[str, Any]) -> tuple[str, Trend]:
+        bucket, start, end = trend_window(c["budget"]["period"], now)
+        hours = await store.usage_hours(c["team"], c["key"], start, end)
+        return c["label"], Trend(bucket, bucket_tallies(hours, start, end, BUCKETS[bucket]))
+    try:
+        return dict(await asyncio.gather(*(one(c) for c in cards[:MAX_TRENDS])))
+    except Exception as exc:
+        log.error("dashboard: usage history unavailable: %s", exc.__class__.__name__)
+        return {}
+
+
+async def load_runs(state: Any, doc: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """Per key with a run budget: its active runs and the TOP_RUNS most used of its latest
+    RUNS_SCANNED (proxy/admin_runs.py's list_runs)."""
+    from proxy.runtime_keys import caller_of
+
+    rt = state.runtime
+    records = None
+    out = []
+    for team in doc["teams"]:
+        for k in team["keys"]:
+            name = k["name"]
+            if k.get("runtime"):
+                if records is None:
+                    records = {(r.team, r.name): r for r in await state.store.list_keys()}
+                rec = records.get((team["name"], name))
+                limits = caller_of(rec).run_limits if rec is not None else None
+            else:
+                limits = rt.runs.limits_for(team["name"], name)
+            if limits is None:
+                continue
+            if len(out) >= MAX_RUN_KEYS:
+                return out
+            prefix = run_scope_id(team["name"], name, "")
+            active, entries = await state.store.list_runs(prefix, now, RUNS_SCANNED)
+            ranked = []
+            for scope_id, st, _ in entries:
+                view = scope_view(Scope("run", scope_id[len(prefix):], scope_id, limits, "none"), st, now)
+                fr = fractions(view)
+                dim = max(fr, key=lambda d: fr[d]) if fr else None
+                text = (f"{fr[dim]:.0%} of {dim} ({fmt(dim, view['used'].get(dim, 0) or 0)} / "
+                        f"{fmt(dim, view['limit'][dim])})") if dim else "no limit"
+                ranked.append({"run": view["name"], "fraction": fr[dim] if dim else -1.0, "text": text})
+            ranked.sort(key=lambda x: (-x["fraction"], x["run"]))
+            out.append({"label": f"{team['name']}/{name}", "active": active, "top": ranked[:TOP_RUNS]})
+    return out
 
 
 def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
@@ -374,11 +612,22 @@ def build_dashboard_routes(state: Any, error_response: Any) -> list[Route]:
             if not await authorized(request):
                 return RedirectResponse("login", status_code=303)
             doc = await usage_document(state)
+            now = state.clock()
+            config_keys = state.runtime.budgets.keys
+            for team in doc["teams"]:
+                for k in team["keys"]:
+                    k["runtime"] = (team["name"], k["name"]) not in config_keys
+            try:
+                runs = await load_runs(state, doc, now)
+            except Exception as exc:
+                log.error("dashboard: runs unavailable: %s", exc.__class__.__name__)
+                runs = []
+            trends = await load_trends(state.store, scope_cards(doc), now)
         except StoreUnavailable as err:
             return page("budget-proxy: unavailable", f'<p class="error">{escape(err.message)}</p>', 503, True)
         except ProxyError as err:
             return error_response(err)
-        return page("budget-proxy: budgets", render_dashboard(doc, state.clock()), refresh=True)
+        return page("budget-proxy: budgets", render_dashboard(doc, now, trends, runs), refresh=True)
 
     async def login_page(request: Request) -> Response:
         try:

@@ -6,13 +6,15 @@ machinery (ClientRequest/ClientResponse objects, CIMultiDicts, URL handling, tim
 traces) cost ~55 us of the ~95 us a whole raw pass-through spends per request; this client does
 the same socket work in a fraction of that. It does only what the relay needs: one request per
 connection at a time, bodies sent whole, responses with a length, chunked or read to EOF, bodies
-relayed raw (no decompression: the relay asks for identity), no cookies, no redirects, no proxies.
+relayed raw (no decompression: the relay asks for identity), no cookies, no redirects, no proxies
+(an upstream reached through an egress proxy goes through httpx's transport: proxy/upstream.py).
 
 Errors are httpx's, as the relay expects from any transport: ConnectError/ConnectTimeout before
-the request is written; ReadTimeout when the response head is not in within `read_timeout` of the
-request, when no body byte arrives for `read_timeout`, or when the whole response takes longer
-than `max_duration`; RemoteProtocolError when the upstream breaks the protocol, sends a response
-head over MAX_HEAD_BYTES or ends a body early; ReadError when the connection fails.
+the request is written; PoolTimeout when all `max_connections` stay busy for `pool_timeout`;
+ReadTimeout when the response head is not in within `read_timeout` of the request, when no body
+byte arrives for `read_timeout`, or when the whole response takes longer than `max_duration`;
+RemoteProtocolError when the upstream breaks the protocol, sends a response head over
+MAX_HEAD_BYTES or ends a body early; ReadError when the connection fails.
 """
 from __future__ import annotations
 
@@ -338,21 +340,28 @@ class Connection(asyncio.Protocol):
             self.close()
 
 
+def _pool_timed_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # (a waiter set done is skipped by _wake_one)
+        waiter.set_exception(httpx.PoolTimeout("upstream connection pool exhausted"))
+
+
 class Pool:
     """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
                  read_timeout: float = 600.0, max_duration: float = 3600.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, pool_timeout: float = 10.0) -> None:
         """`read_timeout`: the longest wait for a whole response head (dripped or not), then
         between any two body bytes; `max_duration`: the longest a whole response (head and body) may take from
         the moment its request is written; `ssl_context`: for https origins; by default the
-        system's CAs, with hostname checks."""
+        system's CAs, with hostname checks; `pool_timeout`: the longest a request waits for a
+        connection while all `max_connections` are busy."""
         self._ssl_context = ssl_context
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_duration = max_duration
+        self.pool_timeout = pool_timeout
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
         self._origins: dict[str, Origin] = {}
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
@@ -408,11 +417,18 @@ class Pool:
         return None
 
     async def _connect(self, origin: Origin) -> Connection:
+        deadline = 0.0
         while len(self._open) >= self.max_connections:
             self._close_one_idle()
+            if not deadline:  # (one bound on the whole wait, however often this one is woken)
+                deadline = self.loop.time() + self.pool_timeout
             waiter = self.loop.create_future()
             self._waiting.append(waiter)
-            await waiter  # a connection closed or went back to the pool
+            timer = self.loop.call_at(deadline, _pool_timed_out, waiter)
+            try:
+                await waiter  # a connection closed or went back to the pool
+            finally:
+                timer.cancel()
             conn = self._reuse(origin.key)
             if conn is not None:
                 return conn

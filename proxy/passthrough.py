@@ -16,6 +16,7 @@ from proxy.errors import (NotFound, PermissionDenied, ProxyError, StoreUnavailab
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.logs import ACCESS_NOTE, upstream_request_id
 from proxy.providers import PassRoute
+from proxy.upstream import PoolExhausted
 from proxy.validate import check_model, parse_body
 
 
@@ -70,6 +71,10 @@ class Passthrough:
         t0 = time.perf_counter()
         try:
             resp = await self.state.transport_for(self.provider).handle_async_request(req)
+        except httpx.PoolTimeout:  # (a TimeoutException: before it) all max_connections stayed busy
+            noted["outcome"] = "upstream_pool_exhausted"
+            await send_error(send, PoolExhausted("upstream connection pool exhausted"), request_id, self.provider)
+            return
         except httpx.TimeoutException:
             noted["outcome"] = "upstream_timeout"
             await send_error(send, UpstreamTimeout("The upstream API timed out."), request_id, self.provider)

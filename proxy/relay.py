@@ -28,7 +28,7 @@ from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEError
 from proxy.store.base import Reservation, UsageRow
 from proxy.stream_policy import CUT, PUSH, RELAY, StreamPolicy, stream_usage
-from proxy.upstream import UpstreamReply, open_upstream
+from proxy.upstream import PoolExhausted, UpstreamReply, open_upstream
 from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
@@ -273,6 +273,9 @@ class Relay:
         except ClientGone:
             call.outcome = "client_disconnected"  # before any response: the hold goes back, nothing charged
             await self.settle(call, None, Usage())
+            return
+        except httpx.PoolTimeout:  # (a TimeoutException: before it) all max_connections stayed busy
+            await self.fail(call, send, "upstream_pool_exhausted", PoolExhausted("upstream connection pool exhausted"))
             return
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))

@@ -15,6 +15,7 @@ import re
 import shutil
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ import pytest
 
 from proxy.app import build_runtime, create_app
 from proxy.config import ConfigError, parse_config
-from proxy.dashboard import (COOKIE, SESSION_SECONDS, LoginThrottle, SessionRevocations, issue_session,
-                             read_session, render_dashboard)
+from proxy.dashboard import (COOKIE, MAX_TRENDS, SESSION_SECONDS, LoginThrottle, SessionRevocations,
+                             issue_session, read_session, render_dashboard)
 from tests.conftest import ALPHA_KEY, BETA_KEY, GAMMA_KEY
 from tests.harness import make_config
 from tests.simulator import Reply
@@ -35,13 +36,15 @@ ADMIN = "bp-admin-dashboard-key-4242"
 MSG = [{"role": "user", "content": "hello"}]
 SESSION = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,12}\.[0-9a-f]{64}$")  # id.expiry.hmac
 ODD_KEY = "<b>ops</b> & co"  # a key name that must be shown literally
+RUNNER_KEY = "bp-runner-dashboard-key-0000000001"
 
 
 def teams() -> dict:
     return {
         "research": {"budget": {"tokens": 10_000, "cost_usd": 0.04, "period": "day"},
                      "keys": {"alpha": {"key": ALPHA_KEY, "budget": {"tokens": 1_000, "steps": 10}},
-                              ODD_KEY: {"key": BETA_KEY}}},
+                              ODD_KEY: {"key": BETA_KEY},
+                              "runner": {"key": RUNNER_KEY, "run_budget": {"steps": 4}}}},
         "support": {"budget": {"steps": 20, "period": "week"},
                     "keys": {"gamma": {"key": GAMMA_KEY, "budget": {"output_tokens": 2_000, "wall_clock": "2h"}}}},
     }
@@ -389,6 +392,136 @@ def test_render_escapes_every_value():
     assert html.count("&lt;script&gt;") >= 4
 
 
+def scope_order(html: str) -> list[str]:
+    return re.findall(r'<section class="scope" data-scope="([^"]*)"', html)
+
+
+def card(html: str, label: str) -> str:
+    """One scope's section of the page."""
+    m = re.search(rf'<section class="scope" data-scope="{re.escape(label)}".*?</section>', html, re.S)
+    assert m, label
+    return m[0]
+
+
+def spark_points(section: str) -> list[tuple[float, float]]:
+    m = re.search(r'<polyline points="([^"]*)"', section)
+    assert m, section
+    return [tuple(map(float, p.split(","))) for p in m[1].split()]
+
+
+def admin_get(proxy) -> str:
+    r = httpx.get(proxy.url + "/admin/dashboard", headers={"x-api-key": ADMIN})
+    assert r.status_code == 200
+    return r.text
+
+
+def at(iso_time: str) -> float:
+    return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
+
+
+def test_scopes_are_sorted_by_the_highest_fraction_used(admin_proxy, sim):
+    traffic(admin_proxy, sim)
+    html = admin_get(admin_proxy)
+    # gamma output 1900/2000; alpha tokens 820/1000; research tokens 5820/10000; support steps 1/20;
+    # then the scopes without a limit of their own, by name
+    assert scope_order(html) == ["support/gamma", "research/alpha", "research", "support",
+                                 f"research/{ODD_KEY}".replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"),
+                                 "research/runner"]
+    fractions = [float(f) for f in re.findall(r'<section class="scope"[^>]* data-fraction="([0-9.]+)"', html)]
+    assert fractions == sorted(fractions, reverse=True) and fractions[0] == pytest.approx(0.95)
+    assert "520px" not in html  # no fixed minimum column width (phones)
+
+
+def test_render_caps_the_scopes_with_a_trend():
+    from proxy.dashboard import Trend
+    from proxy.store.base import Tally
+
+    scope = {"period": "day", "resets_at": None, "limit": {"tokens": 100}, "used": {"tokens": 1}, "held": {}}
+    doc = {"teams": [{"name": f"t{i:03d}", "budget": scope, "keys": []} for i in range(MAX_TRENDS + 5)]}
+    trends = {f"t{i:03d}": Trend("hour", [(3600 * h, Tally()) for h in range(24)]) for i in range(MAX_TRENDS)}
+    html = render_dashboard(doc, 0, trends)
+    assert html.count("<svg") == MAX_TRENDS and html.count("trend: only the most used scopes have one") == 5
+
+
+def test_a_sparkline_of_the_last_24_hours_or_30_days(clocked_proxy, clock, sim):
+    clock.now = at("2026-12-07T10:30:00Z")
+    sim.queue(Reply(input_tokens=500, output_tokens=200))
+    call(clocked_proxy, ALPHA_KEY, 200)                      # 700 tokens in the 10:00 hour
+    clock.now = at("2026-12-07T12:10:00Z")
+    sim.queue(Reply(input_tokens=100, output_tokens=20), Reply(input_tokens=10, output_tokens=1900))
+    call(clocked_proxy, ALPHA_KEY, 50)                       # 120 tokens in the 12:00 hour
+    call(clocked_proxy, GAMMA_KEY, 1900)
+    html = admin_get(clocked_proxy)
+    alpha = card(html, "research/alpha")
+    assert 'data-bucket="hour"' in alpha and 'data-points="24"' in alpha
+    pts = spark_points(alpha)
+    assert len(pts) == 24
+    ys = [y for _, y in pts]
+    # the last point is the 12:00 hour (120), two before it the 10:00 hour (700, the peak)
+    assert ys[21] == pytest.approx(2.0) and ys[23] == pytest.approx(38 - 36 * 120 / 700, abs=0.1)
+    assert all(y == pytest.approx(38.0) for i, y in enumerate(ys) if i not in (21, 23))
+    assert "tokens · last 24 h by hour" in alpha and "total 820" in alpha
+    # support's period is a week: 30 days by day, today the peak
+    support = card(html, "support")
+    assert 'data-bucket="day"' in support and "last 30 days by day" in support
+    pts = spark_points(support)
+    assert len(pts) == 30 and pts[-1][1] == pytest.approx(2.0) and all(y == pytest.approx(38.0) for _, y in pts[:-1])
+    assert "steps · last 30 days by day" in support  # its limited dimension
+
+
+def test_when_a_burning_scope_runs_out(clocked_proxy, clock, sim):
+    clock.now = at("2026-12-07T10:30:00Z")
+    sim.queue(Reply(input_tokens=500, output_tokens=200), Reply(input_tokens=100, output_tokens=20))
+    call(clocked_proxy, ALPHA_KEY, 200)
+    call(clocked_proxy, ALPHA_KEY, 50)
+    html = admin_get(clocked_proxy)
+    # the recent rate: 820 tokens since 09:00 (5400 s); alpha has 180 tokens left -> 1185 s -> 10:49:45
+    assert '<div class="burn soon">runs out ~10:49 UTC</div>' in card(html, "research/alpha")
+    # research (per day) has 9180 left -> 16.8 h -> after its reset at midnight
+    assert '<div class="burn">at this rate: not before reset</div>' in card(html, "research")
+    assert 'class="burn' not in card(html, "support/gamma")  # nothing used: not burning
+    # later, with nothing more used, the rate falls: an hour after, 820 over 7200 s
+    clock.now = at("2026-12-07T11:15:00Z")  # since 10:00 (the previous hour): 4500 s -> 988 s -> 11:31:28
+    assert "runs out ~11:31 UTC" in card(admin_get(clocked_proxy), "research/alpha")
+    clock.now = at("2026-12-07T13:00:00Z")  # nothing in the last two hours: not burning
+    assert 'class="burn' not in card(admin_get(clocked_proxy), "research/alpha")
+
+
+def test_runtime_keys_and_active_runs_are_listed(admin_proxy, sim):
+    r = httpx.post(admin_proxy.url + "/admin/keys", headers={"x-api-key": ADMIN},
+                   json={"team": "support", "name": "ci-bot", "budget": {"tokens": 100}, "run_budget": {"steps": 3}})
+    assert r.status_code == 201, r.text
+    bot = r.json()["key"]
+    sim.queue(*[Reply(input_tokens=5, output_tokens=5) for _ in range(5)])
+    client = anthropic.Anthropic(base_url=admin_proxy.url, api_key=RUNNER_KEY, max_retries=0)
+    for run in ("r-1", "r-1", "r-1", "r-2"):
+        client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MSG,
+                               extra_headers={"x-budget-run": run})
+    anthropic.Anthropic(base_url=admin_proxy.url, api_key=bot, max_retries=0).messages.create(
+        model="claude-haiku-4-5", max_tokens=10, messages=MSG, extra_headers={"x-budget-run": "build-7"})
+    html = admin_get(admin_proxy)
+    assert '<span class="kind">runtime</span>' in card(html, "support/ci-bot")
+    assert "runtime" not in card(html, "research/alpha")
+    assert re.search(r'<ul class="runs runtime-keys"><li>support/ci-bot</li></ul>', html)
+    assert '<div class="keyruns" data-key="research/runner" data-active="2">' in html
+    assert '<div class="keyruns" data-key="support/ci-bot" data-active="1">' in html
+    runner = re.search(r'data-key="research/runner".*?</ul></div>', html, re.S)[0]
+    assert re.findall(r'data-run="([^"]*)"', runner) == ["r-1", "r-2"]  # the most used first
+    assert "r-1 · 75% of steps (3 / 4)" in runner and "2 active runs" in runner
+    assert bot not in html
+
+
+def test_a_history_outage_leaves_the_budgets_shown(admin_proxy, sim):
+    traffic(admin_proxy, sim)
+
+    async def broken(*args):
+        raise OSError("disk gone")
+    admin_proxy.state.store.usage_hours = broken
+    html = admin_get(admin_proxy)
+    assert "<svg" not in html and scope_order(html)[:2] == ["support/gamma", "research/alpha"]
+    assert rows(html)[("research/alpha", "tokens")]["used"] == "820"
+
+
 def test_store_outage_is_a_503_page_that_retries(admin_proxy):
     async def broken(scopes, now):
         raise OSError("disk gone")
@@ -447,8 +580,13 @@ class Chromium:
         attached = await self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)
         self.session = attached["sessionId"]
         await self.send("Page.enable", session=True)
-        await self.send("Emulation.setDeviceMetricsOverride", session=True, width=1200, height=900,
-                        deviceScaleFactor=1, mobile=False)
+        await self.viewport(1280, 900, mobile=False)
+
+    async def viewport(self, width: int, height: int, mobile: bool) -> None:
+        """Emulate a window of this size (mobile: a phone's, which honours the viewport meta tag)."""
+        self.width, self.height = width, height
+        await self.send("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
+                        deviceScaleFactor=1, mobile=mobile)
 
     async def __aexit__(self, *exc: object) -> None:
         if self.reader is not None:
@@ -510,31 +648,67 @@ class Chromium:
             raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def screenshot(self) -> bytes:
-        """The page down to the end of its content (at most the window's height)."""
-        height = await self.js("Math.ceil(document.querySelector('body > :last-child').getBoundingClientRect().bottom)")
-        clip = {"x": 0, "y": 0, "width": 1200, "height": min(900, height + 16), "scale": 1}
-        shot = await self.send("Page.captureScreenshot", session=True, format="png", clip=clip)
+    async def screenshot(self, max_height: int | None = None) -> bytes:
+        """The page down to the end of its content (at most `max_height`, default the window's)."""
+        height = await self.js("Math.ceil(document.documentElement.scrollHeight)")
+        clip = {"x": 0, "y": 0, "width": self.width, "height": min(max_height or self.height, height), "scale": 1}
+        shot = await self.send("Page.captureScreenshot", session=True, format="png", clip=clip,
+                               captureBeyondViewport=True)
         return base64.b64decode(shot["data"])
 
 
 READ_DOM = """JSON.stringify({
   path: location.pathname, cookie: document.cookie,
-  teams: [...document.querySelectorAll("section.team h2")].map(e => e.textContent),
-  keys: [...document.querySelectorAll("section.team h3")].map(e => e.textContent),
+  scopes: [...document.querySelectorAll("section.scope h2")].map(e => e.textContent),
+  labels: [...document.querySelectorAll("section.scope")].map(e => e.dataset.scope),
   bold: document.querySelectorAll("main b").length,
+  scrollWidth: document.documentElement.scrollWidth,
+  columns: new Set([...document.querySelectorAll("section.scope")].map(e => e.getBoundingClientRect().left)).size,
+  cards: [...document.querySelectorAll("section.scope, section.extras")].map(e => {
+    const r = e.getBoundingClientRect(); return {left: r.left, right: r.right};
+  }),
+  sparks: [...document.querySelectorAll("section.scope svg.spark")].map(svg => {
+    const r = svg.getBoundingClientRect();
+    return {scope: svg.closest("section").dataset.scope, width: r.width, height: r.height,
+            points: svg.querySelector("polyline").points.numberOfItems,
+            line: svg.querySelector("polyline").getBBox().width};
+  }),
+  burns: Object.fromEntries([...document.querySelectorAll("section.scope .burn")].map(
+    e => [e.closest("section").dataset.scope, e.textContent])),
+  runtime: [...document.querySelectorAll("section.scope[data-runtime] h2")].map(e => e.textContent),
+  runs: [...document.querySelectorAll(".keyruns")].map(e => [e.dataset.key, +e.dataset.active]),
   rows: [...document.querySelectorAll(".dim")].map(d => {
     const bar = d.querySelector(".bar").getBoundingClientRect();
     return {scope: d.dataset.scope, dim: d.dataset.dim, used: +d.dataset.used, limit: +d.dataset.limit,
             held: +d.dataset.held, fig: d.querySelector(".fig").textContent,
+            barWidth: bar.width,
             usedFrac: d.querySelector(".used").getBoundingClientRect().width / bar.width,
             heldFrac: d.querySelector(".held").getBoundingClientRect().width / bar.width};
   })})"""
 
 
+async def check_layout(dom: dict[str, Any], width: int) -> None:
+    """Nothing wider than the window; every bar and every trend drawn with a width."""
+    assert dom["scrollWidth"] <= width
+    assert all(0 <= c["left"] and c["right"] <= width for c in dom["cards"]), dom["cards"]
+    assert dom["rows"] and all(r["barWidth"] > 100 for r in dom["rows"])
+    sparks = {s["scope"]: s for s in dom["sparks"]}
+    assert sorted(sparks) == sorted(dom["labels"])  # every scope has its trend (fewer than MAX_TRENDS)
+    for s in sparks.values():
+        assert s["width"] > 100 and s["height"] == 40 and s["line"] > 100, s
+        assert s["points"] == (30 if s["scope"].startswith("support") and "/" not in s["scope"] else 24), s
+
+
 async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path):
     browser_bin = chromium_or_skip()
     traffic(admin_proxy, sim)
+    r = httpx.post(admin_proxy.url + "/admin/keys", headers={"x-api-key": ADMIN},
+                   json={"team": "support", "name": "ci-bot", "budget": {"tokens": 100}, "run_budget": {"steps": 3}})
+    assert r.status_code == 201, r.text
+    sim.queue(*[Reply(input_tokens=5, output_tokens=5) for _ in range(3)])
+    for run in ("r-1", "r-1", "r-2"):
+        anthropic.Anthropic(base_url=admin_proxy.url, api_key=RUNNER_KEY, max_retries=0).messages.create(
+            model="claude-haiku-4-5", max_tokens=10, messages=MSG, extra_headers={"x-budget-run": run})
     # One request of the odd key held upstream: its reservation shows as held.
     sim.queue(Reply(input_tokens=40, output_tokens=8, gate="held"))
     in_flight = threading.Thread(target=call, args=(admin_proxy, BETA_KEY, 2000))
@@ -553,14 +727,19 @@ async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path)
             cookies = (await page.send("Network.getCookies", session=True, urls=[base]))["cookies"]
             assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [("bp_dashboard", True, "Strict")]
             assert SESSION.match(cookies[0]["value"]) and ADMIN not in cookies[0]["value"]
-            assert dom["teams"] == ["team research", "team support"]
-            assert dom["keys"] == ["key alpha", f"key {ODD_KEY}", "key gamma"] and dom["bold"] == 0
+            # the most used first; the runtime key marked; the runs of the key with a run budget
+            assert dom["scopes"] == ["key support/gamma", "key research/alpha", "team research", "team support",
+                                     "key support/ci-botruntime", f"key research/{ODD_KEY}", "key research/runner"]
+            assert dom["bold"] == 0 and dom["runtime"] == ["key support/ci-botruntime"]
+            assert dom["runs"] == [["research/runner", 2], ["support/ci-bot", 0]]
+            assert dom["burns"]["research/alpha"].startswith("runs out ~")
+            await check_layout(dom, 1280)
             by = {(r["scope"], r["dim"]): r for r in dom["rows"]}
             usage = httpx.get(admin_proxy.url + "/admin/usage", headers={"x-api-key": ADMIN}).json()
             team_held = usage["teams"][0]["budget"]["held"]["tokens"]
             assert team_held > 0
             expected = {("research/alpha", "tokens"): (820, 1000, 0), ("research/alpha", "steps"): (2, 10, 0),
-                        ("research", "tokens"): (5820, 10000, team_held),
+                        ("research", "tokens"): (5850, 10000, team_held),  # + the runner's 30
                         ("support/gamma", "output_tokens"): (1900, 2000, 0), ("support", "steps"): (1, 20, 0)}
             for key, (used, limit, held) in expected.items():
                 row = by[key]
@@ -570,6 +749,16 @@ async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path)
             assert by[("research/alpha", "tokens")]["fig"] == "820 / 1,000 · 82%"
             assert f"{team_held:,} held" in by[("research", "tokens")]["fig"]
             png = await page.screenshot()
+            # a phone: one column, nothing wider than the screen, the bars and trends drawn
+            await page.viewport(390, 844, mobile=True)
+            await page.load(page.send("Page.reload", session=True))
+            phone = json.loads(await page.js(READ_DOM))
+            assert phone["path"] == "/admin/dashboard" and phone["scopes"] == dom["scopes"]
+            assert phone["scrollWidth"] <= 390 and phone["columns"] == 1
+            await check_layout(phone, 390)
+            phone_png = await page.screenshot(max_height=2400)
+            await page.viewport(1280, 900, mobile=False)
+            await page.load(page.send("Page.reload", session=True))
             # The held request finishes; the page refreshes itself and shows it charged. (A refresh
             # already under way when the request settled may show the old figures; the next cannot.)
             sim.open_gate("held")
@@ -580,11 +769,14 @@ async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path)
                 research = next(r for r in dom["rows"] if (r["scope"], r["dim"]) == ("research", "tokens"))
                 if research["held"] == 0:
                     break
-            assert (research["used"], research["held"]) == (5868, 0)
+            assert (research["used"], research["held"]) == (5898, 0)
     finally:
         sim.open_gate("held")
         in_flight.join(10)
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    for shot in (png, phone_png):
+        assert shot.startswith(b"\x89PNG\r\n\x1a\n") and len(shot) > 10_000
     (tmp_path / "dashboard.png").write_bytes(png)
+    (tmp_path / "dashboard-phone.png").write_bytes(phone_png)
     if target := os.environ.get("BUDGET_PROXY_SCREENSHOT"):
         Path(target).write_bytes(png)
+        Path(target).with_name(Path(target).stem + "-phone.png").write_bytes(phone_png)

@@ -1,4 +1,5 @@
-"""open_store(url): the store a URL names (memory://, sqlite:///PATH, redis://HOST:PORT/DB). Apart
+"""open_store(url): the store a URL names (memory://, sqlite:///PATH, redis://HOST:PORT/DB,
+rediss://... (TLS), redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB). Apart
 from proxy/store/base.py, which every store imports: the stores are imported only when named."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def open_store(url: str) -> LedgerStore:
         from proxy.store.sqlite import SqliteStore
 
         return SqliteStore(url.removeprefix("sqlite:///"))
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
         from proxy.store.redis import RedisStore
 
         return RedisStore.from_url(url)

@@ -1,4 +1,6 @@
 """redis://HOST:PORT/DB[?prefix=...&hold_ttl=15&renew_every=5] — budgets shared by several replicas.
+Also rediss://[user:password@]HOST:PORT/DB[?ssl_ca_certs=PATH] (TLS; an ACL user) and
+redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB (SPEC §12 "Managed Redis"): see _connections.
 
 Every decision runs inside Redis as one Lua script (SCRIPT LOAD once, EVALSHA, reloaded on
 NOSCRIPT), so reserve / charge / settle / release are atomic across all scopes of a request and
@@ -135,6 +137,7 @@ log = logging.getLogger("budget_proxy.store")
 MAX_EXACT = 2**53 - 1
 RETENTION_S = 35 * 86400
 UNAVAILABLE = "The budget ledger is unavailable; nothing was forwarded."
+SENTINEL_CHECK_S = 0.5  # how often a Sentinel store asks which server is the primary
 
 _ROW_TYPES = {name: t if t in (float, int) else str for name, t in get_type_hints(UsageRow).items()}
 
@@ -349,6 +352,95 @@ class _Item:
         self.call, self.args, self.fut, self.res, self.row = [op, *args], args, fut, res, row
 
 
+class RedisTarget:
+    """A store URL's connection parts (parse_redis_url). Its repr names no password."""
+
+    __slots__ = ("scheme", "host", "port", "db", "username", "password", "query", "sentinels", "service")
+
+    def __init__(self, scheme: str, host: str, port: int, db: int, username: str | None, password: str | None,
+                 query: dict[str, str], sentinels: list[tuple[str, int]] | None = None, service: str = "") -> None:
+        self.scheme, self.host, self.port, self.db = scheme, host, port, db
+        self.username, self.password, self.query = username, password, query
+        self.sentinels, self.service = sentinels, service
+
+    def __repr__(self) -> str:
+        where = ",".join(f"{h}:{p}" for h, p in self.sentinels) if self.sentinels else f"{self.host}:{self.port}"
+        return f"RedisTarget({self.scheme}://{where}/{self.service + '/' if self.service else ''}{self.db})"
+
+    @property
+    def sentinel_auth(self) -> dict[str, str]:
+        """sentinel_password= (and sentinel_username=) in the query: the sentinels' own AUTH."""
+        auth = {}
+        if "sentinel_password" in self.query:
+            auth["password"] = self.query["sentinel_password"]
+            if "sentinel_username" in self.query:
+                auth["username"] = self.query["sentinel_username"]
+        return auth
+
+    def ssl_context(self) -> Any:
+        """rediss://: the SSLContext redis-py would build from the same query parameters (CA checked,
+        hostname too unless ssl_check_hostname=false); None for redis://."""
+        if self.scheme != "rediss":
+            return None
+        from redis.asyncio.connection import RedisSSLContext
+
+        q = self.query
+        check = q.get("ssl_check_hostname", "true").lower() not in ("0", "false", "no", "off")
+        return RedisSSLContext(keyfile=q.get("ssl_keyfile"), certfile=q.get("ssl_certfile"),
+                               cert_reqs=q.get("ssl_cert_reqs", "required"), ca_certs=q.get("ssl_ca_certs"),
+                               ca_path=q.get("ssl_ca_path"), check_hostname=check).get()
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """redis://[user:password@]HOST[:PORT][/DB], rediss://... (TLS), or
+    redis+sentinel://[user:password@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]. ValueError (naming no
+    password) when malformed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "redis+sentinel"):
+        raise ValueError("store URL must be redis://, rediss:// or redis+sentinel://")
+    rest, _, query_text = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else (unquote(user) if user else None)
+        if not colon:  # (redis://PASSWORD@host, as redis-py reads it: a password alone)
+            username = None
+    query = dict(parse_qsl(query_text))
+
+    def hostport(text: str, default: int) -> tuple[str, int]:
+        if text.startswith("["):  # [v6]:port
+            host, _, port = text[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+        if not host:
+            raise ValueError("store URL: a host is missing")
+        try:
+            return host, int(port) if port else default
+        except ValueError:
+            raise ValueError("store URL: a port is not a number") from None
+
+    parts = [p for p in path.split("/") if p]
+    try:
+        if scheme == "redis+sentinel":
+            sentinels = [hostport(h, 26379) for h in hosts.split(",") if h]
+            if not sentinels or not parts:
+                raise ValueError("store URL: redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB")
+            db = int(parts[1]) if len(parts) > 1 else 0
+            return RedisTarget(scheme, sentinels[0][0], sentinels[0][1], db, username, password, query,
+                               sentinels, unquote(parts[0]))
+        host, port = hostport(hosts, 6379)
+        db = int(parts[0]) if parts else int(query.get("db", 0))
+    except ValueError as exc:
+        if "store URL" in str(exc):
+            raise
+        raise ValueError("store URL: the DB is not a number") from None
+    return RedisTarget(scheme, host, port, db, username, password, query)
+
+
 class RedisStore:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "budget-proxy:",
                  hold_ttl: float = 15.0, renew_every: float = 5.0, log_max: int = 100_000,
@@ -363,6 +455,8 @@ class RedisStore:
         self._pipe: RespClient | None = None  # the batches' own connection (resp.py): the hot path
         self._live: dict[str, Reservation] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._connector: asyncio.Task[None] | None = None  # retries a store unreachable at start
+        self._watcher: asyncio.Task[None] | None = None    # Sentinel: notices a failover (_watch_primary)
         self._retries: set[asyncio.Task[None]] = set()
         # reserve / charge / settle / release calls waiting for the next batch, and the task sending them
         self._queue: list[_Item] = []
@@ -372,8 +466,9 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> RedisStore:
-        """redis://[user:pass@]host:port/db?prefix=..&hold_ttl=s&renew_every=s&log_max=n; other query
-        parameters go to redis-py; keyword arguments override the URL's."""
+        """redis://[user:pass@]host:port/db?prefix=..&hold_ttl=s&renew_every=s&log_max=n (or rediss://,
+        redis+sentinel://: parse_redis_url); other query parameters go to redis-py (ssl_ca_certs, ...);
+        keyword arguments override the URL's."""
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         kw = dict(kw)
@@ -383,26 +478,96 @@ class RedisStore:
         return cls(urlunsplit(parts._replace(query=urlencode(query))), **kw)
 
     # --- lifecycle ---------------------------------------------------------------------
+    def _connections(self) -> tuple[aioredis.Redis, RespClient]:
+        """redis-py's client (the rest) and the pipelined one (the hot path) for self.url:
+        redis:// and rediss:// ([user:password@]host:port/db, TLS options as redis-py's query
+        parameters: ssl_ca_certs, ssl_cert_reqs, ssl_check_hostname, ssl_certfile, ssl_keyfile), or
+        redis+sentinel://[user:password@]H:P[,H:P...]/SERVICE/DB (both follow the primary the
+        sentinels name: redis-py's SentinelConnectionPool, and resp.py asking on every connect)."""
+        opts = dict(decode_responses=True, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
+        target = parse_redis_url(self.url)
+        if target.sentinels is not None:
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinel = Sentinel(target.sentinels, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                sentinel_kwargs={"socket_timeout": 0.5, "socket_connect_timeout": 0.5,
+                                                 **target.sentinel_auth})
+            client = sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db,
+                                         username=target.username, password=target.password, **opts)
+
+            async def primary() -> tuple[str, int]:
+                host, port = await sentinel.discover_master(target.service)
+                return str(host), int(port)
+
+            pipe = RespClient(target.sentinels[0][0], target.sentinels[0][1], target.db, target.username,
+                              target.password, connect_timeout=0.5, read_timeout=1.0, resolve=primary,
+                              min_backoff=0.05, max_backoff=1.0)
+            return client, pipe
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=8, timeout=2.0, **opts)
+        client = aioredis.Redis(connection_pool=pool)
+        pipe = RespClient(target.host, target.port, target.db, target.username, target.password,
+                          connect_timeout=0.5, read_timeout=1.0, ssl=target.ssl_context())
+        return client, pipe
+
     async def open(self) -> None:
-        """Never fails for an unreachable Redis: ping() says so, and calls reconnect when it returns."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=8, timeout=2.0, decode_responses=True, socket_timeout=1.0,
-            socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
-        self._client = aioredis.Redis(connection_pool=pool)
-        parts = urlsplit(self.url)
-        self._pipe = RespClient(parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.strip("/") or 0),
-                                unquote(parts.username) if parts.username else None,
-                                unquote(parts.password) if parts.password is not None else None,
-                                connect_timeout=0.5, read_timeout=1.0)
+        """Never fails for an unreachable Redis (or refused credentials): ping() says so (/readyz 503,
+        metered requests 503), a background task keeps trying with backoff, and calls reconnect when
+        Redis returns."""
+        self._client, self._pipe = self._connections()
         try:
-            for name, src in SCRIPTS.items():
-                self._shas[name] = await self._client.script_load(src)
-        except (RedisError, OSError) as exc:
-            log.warning("redis store: scripts not loaded at start (%s); will load on first use",
-                        exc.__class__.__name__)
+            await self._pipe.connect()
+            await self._load_scripts()
+        except (RedisError, OSError, RespError) as exc:
+            log.warning("redis store: not reachable at start (%s); retrying in the background",
+                        self._pipe.last_error or exc.__class__.__name__)
+            self._connector = asyncio.ensure_future(self._connect_loop())
+        if self._pipe.resolve is not None:
+            self._watcher = asyncio.ensure_future(self._watch_primary())
         self._renewer = asyncio.ensure_future(self._renew_loop())
 
+    async def _watch_primary(self) -> None:
+        """Sentinel: every SENTINEL_CHECK_S, the sentinels are asked for the primary; a connection to
+        another server is dropped (the next call connects to the new primary). A connection that fails,
+        or a READONLY reply, re-resolves at once without waiting for this."""
+        while self._pipe is not None:
+            await asyncio.sleep(SENTINEL_CHECK_S)
+            if self._pipe is not None:
+                await self._pipe.recheck()
+
+    async def _load_scripts(self) -> None:
+        """SCRIPT LOAD every script on the pipelined connection (else on first use, on NOSCRIPT)."""
+        assert self._pipe is not None
+        for name, src in SCRIPTS.items():
+            sha = await self._pipe.call(b"SCRIPT", b"LOAD", src)
+            self._shas[name] = sha.decode() if isinstance(sha, bytes) else str(sha)
+
+    async def _connect_loop(self) -> None:
+        """Until the store's connection opens: backoff 0.25 s doubling to 5 s; logged once a minute at most."""
+        delay, said = 0.25, 0.0
+        loop = asyncio.get_running_loop()
+        while self._pipe is not None:
+            await asyncio.sleep(delay)
+            pipe = self._pipe
+            if pipe is None:
+                return
+            try:
+                await pipe.connect()
+                await self._load_scripts()
+            except (OSError, RespError) as exc:
+                if loop.time() - said > 60:
+                    said = loop.time()
+                    log.warning("redis store: still unreachable (%s)", pipe.last_error or exc.__class__.__name__)
+                delay = min(5.0, delay * 2)
+                continue
+            log.info("redis store: connected")
+            return
+
     async def close(self) -> None:
+        for task in (self._connector, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._connector = self._watcher = None
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
@@ -429,12 +594,13 @@ class RedisStore:
             self._pipe = None
 
     async def ping(self) -> None:
-        if self._client is None:
+        """PING on the connection the requests use (resp.py's), not redis-py's pool."""
+        if self._pipe is None:
             raise StoreUnavailable(UNAVAILABLE)
         try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(UNAVAILABLE) from exc
+            await self._pipe.call(b"PING")
+        except (OSError, RespError) as exc:
+            raise StoreUnavailable(UNAVAILABLE) from None
 
     async def _call(self, name: str, args: Sequence[Any]) -> Any:
         """Run a script on the pipelined connection (resp.py: replies as bytes, binary-safe). A
@@ -514,6 +680,8 @@ class RedisStore:
                         for it in batch:
                             self._answer(it, None, StoreUnavailable(UNAVAILABLE))
                     else:
+                        if any(isinstance(r, bytes) and r[:1] == b"!" and b"READONLY" in r for r in replies) and self._pipe is not None:
+                            self._pipe.close()  # a demoted primary (failover): the next connect asks anew
                         for it, reply in zip(batch, replies):
                             self._answer(it, reply, None)
                     finally:

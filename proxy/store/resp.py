@@ -8,8 +8,9 @@ store's URL are sent on connect."""
 from __future__ import annotations
 
 import asyncio
+import ssl as _ssl
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 CRLF = b"\r\n"
 
@@ -150,15 +151,37 @@ class RespConnection(asyncio.Protocol):
 
 
 class RespClient:
-    """One pipelined connection, opened on first use and again after it broke."""
+    """One pipelined connection, opened on first use and again after it broke.
+
+    ssl: an SSLContext for TLS (rediss://; server_hostname checked against the certificate when the
+    context checks hostnames). resolve: an async callable answering (host, port) on every connect,
+    e.g. asking Sentinel for the current primary; host and port are then only its first guess. A
+    connect that fails (refused, timed out, credentials refused, no primary known) makes the next
+    ones fail at once for a backoff (min_backoff doubling to max_backoff), reset by a success: the
+    callers see ConnectionError without each waiting a connect timeout. A READONLY reply (the server
+    became a replica after a failover) drops the connection, so that the next connect resolves anew.
+    (max_backoff 0, the default: no backoff, every call tries to connect, as a refused connect costs
+    nothing; the store sets one for Sentinel, where a connect asks the sentinels first.)
+    Error messages never carry the password."""
 
     def __init__(self, host: str, port: int, db: int = 0, username: str | None = None, password: str | None = None,
-                 connect_timeout: float = 0.5, read_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 0.5, read_timeout: float = 1.0, *, ssl: _ssl.SSLContext | None = None,
+                 resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+                 min_backoff: float = 0.05, max_backoff: float = 0.0) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.ssl, self.resolve = ssl, resolve
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.last_error: str | None = None  # the last connect failure, password-free (for logs)
         self._conn: RespConnection | None = None
         self._connecting: asyncio.Future[RespConnection] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
 
     async def call(self, *args: bytes | str) -> Any:
         """The reply of one command; RespError for an error reply; ConnectionError or TimeoutError
@@ -170,9 +193,37 @@ class RespClient:
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._connect()
-        return await conn.send(command)
+        try:
+            return await conn.send(command)
+        except RespError as exc:
+            if "READONLY" in str(exc)[:40]:  # a demoted primary: find the new one
+                conn.close()
+                raise ConnectionError("redis server is a read-only replica") from None
+            raise
+
+    async def recheck(self) -> None:
+        """With resolve (Sentinel): ask it again, and drop the connection if it is to another server than
+        the one named now (a failover the connection has not noticed: the old primary may take writes
+        until it is demoted). Raises nothing."""
+        conn = self._conn
+        if self.resolve is None or conn is None or conn.closed:
+            return
+        try:
+            addr = await asyncio.wait_for(self.resolve(), self.connect_timeout * 4)
+        except Exception:  # (no answer: keep what works; a failing connection re-resolves by itself)
+            return
+        if (str(addr[0]), int(addr[1])) != (self.host, self.port) and self._conn is conn:
+            conn.close()
+
+    async def connect(self) -> None:
+        """Open the connection now if it is not open (ConnectionError / TimeoutError if it cannot be)."""
+        if not self.connected:
+            await self._connect()
 
     async def _connect(self) -> RespConnection:
+        loop = asyncio.get_running_loop()
+        if self._connecting is None and loop.time() < self._retry_at:
+            raise ConnectionError(f"redis unavailable (retrying): {self.last_error}")
         if self._connecting is None:  # one connect, however many callers are waiting for it
             self._connecting = asyncio.ensure_future(self._open())
             # (its failure is each waiter's to see; if every waiter was cancelled, nobody's)
@@ -186,9 +237,39 @@ class RespClient:
 
     async def _open(self) -> RespConnection:
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: RespConnection(loop, self.read_timeout), self.host, self.port),
-            self.connect_timeout)
+        try:
+            conn = await self._open_once(loop)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.last_error = exc.__class__.__name__ if isinstance(exc, TimeoutError) else str(exc)
+                if self.max_backoff > 0:
+                    self._backoff = min(self.max_backoff, max(self.min_backoff, self._backoff * 2))
+                    self._retry_at = loop.time() + self._backoff
+            raise
+        self._backoff, self._retry_at, self.last_error = 0.0, 0.0, None
+        return conn
+
+    async def _open_once(self, loop: asyncio.AbstractEventLoop) -> RespConnection:
+        host, port = self.host, self.port
+        if self.resolve is not None:
+            try:
+                host, port = await asyncio.wait_for(self.resolve(), self.connect_timeout * 4)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise ConnectionError(f"no redis primary known ({exc.__class__.__name__})") from None
+            except Exception as exc:  # (redis-py's MasterNotFoundError and the like: not OSError)
+                raise ConnectionError(f"no redis primary known ({exc.__class__.__name__})") from None
+            self.host, self.port = host, port
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: RespConnection(loop, self.read_timeout), host, port,
+                                       ssl=self.ssl, server_hostname=host if self.ssl is not None else None),
+                self.connect_timeout * (4 if self.ssl is not None else 1))  # (a TLS handshake too)
+        except _ssl.SSLError as exc:
+            raise ConnectionError(f"redis TLS handshake failed ({exc.__class__.__name__})") from None
+        except OSError as exc:
+            raise ConnectionError(f"redis connect to {host}:{port} failed ({exc.__class__.__name__})") from None
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"redis connect to {host}:{port} timed out") from None
         try:
             setup = []
             if self.password is not None:
@@ -197,6 +278,8 @@ class RespClient:
             if self.db:
                 setup.append(conn.send(encode_command(("SELECT", str(self.db)))))
             for reply in await asyncio.gather(*setup, return_exceptions=True):
+                if isinstance(reply, RespError):  # (WRONGPASS ..., NOAUTH ...: the server's words, never the password)
+                    raise ConnectionError(f"redis connection setup failed: {str(reply).split(' ', 1)[0]}")
                 if isinstance(reply, BaseException):
                     raise ConnectionError(f"redis connection setup failed: {type(reply).__name__}")
         except BaseException:
