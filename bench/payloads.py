@@ -1,5 +1,5 @@
 """[pure] The bench workload: a 2.2 kB /v1/messages request, a 2.1 kB JSON reply and an
-8.4 kB Anthropic stream of 55 events (50 text deltas), as MEASUREMENTS.md describes it.
+8.4 kB Anthropic stream of 55 events (50 text deltas), as bench/README.md describes it.
 
 The texts hold no `"`, `\\`, `$` or non-ASCII byte, so they go into an nginx config as they are.
 """

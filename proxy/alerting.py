@@ -1,4 +1,4 @@
-"""Budget alert webhooks (SPEC §10, docs/budgets.md "Alerts"): noticing and sending.
+"""Budget alert webhooks (docs/budgets.md "Alerts"): noticing and sending.
 
 Never on a request's path. The relay's hooks (AppState.observe_settled, observe_denial,
 observe_cut) only note, in O(1), which scopes a request touched and which budget denied or cut it

@@ -1,4 +1,4 @@
-"""[pure] Budget alerts (SPEC §10, docs/budgets.md "Alerts"): which thresholds a scope's used amount
+"""[pure] Budget alerts (docs/budgets.md "Alerts"): which thresholds a scope's used amount
 has reached, the event each crossing or denial makes, the key that makes it once per scope,
 dimension, threshold and period, and the retry schedule of a delivery.
 

@@ -53,7 +53,7 @@ QUIET_PROBES = frozenset({"/healthz", "/readyz"})
 
 
 def run_field(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The request's x-budget-run when it is a valid run id (SPEC §9), else None."""
+    """The request's x-budget-run when it is a valid run id (docs/budgets.md "Runs"), else None."""
     for k, v in headers:
         if k == RUN_HEADER:
             try:
@@ -116,7 +116,7 @@ class AppState:
         self.clock = clock
         self._injected_transport = transport
         self.transports: dict[str, httpx.AsyncBaseTransport] = {}
-        self.egress = EgressProxies.from_env(os.environ)  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once (SPEC §12)
+        self.egress = EgressProxies.from_env(os.environ)  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once
         self.metrics = Metrics()
         self.output_ratios = OutputRatios()  # bytes per output token, learned (proxy/ratio.py)
         self.generation = 0                 # bumped by every reload that took effect

@@ -6,7 +6,7 @@ from typing import Any, Awaitable, Callable
 from proxy.errors import ProxyError, RequestTooLarge
 from proxy.providers.registry import provider_named
 
-Scope = dict[str, Any]
+ASGIScope = dict[str, Any]  # the ASGI connection scope; not proxy.ledger.Scope, a budget scope
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

@@ -13,7 +13,7 @@ Auth, in this order: no admin key configured -> 404 (as /admin); a key in x-api-
 Authorization decides alone (admin -> page, proxy key -> 403, other -> 401); otherwise the
 session cookie set by the login form; otherwise 303 to the login page.
 
-The session cookie (SPEC §8) never holds the admin key: it is `<session id>.<expiry>.<mac>`, the
+The session cookie (docs/http-api.md "Dashboard") never holds the admin key: it is `<session id>.<expiry>.<mac>`, the
 mac an HMAC-SHA256 keyed by the admin key over the id and the expiry (unix seconds). So a session
 ends by itself after 12 h (the cookie's Max-Age too), and a changed admin_key invalidates every
 session at once. Logout revokes its session server-side (see SessionRevocations: per process). The

@@ -1,4 +1,4 @@
-"""[pure] Input-token estimate from a request body, for admission (SPEC §5, PROTOCOL §10).
+"""[pure] Input-token estimate from a request body, for admission (docs/budgets.md "Estimates").
 
 No tokenizer exists for current Claude models, so text counts as ceil(utf8_bytes / 3):
 a third above the ~4 characters per token of English on older tokenizers, roughly

@@ -3,8 +3,8 @@
 
 Why not aiohttp's ClientSession: measured on the bench (bench/RESULTS.md), its per-request
 machinery (ClientRequest/ClientResponse objects, CIMultiDicts, URL handling, timer contexts,
-traces) cost ~55 us of the ~95 us a whole raw pass-through spends per request; this client does
-the same socket work in a fraction of that. It does only what the relay needs: one request per
+traces) cost most of what a whole raw pass-through spends per request; this client does the same
+socket work in a fraction of that. It does only what the relay needs: one request per
 connection at a time, bodies sent whole, responses with a length, chunked or read to EOF, bodies
 relayed raw (no decompression: the relay asks for identity), no cookies, no redirects, no proxies
 (an upstream reached through an egress proxy goes through httpx's transport: proxy/upstream.py).

@@ -79,7 +79,7 @@ exec(_amount_functions(DIMS), _generated)
 
 class Amounts(namedtuple("Amounts", FIELDS, defaults=(0,) * len(FIELDS))):  # type: ignore[misc]
     """Per metered dimension (FIELDS: tokens, nanos, steps...). Immutable; a tuple underneath because a
-    frozen dataclass costs ~1 µs to build and every request builds a dozen of these. Arithmetic builds
+    frozen dataclass is dearer to build and every request builds a dozen of these. Arithmetic builds
     the result with tuple.__new__ directly: no per-field keyword handling."""
 
     __slots__ = ()

@@ -32,8 +32,8 @@ def log_request(logger: logging.Logger, fields: dict) -> None:
 
 
 # The access sink writes its lines together: FLUSH_SECONDS after the first one waiting, or at once
-# when FLUSH_LINES are waiting. A write + flush per event-loop turn cost 3-10% of the proxy's CPU
-# at c=16 (bench.ab); a line is at most this late, and a kill -9 loses at most this much of the
+# when FLUSH_LINES are waiting. A write + flush per event-loop turn costs a measurable share of the
+# proxy's CPU under load (bench.ab); a line is at most this late, and a kill -9 loses at most this much of the
 # log (never a charge: the ledger has its own rows).
 FLUSH_SECONDS = 0.05
 FLUSH_LINES = 256
@@ -92,7 +92,7 @@ def upstream_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 
 class AccessSink:
     """Access-log lines in JsonFormatter's exact shape, without a LogRecord, a handler lock and a
-    formatter per request (~50 us a request here, a sixth of the relay's own CPU on a JSON call),
+    formatter per request (a large share of the relay's own CPU on a JSON call),
     written many at a time (FLUSH_SECONDS, FLUSH_LINES) instead of per line."""
 
     def __init__(self, stream: TextIO) -> None:

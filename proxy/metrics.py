@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §7, §10). Label values come only from the config (team, key, dimension),
+"""Prometheus metrics (docs/http-api.md "Metrics"). Label values come only from the config (team, key, dimension),
 a fixed set (route, outcome, kind, alert type and outcome), or the pricing table (model; anything
 else is "other"), so client input can never grow the label space: runtime keys share
 key="(runtime)" (RUNTIME_KEY), and runs are never a label. One registry per app, never global."""
@@ -14,7 +14,7 @@ from proxy.usage import Usage
 TOKEN_KINDS = (("input", "input_tokens"), ("cache_write_5m", "cache_write_5m_tokens"),
                ("cache_write_1h", "cache_write_1h_tokens"), ("cache_read", "cache_read_tokens"),
                ("output", "output_tokens"))
-RUNTIME_KEY = "(runtime)"  # the `key` label of every runtime key (SPEC §8: series never grow with them)
+RUNTIME_KEY = "(runtime)"  # the `key` label of every runtime key: series never grow with them
 # budget_proxy_alerts_total's labels: anything else is counted as "other".
 ALERT_TYPES = ("budget.threshold", "budget.exceeded")
 ALERT_OUTCOMES = ("sent", "failed", "dropped")  # delivered; one attempt failed (retried); given up
@@ -50,7 +50,7 @@ class Metrics:
         self._settled_children: dict[tuple[str, ...], list[Any]] = {}
         self.remaining = Gauge("budget_proxy_budget_remaining", "limit - used - held, per scope and dimension",
                                ["scope", "name", "dimension"], registry=r)
-        # (SPEC §10) config keys and teams, refreshed from the store at each scrape; a team's key label is ""
+        # config keys and teams, refreshed from the store at each scrape; a team's key label is ""
         self.used = Gauge("budget_proxy_budget_used", "Used in the current period, per scope and dimension "
                           "(streams in flight included)", ["scope", "team", "key", "dimension"], registry=r)
         self.limit = Gauge("budget_proxy_budget_limit", "The configured limit, per scope and dimension",
@@ -85,7 +85,7 @@ class Metrics:
 
     def settled(self, team: str, key: str, model: str, route: str, outcome: str, usage: Usage,
                 cost_nanos: int) -> None:
-        # labels() validates and locks on every call (~10 us a request in all), so each child is
+        # labels() validates and locks on every call (measurable on the hot path), so each child is
         # looked up once. Bounded: every label comes from the config, the pricing table or a
         # fixed set (module docstring). A series appears only once it has counted something.
         children = self._settled_children.get((team, key, model, route, outcome))

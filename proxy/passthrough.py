@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
+from proxy.asgi import ASGIScope, ClientGone, Receive, Send, read_body, send_error
 from proxy.errors import (NotFound, PermissionDenied, ProxyError, StoreUnavailable, UpstreamTimeout,
                           UpstreamUnavailable, new_request_id)
 from proxy.headers import downstream_headers, upstream_headers
@@ -30,7 +30,7 @@ class Passthrough:
         self.upstream_path = route.upstream_path
         self.checks_model = route.checks_model
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         # (what the access log says of it: BudgetProxyApp.answer gives the scope a note)
         noted = scope.get(ACCESS_NOTE)

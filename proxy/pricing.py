@@ -8,7 +8,7 @@ proxy never undercharges by a rounding step.
 The caller reads and parses the YAML; `parse_price_table` validates the parsed data
 and lists every problem with its YAML path (`models.claude-x.input`).
 
-Model ids resolve exactly, never by prefix (SPEC §11): `PriceTable.lookup` documents the rules.
+Model ids resolve exactly, never by prefix (docs/configuration.md `pricing`): `PriceTable.lookup` documents the rules.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ _LOOKUP_CACHE_SIZE = 4096
 
 
 def _scaled(values: tuple[Decimal, ...]) -> tuple[int, tuple[int, ...]]:
-    """(D, n) with n[i] / D == values[i] exactly, D a power of ten: integer arithmetic is ~10x
+    """(D, n) with n[i] / D == values[i] exactly, D a power of ten: integer arithmetic is much
     faster than Decimal on the hot path (cost_nanos runs at every settle and stream push)."""
     places = max([0, *(-int(v.as_tuple().exponent) for v in values if v.is_finite())])
     den = 10 ** places
@@ -353,7 +353,7 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
 
 
 def parse_price_table(data: Any) -> PriceTable:
-    """Validate a parsed pricing YAML (SPEC §3, §11); raise PricingError listing every problem."""
+    """Validate a parsed pricing YAML (docs/configuration.md `pricing`); raise PricingError listing every problem."""
     if not isinstance(data, dict):
         raise PricingError([("", "the pricing file must be a YAML mapping")])
     problems = _alias_problems(data)

@@ -1,6 +1,6 @@
 """The only streaming loop: admit -> forward -> pump + meter -> settle (exactly once, whatever is cancelled).
 
-A plain ASGI callable on the hot path (Starlette's StreamingResponse costs ~20% and cancels
+A plain ASGI callable on the hot path (Starlette's StreamingResponse costs measurable throughput and cancels
 the body iterator on disconnect, which is no place to settle money)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import httpx
 from proxy import pricing as pricing_mod
 from proxy.auth import Caller, presented_secret
 from proxy.billing import NO_BILL, Bill, bill_cost_nanos, dearest_price, one_call_may_be_long, price_for
-from proxy.asgi import ClientGone, Receive, Scope, Send, read_body, send_error
+from proxy.asgi import ASGIScope, ClientGone, Receive, Send, read_body, send_error
 from proxy.denials import budget_error
 from proxy.errors import (InvalidRequest, PermissionDenied, ProxyError, StoreUnavailable, UpstreamTimeout,
                           UpstreamUnavailable, new_request_id)
@@ -64,6 +64,7 @@ class Call:
     shutting_down: bool = False    # set when the proxy's grace period ends
     upstream: Any = None           # the upstream response while a stream is relayed
     betas: bytes = b""             # the request's anthropic-beta header (a long context is opted into)
+    long_ok: bool | None = None    # one_call_may_be_long(price, betas), once worked out
     # for the access log (AppState.observe_done)
     upstream_request_id: str | None = None  # the upstream's request-id / x-request-id
     denied: Any = None             # the Denied a stream was cut for
@@ -164,7 +165,7 @@ class Relay:
                    pricing_mod.output_nanos_per_token(price, input_tokens), least)
 
     # --- the route ---------------------------------------------------------------------------
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         request_id = new_request_id()
         started = self.state.clock()
         seen: dict[str, Any] = {}
@@ -190,7 +191,7 @@ class Relay:
             finally:
                 self.state.observe_done(call, scope)  # (after the response's last byte)
 
-    async def admit(self, scope: Scope, receive: Receive, request_id: str, now: float, seen: dict[str, Any]):
+    async def admit(self, scope: ASGIScope, receive: Receive, request_id: str, now: float, seen: dict[str, Any]):
         rt = self.state.runtime
         headers = dict(scope["headers"])
         secret = presented_secret(headers)
@@ -259,7 +260,7 @@ class Relay:
             out.append((b"x-budget-clamped-max-tokens", str(call.clamped_to).encode()))
         return out
 
-    async def forward(self, call: Call, scope: Scope, receive: Receive, send: Send, body: bytes,
+    async def forward(self, call: Call, scope: ASGIScope, receive: Receive, send: Send, body: bytes,
                       facts: RequestFacts) -> None:
         rt = self.state.runtime
         up = rt.upstreams[self.provider]
@@ -443,7 +444,9 @@ class Relay:
         """The running charge, at the rates admission reserved at."""
         if call.price is None:
             return 0
-        return pricing_mod.cost_nanos(call.price, usage, one_call_may_be_long(call.price, call.betas))
+        if call.long_ok is None:  # (worked out once a call: the running charge is priced often)
+            call.long_ok = one_call_may_be_long(call.price, call.betas)
+        return pricing_mod.cost_nanos(call.price, usage, call.long_ok)
 
     def billed_cost(self, call: Call, usage: Usage, bill: Bill) -> int:
         """The settled charge: at the served model's rates, each itemised call at its own."""

@@ -1,6 +1,6 @@
 """Runtime keys on the auth path (docs/http-api.md, "Runtime keys").
 
-Config keys are found first, in memory (proxy/auth.py KeyRing), as before: their path never
+Config keys are found first, in memory (proxy/auth.py KeyRing): their path never
 awaits. A digest the config does not know is looked up here, in the store, through a per-process
 cache whose entries live CACHE_SECONDS: a revocation made on any replica is seen by every replica
 within CACHE_SECONDS plus one store read, well inside the 1 s the contract allows. Unknown digests

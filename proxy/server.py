@@ -23,7 +23,7 @@ CANCEL_MARGIN_SECONDS = 5
 class CoalescingTransport:
     """A connection's transport whose writes made in one event-loop turn leave in one send: uvicorn
     writes a response's head and its body separately, a syscall each, though the relay sends them
-    back to back (one write instead of two: 1.15x SSE, 1.04x JSON throughput in bench.ab). The rest
+    back to back (one write instead of two: measurably more throughput, SSE most, in bench.ab). The rest
     of the transport is passed through."""
 
     __slots__ = ("_transport", "_loop", "_pending", "_scheduled")
@@ -87,8 +87,8 @@ class GracefulServer(uvicorn.Server):
         await super().startup(sockets)
         # What exists once the server is up (modules, config, pools) lives as long as the process:
         # freezing it keeps the collector from traversing it on every full collection. Under load
-        # those ran every half second over ~56k objects, 15-25 ms each with every request waiting:
-        # they were the p99 (25 ms at a p50 of 2.8 ms at c=16; 3-5 ms frozen).
+        # those run often over many objects, each a pause with every request waiting, and dominate
+        # the p99 latency unless frozen.
         gc.collect()
         gc.freeze()
 

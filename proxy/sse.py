@@ -6,7 +6,7 @@
             ...                     # event.event, event.data, event.raw
     tail_events = decoder.flush()   # at EOF
 
-Contract (PROTOCOL.md §3.8, WHATWG "event stream interpretation"):
+Contract (the WHATWG HTML standard, "event stream interpretation"):
 
 * Lines end at CR, LF or CRLF, and nowhere else: a JSON string may hold a raw U+2028,
   U+0085, VT or FF, so nothing like ``str.splitlines`` is ever applied to decoded text.
@@ -36,7 +36,7 @@ _SPACE = 0x20
 
 
 class SSEEvent(NamedTuple):
-    """An immutable value (a tuple: ~40% cheaper to build than a frozen dataclass, and a
+    """An immutable value (a tuple: cheaper to build than a frozen dataclass, and a
     stream builds one per event)."""
 
     event: str | None  # value of the last `event:` line, None if none
@@ -74,7 +74,7 @@ def run_reader(pattern: re.Pattern[bytes]) -> RunReader:
 
     def read(data: bytes, pos: int, end: int) -> tuple[int, bytes, int] | None:
         m = match(data, pos, end)
-        # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is ~3x faster)
+        # each block of a run is "event: NAME\ndata: VALUE\n\n": three LFs (a one-byte count is faster)
         return None if m is None else (m.end(), m[1], data.count(10, pos, m.end()) // 3)
 
     return read

@@ -46,8 +46,8 @@ RELAY, PUSH, RECHECK, CUT = 0, 1, 2, 3
 # since the last push, so /budget shows streams in flight. This only bounds how stale that view
 # is: the hold already covers the stream, growth past the hold is checked at the very event, and
 # reported usage that outgrows the hold is pushed when it comes. Each push prices the usage and
-# updates every scope (on Redis, a round trip), so pushing per event cost ~40% of the SSE relay,
-# and stopping the meter inside a chunk only to look at the clock cost ~10%.
+# updates every scope (on Redis, a round trip), so pushing per event would cost a large share of the
+# SSE relay, and so would stopping the meter inside a chunk only to look at the clock (bench/RESULTS.md).
 PUSH_INTERVAL_SECONDS = 1.0
 # The live estimate runs ahead of the real count (bytes / 3 against ~4 bytes a token of English), so
 # up to this multiple of the forwarded max_tokens it is charged as max_tokens (the provider cannot

@@ -1,22 +1,19 @@
 """The upstream client: httpx's Request/Response types as the seam (respx and httpx.MockTransport
 plug in there), the project's keep-alive pool (proxy/http1.py) doing the socket work.
 
-Measured here (MEASUREMENTS.md, bench/RESULTS.md): httpx's stock transport relays at ~0.10x of a
-raw aiohttp pass-through and `httpx.AsyncClient` on httpx-aiohttp at ~0.45x; most of the
-remainder is AsyncClient's per-request machinery (request building, cookie extraction). So the
-relay never uses an AsyncClient — no cookie jar (a shared jar would leak one tenant's upstream
-cookies to every other), no redirects — and on the project's own transport it skips the httpx
-types too: building an httpx.Request and Response costs ~50 us a call. `open_upstream` is the one
-entry point: the fast path for PooledTransport, `handle_async_request` (the httpx seam) for any
-other transport.
+httpx's stock transport, and even `httpx.AsyncClient` on httpx-aiohttp, relay far slower than a raw
+pass-through (bench/RESULTS.md); most of the gap is AsyncClient's per-request machinery (request
+building, cookie extraction). So the relay never uses an AsyncClient — no cookie jar (a shared jar
+would leak one tenant's upstream cookies to every other), no redirects — and on the project's own
+transport it skips the httpx types too: building an httpx.Request and Response is measurable on the
+hot path. `open_upstream` is the one entry point: the fast path for PooledTransport,
+`handle_async_request` (the httpx seam) for any other transport.
 
-Egress proxies (SPEC §12): an upstream reached through `upstreams.*.proxy` or HTTPS_PROXY /
-HTTP_PROXY goes through httpx's own transport (ProxiedTransport: httpcore does CONNECT for https
-and absolute-form for http); the direct case keeps the project's pool. Measured (bench/egress.py,
-500 sequential metered JSON calls on loopback): ~300 us a call on the pool, ~950 us on httpx's
-transport direct, ~1000-1100 us through a proxy (absolute form or CONNECT). So nearly all of a
-proxied call's extra cost is httpx itself, not the extra hop. Only a proxied deployment pays it,
-and the pool stays free of proxy code.
+Egress proxies (docs/configuration.md `upstreams`): an upstream reached through `upstreams.*.proxy`
+or HTTPS_PROXY / HTTP_PROXY goes through httpx's own transport (ProxiedTransport: httpcore does
+CONNECT for https and absolute-form for http); the direct case keeps the project's pool. A proxied
+call costs several times a pooled one (bench/egress.py), and nearly all of that is httpx itself,
+not the extra hop. Only a proxied deployment pays it, and the pool stays free of proxy code.
 """
 from __future__ import annotations
 

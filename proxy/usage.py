@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 
 class Usage(NamedTuple):
-    """Immutable; a tuple underneath because a frozen dataclass costs ~1.5 us to build and a
+    """Immutable; a tuple underneath because a frozen dataclass is dearer to build and a
     stream builds several (as Amounts in ledger.py)."""
 
     input_tokens: int = 0

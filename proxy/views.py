@@ -1,4 +1,4 @@
-"""[pure] The SPEC §4 scope object shown by /budget, /admin and `budget-proxy usage`."""
+"""[pure] The scope object (docs/http-api.md "GET /budget") shown by /budget, /admin and `budget-proxy usage`."""
 from __future__ import annotations
 
 from typing import Any

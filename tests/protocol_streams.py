@@ -1,6 +1,5 @@
-"""Example Anthropic streams from shared/PROTOCOL.md §3.3–3.7, verbatim, for the parser and meter tests."""
+"""Example Anthropic streams in the shape of Anthropic's streaming docs, for the parser and meter tests."""
 
-# PROTOCOL.md §3.3
 TEXT_ONLY = r"""event: message_start
 data: {"type":"message_start","message":{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","model":"claude-sonnet-5-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":1,"service_tier":"standard"}}}
 
@@ -27,7 +26,6 @@ data: {"type":"message_stop"}
 
 """.encode()
 
-# PROTOCOL.md §3.4
 TOOL_USE = r"""event: message_start
 data: {"type":"message_start","message":{"id":"msg_019Q1hrJbZG26Fb9BQhrkHEr","type":"message","role":"assistant","model":"claude-sonnet-5-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":377,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1,"service_tier":"standard"}}}
 
@@ -66,7 +64,6 @@ data: {"type":"message_stop"}
 
 """.encode()
 
-# PROTOCOL.md §3.5
 THINKING = r"""event: message_start
 data: {"type":"message_start","message":{"id":"msg_01Th1nk","type":"message","role":"assistant","model":"claude-opus-5-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":48,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":3}}}
 
@@ -99,7 +96,6 @@ data: {"type":"message_stop"}
 
 """.encode()
 
-# PROTOCOL.md §3.6
 WEB_SEARCH = r"""event: message_start
 data: {"type":"message_start","message":{"id":"msg_01Srch","type":"message","role":"assistant","model":"claude-opus-5-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":2679,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":3}}}
 
@@ -135,7 +131,6 @@ data: {"type":"message_stop"}
 
 """.encode()
 
-# PROTOCOL.md §3.7
 MID_STREAM_ERROR = r"""event: error
 data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_011CZTMy9LqhUKFKtnm7YTU3"}
 

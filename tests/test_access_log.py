@@ -1,4 +1,4 @@
-"""The access log through the real proxy (SPEC §10 "Access log", docs/http-api.md): one JSON line
+"""The access log through the real proxy (docs/http-api.md "Access log"): one JSON line
 for every request it answers, on every kind of route, with the same top-level fields, and never
 a secret, a prompt or a completion."""
 from __future__ import annotations

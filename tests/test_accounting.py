@@ -1,4 +1,4 @@
-"""Accounting truth (SPEC §11, raising §5): thinking-aware clamping, what a response bills
+"""Accounting truth (docs/budgets.md "What is charged"): thinking-aware clamping, what a response bills
 (iterations, the model that served, the long-context tier), and SSE event typing.
 
 The end-to-end tests run the real proxy under uvicorn in front of the Anthropic simulator and
@@ -85,7 +85,7 @@ def facts(body: dict) -> RequestFacts:
     return RequestFacts(body, body["model"], body["max_tokens"], body.get("stream") is True)
 
 
-# --- thinking-aware clamping, end to end (SPEC §11 "Clamping and thinking") -----------------------
+# --- thinking-aware clamping, end to end (docs/budgets.md "Admission") --------------------------------
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("budget", [{"output_tokens": 3000}, {"tokens": EST + 3000}])
@@ -239,7 +239,7 @@ def test_bill_prices_the_model_that_served_not_the_one_requested():
     # served a model with no price, or named none: the requested price (100 x 1000 + 10 x 5000)
     assert bill_cost_nanos(TABLE, A, Bill("model-unpriced"), u, True) == 150_000
     assert bill_cost_nanos(TABLE, A, Bill(None), u, True) == 150_000
-    # a dated id of a priced model is that model (SPEC §11 model ids)
+    # a dated id of a priced model is that model (docs/configuration.md `pricing`)
     assert bill_cost_nanos(TABLE, A, Bill("model-b-20260101"), u, True) == 450_000
     # nothing priced at all: 0
     assert bill_cost_nanos(TABLE, None, Bill("model-unpriced"), u, True) == 0
@@ -409,7 +409,7 @@ def test_a_whole_reply_that_ran_server_tools_is_never_long_as_a_whole():
     assert bill_cost_nanos(TABLE, None, bill, usage, True) == 765_000_000 + 2 * SEARCH
 
 
-# --- event typing (SPEC §11: an event without `event:` is typed by its data's `type`) -----------
+# --- event typing (an event without `event:` is typed by its data's `type`) ----------------
 
 def test_event_type_reads_the_data_type():
     assert event_type('{"type":"message_delta","delta":{}}') == "message_delta"
@@ -494,7 +494,7 @@ def test_a_data_only_stream_is_metered_as_the_same_stream_with_event_lines(start
 # --- admission of a requested fallback chain ---------------------------------------------------
 
 def test_admission_reserves_at_the_dearest_model_a_requested_fallback_chain_names():
-    """SPEC §11: any model of the chain may serve, so the hold is priced at the dearest
+    """Any model of the chain may serve, so the hold is priced at the dearest
     (claude-opus-4-1 outputs at $75 per Mtok against haiku's $5); names without a price and
     a body that names no fallback change nothing."""
     import yaml

@@ -1,4 +1,4 @@
-"""Budget alert webhooks (SPEC §10; docs/budgets.md "Alerts"; proxy/alerts.py, proxy/alerting.py).
+"""Budget alert webhooks (docs/budgets.md "Alerts"; proxy/alerts.py, proxy/alerting.py).
 
 - The pure rules: thresholds reached (exactly), event keys, claim TTLs, event bodies, the retry
   schedule, how a webhook is named in logs.

@@ -1,4 +1,4 @@
-"""Proxy-key extraction and lookup (SPEC §3 keys; secrets kept only as SHA-256 digests)."""
+"""Proxy-key extraction and lookup (secrets kept only as SHA-256 digests)."""
 from __future__ import annotations
 
 from typing import Any, Iterator

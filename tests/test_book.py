@@ -6,13 +6,13 @@ Hypothesis examples (each stateful example is up to 60 steps):
   test_last_of_a_budget    300  two back-to-back reserves for the last of a budget: exactly one is admitted
 
 Properties checked after every step of both machines:
-  - never overspent by admission or growth (SPEC §5 "Overshoot bound"): for every scope, period and
+  - never overspent by admission or growth (docs/budgets.md "Overshoot bound"): for every scope, period and
     limited dimension  used + held <= limit + sum over settled requests of max(0, actual - final hold);
     in WithinHoldsMachine that sum is 0, so used + held <= limit always; used is never negative
   - a refused charge() changes nothing; an accepted one grows the footprint by exactly its growth and
     keeps used + held <= limit in every dimension that grew; a denied reserve() changes nothing
   - every admission/denial and every growth decision agrees with a reference (input + 1 output token
-    must fit, key before team, SPEC order), and the output hold is the largest every scope covers
+    must fit, key before team, dimension order), and the output hold is the largest every scope covers
   - per scope and period, charged and held equal the sums over the reservations in flight; settled
     equals the sum of settled usage unless the period was reset
   - settle is idempotent and charge() after settle is a no-op; settling everything leaves held and
@@ -585,8 +585,8 @@ def test_reset_touches_only_the_current_period() -> None:
 
 
 def test_settling_below_the_running_charge_after_a_reset_never_makes_used_negative() -> None:
-    """Regression: reset once set settled = -charged, so a request in flight across the reset that
-    settled below its running (estimated) charge left `used` negative and let a later request past the limit."""
+    """A reset must not set settled = -charged: a request in flight across the reset that settled below
+    its running (estimated) charge would leave `used` negative and let a later request past the limit."""
     k = scope("key", "k", tokens=100)
     book = Book()
     res = book.reserve((k,), ask(10, 90), T0, "r1")

@@ -1,4 +1,4 @@
-"""Many requests in flight at once against one team budget (SPEC §5 "Overshoot bound").
+"""Many requests in flight at once against one team budget (docs/budgets.md "Overshoot bound").
 
 The simulator holds every admitted request at a gate before it answers, so that all of them are
 truly in flight together (admitted, holding, not yet settled) before any completes; then the gate

@@ -1,4 +1,4 @@
-"""Budgets end to end (SPEC §1, §4, §5): the real proxy under uvicorn in front of the Anthropic
+"""Budgets end to end (docs/budgets.md, docs/http-api.md): the real proxy under uvicorn in front of the Anthropic
 simulator, driven by the official anthropic SDK (2.14).
 
 Every figure asserted here is worked out by hand: the simulator reports the usage, the input
@@ -314,7 +314,7 @@ def test_long_context_and_web_search_are_priced(up, sim):
     """claude-sonnet-4-5 above 200K input with the 1M-context beta: the whole request at $6 / $22.50
     (read $0.60). The estimate was tiny: the provider's usage is the final truth. Without the beta,
     or with server tools (here 3 web searches at $10 per 1000: the input is a loop's sum), no single
-    call passed 200K (SPEC §11): the standard $3 / $15 (read $0.30)."""
+    call passed 200K (docs/configuration.md `pricing`): the standard $3 / $15 (read $0.30)."""
     p = up(teams(team={"cost_usd": 5}))
     beta = {"anthropic-beta": "files-api-2025-04-14, context-1m-2025-08-07"}
     sim.queue(Reply(input_tokens=150_000, cache_read=60_000, output_tokens=100))
@@ -352,7 +352,7 @@ ENGLISH = "The quick brown fox jumps over the lazy dog. " * 9  # 405 bytes: abou
 def test_a_stream_within_its_hold_is_not_cut_by_the_output_estimate(up, sim):
     """English runs ~4 bytes a token; the live estimate (bytes / 3) runs ahead of the real count.
     The forwarded max_tokens bounds the output, so a stream whose hold covers it is never cut.
-    (Found by these tests; fixed in 7947666: the estimate is capped at the forwarded max_tokens.)"""
+    (So the estimate is capped at the forwarded max_tokens.)"""
     p = up(teams(team={"tokens": EST + 100}))
     chunks = [ENGLISH[i:i + 40] for i in range(0, len(ENGLISH), 40)]
     sim.queue(Reply(chunks=chunks, input_tokens=EST, output_tokens=100))
@@ -362,7 +362,7 @@ def test_a_stream_within_its_hold_is_not_cut_by_the_output_estimate(up, sim):
 
 
 def test_a_cut_stream_never_takes_a_scope_past_its_limit_with_clamping_on(up, sim):
-    """SPEC §5: with clamping on, used <= limit + the input-estimate error (here none)."""
+    """docs/budgets.md "Overshoot bound": with clamping on, used <= limit + the input-estimate error (here none)."""
     p = up(teams(team={"tokens": EST + 100}))
     chunks = [ENGLISH[i:i + 40] for i in range(0, len(ENGLISH), 40)]
     sim.queue(Reply(chunks=chunks, input_tokens=EST, output_tokens=100))
@@ -719,7 +719,7 @@ def test_budget_429_message_of_a_key_scope_names_key_team_and_dimension(up, sim)
 
 
 def test_budget_429_message_of_a_team_scope_names_the_key_too(up, sim):
-    """SPEC §4: messages say for which key and team, also when the team's budget ran out."""
+    """docs/http-api.md "The budget 429": messages say for which key and team, also when the team's budget ran out."""
     p = up(teams(team={"output_tokens": 10}))
     sim.queue(Reply(output_tokens=10))
     create(p, max_tokens=10)

@@ -1,4 +1,4 @@
-"""The CLI as a user runs it: `python -m proxy ...` in a subprocess (SPEC §2)."""
+"""The CLI as a user runs it: `python -m proxy ...` in a subprocess."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Config loading and validation (SPEC §3): ${VAR} expansion, strict fields, YAML paths
+"""Config loading and validation (docs/configuration.md): ${VAR} expansion, strict fields, YAML paths
 in every error, every error listed at once, and never a secret in an error."""
 from __future__ import annotations
 
@@ -517,7 +517,7 @@ def test_openai_upstream_defaults_to_openai_base_url() -> None:
     assert ups["openai"].base_url == "https://api.openai.com"
 
 
-# --- ${VAR}_FILE secrets (SPEC §12 "Containers") ----------------------------------------
+# --- ${VAR}_FILE secrets (docs/configuration.md) -------------------------------------------------
 
 
 def secret_file(tmp_path: Path, content: str | bytes, name: str = "secret") -> str:

@@ -1,4 +1,4 @@
-"""The container files (SPEC §12 "Containers"), checked without a Docker engine: the Dockerfile's
+"""The container files, checked without a Docker engine: the Dockerfile's
 COPY/ENV lines are read to build the image's file tree (.dockerignore applied), the compose files
 and deploy/nginx.conf are parsed, the image's entry command runs on that tree in a clean
 environment, and nginx (when installed) runs deploy/nginx.conf in front of two local backends.

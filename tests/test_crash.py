@@ -1,11 +1,11 @@
-"""The proxy as a real process on a SQLite ledger: restarts, SIGTERM and kill -9 (SPEC §2, §6, §8).
+"""The proxy as a real process on a SQLite ledger: restarts, SIGTERM and kill -9 (docs/budgets.md "Crash durability").
 
 `python -m proxy serve` runs in a subprocess in front of the in-process Anthropic simulator.
-SPEC §6: every settled charge is committed before the response ends; holds are never persisted and
-never outlive the process. SPEC §8 raises §6: the running charge of a stream is persisted at least
+Every settled charge is committed before the response ends; holds are never persisted and
+never outlive the process. Beyond that, the running charge of a stream is persisted at least
 every second, so a kill -9 loses at most the last second of each stream in flight, never a whole
 stream's charge (on SQLite and, when Redis is reachable, on a Redis ledger too).
-SPEC §2: SIGTERM stops accepting, lets in-flight requests finish within the grace period, settles
+SIGTERM stops accepting, lets in-flight requests finish within the grace period, settles
 every charge and closes the store.
 
 No sleeps: every wait is a bounded poll on something observable (the process, /healthz, the
@@ -220,7 +220,7 @@ def test_kill_9_with_a_stream_in_flight_leaves_no_hold_and_keeps_its_running_cha
           f"held {after['scopes'][1]['held']}")
     for s in after["scopes"]:
         assert s["held"] == ZERO_HELD  # no hold survives
-    # the completed requests' charges, and the stream's running charge as it was pushed (SPEC §8):
+    # the completed requests' charges, and the stream's running charge as it was pushed:
     # everything it was charged before the kill (the gate held it since), now settled
     used = {k: v for k, v in during["used"].items() if k != "wall_clock"}
     assert without_wall_clock(after)[1][1] == used
@@ -329,7 +329,7 @@ def test_a_stream_still_running_when_the_grace_period_ends_is_cut_and_charged(pr
         assert s["held"] == ZERO_HELD
 
 
-# --- kill -9 in the middle of a long stream (SPEC §8: at most the last second is lost) --------------------------------
+# --- kill -9 in the middle of a long stream (at most the last second is lost) ----------------------------------------
 
 PACED_CHUNKS = [f"w{i:03d} abcdefg " for i in range(300)]  # 300 text deltas of 13 bytes
 EVENT_DELAY = 0.03                                         # ~33 events a second: a 9+ s stream

@@ -169,7 +169,7 @@ def test_a_wrong_key_reshows_the_form_with_401(admin_proxy):
     assert r.status_code == 413 and "set-cookie" not in r.headers
 
 
-# --- the session (SPEC §8) -----------------------------------------------------------------------
+# --- the session (docs/http-api.md "Dashboard") ----------------------------------------------------------------------
 
 @pytest.fixture
 def clock() -> Clock:

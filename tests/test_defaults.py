@@ -1,4 +1,4 @@
-"""Safe defaults (SPEC §8): out of the box the proxy listens on loopback only. `budget-proxy serve`
+"""Safe defaults: out of the box the proxy listens on loopback only. `budget-proxy serve`
 and `make run` bind 127.0.0.1 (HOST=/PORT= override); the image binds 0.0.0.0 inside its container,
 and the compose files publish it on the host's 127.0.0.1 only."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Egress proxies, CAs and pool exhaustion (SPEC §12), with real parts on loopback: a TLS upstream
-whose certificate a throwaway CA signed (openssl), and a small forward proxy of the test's own
+"""Egress proxies (docs/configuration.md `upstreams`), CAs and pool exhaustion, with real parts on loopback:
+a TLS upstream whose certificate a throwaway CA signed (openssl), and a small forward proxy of the test's own
 (CONNECT for https targets, absolute-form for http) that records what went through it."""
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The output estimate of a stream that ends without a usage report (SPEC §11 "Streams that end
+"""The output estimate of a stream that ends without a usage report (docs/budgets.md "Estimates": streams that end
 without a usage report"): the learned bytes-per-token ratio (proxy/ratio.py), the estimate's
 integer arithmetic (proxy/meter.py OutputEstimate), and the acceptance figures on the simulator.
 
-The figures test prints the table the SPEC's 10% claim rests on (run with -s):
+The figures test prints the table the 10% claim of docs/budgets.md "Estimates" rests on (run with -s):
 
     case | generated | charged | error %
 
@@ -219,7 +219,7 @@ def test_estimate_by_hand():
     assert e.tokens == 101
 
 
-# --- the acceptance figures on the simulator (SPEC §11: within 10%) -------------------------------
+# --- the acceptance figures on the simulator (within 10%: docs/budgets.md "Estimates") ----------------------------
 
 MODEL = "claude-haiku-4-5"
 MSG = [{"role": "user", "content": "Tell me something."}]
@@ -385,7 +385,7 @@ def ordinary_stream(proxy, sim, text: str) -> int:
 
 
 def test_charges_of_streams_that_end_without_a_usage_report_on_the_simulator(start, sim):
-    """SPEC §11: charged within 10% of what the simulator generated once the key's ratio is learned,
+    """Charged within 10% of what the simulator generated once the key's ratio is learned,
     and never below it (bytes / 3) before. Clamping off, so that a budget cuts the stream in flight;
     each key's output_tokens budget leaves CUT_ROOM for its last stream, the cut."""
     assert all(len(t.encode()) >= MIN_SAMPLE_BYTES for t in ORDINARY)

@@ -1,4 +1,4 @@
-"""proxy/headers.py: what crosses the proxy in each direction (SPEC §4 forwarding, §8 hardening):
+"""proxy/headers.py: what crosses the proxy in each direction (docs/http-api.md "Forwarding", "What the proxy refuses"):
 never an upstream's cookies, never a header a `connection` header names, either way."""
 from __future__ import annotations
 

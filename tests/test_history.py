@@ -1,4 +1,4 @@
-"""Usage history (SPEC §10 "History", docs/http-api.md "History"): GET /admin/history,
+"""Usage history (docs/http-api.md "History"): GET /admin/history,
 GET /admin/usage.csv, retention, and `budget-proxy usage --since/--by`, through the real proxy
 (uvicorn, the Anthropic simulator, the official SDK) on memory://, sqlite:// and redis:// stores.
 
@@ -585,7 +585,7 @@ def test_cli_usage_since_by_prints_the_history_table(start: Callable[..., Any], 
                           (("--key", "nope"), "--key nope needs --team")]:
         r = run(*args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
-    r = run()  # without them: the budgets, as before
+    r = run()  # without them: the budgets table
     assert r.returncode == 0 and r.stdout.split()[:3] == ["team", "key", "dimension"]
 
 

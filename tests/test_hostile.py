@@ -1,11 +1,12 @@
-"""SPEC §8 "Hardening", attack by attack, through the real proxy (uvicorn on loopback) against the
-hostile upstream of tests/hostile_upstream.py, whose every byte the test scripts and which records
-every request that reaches it. Each test asserts what the proxy answers AND what reached (or did
-not reach) the upstream. Paths and odd headers go out on http.client or a raw socket, so that no
-client library normalises them; ordinary calls use the official anthropic SDK.
+"""Hardening (docs/http-api.md "What the proxy refuses"), attack by attack, through the real proxy
+(uvicorn on loopback) against the hostile upstream of tests/hostile_upstream.py, whose every byte
+the test scripts and which records every request that reaches it. Each test asserts what the proxy
+answers AND what reached (or did not reach) the upstream. Paths and odd headers go out on
+http.client or a raw socket, so that no client library normalises them; ordinary calls use the
+official anthropic SDK.
 
 No timing assertions: what happens is polled with bounded waits (`wait_until`); the only clock
-bounds are those SPEC §8 states (a client gone before the headers: its hold released within a
+bounds are these (a client gone before the headers: its hold released within a
 second; a dripped head: the request over within max_duration_seconds, give or take scheduling).
 """
 from __future__ import annotations
@@ -444,7 +445,7 @@ def test_a_client_gone_before_the_headers_cancels_the_upstream_request_and_relea
     finally:
         sock.close()
     gone = time.monotonic()
-    # SPEC §8: the upstream request is cancelled and the hold released within a second.
+    # the upstream request is cancelled and the hold released within a second.
     wait_until(lambda: nothing_held(proxy), "the hold to be released", timeout=1.0)
     assert up.wait_closed_early(1, timeout=max(0.05, 1.0 - (time.monotonic() - gone))), \
         "the upstream never saw its connection closed"

@@ -1,10 +1,10 @@
-"""SPEC §8 "Client strings are validated", as a property: whatever body a client sends — arbitrary
-JSON values (lone surrogates, control characters, huge numbers, deep nesting), arbitrary and huge
-model strings, repeated keys, raw byte mutations of a valid body, any bytes at all — ONE proxy
-(started once for the module, memory store, in front of the project's Anthropic simulator) answers
-either a 4xx of its own with nothing forwarded, or the simulator's own answer; never a 5xx of its
-own. Meanwhile another key's ordinary calls, interleaved with the fuzz, are each charged exactly,
-and /metrics keeps answering.
+"""Client strings are validated (docs/http-api.md "What the proxy refuses"), as a property: whatever
+body a client sends — arbitrary JSON values (lone surrogates, control characters, huge numbers, deep
+nesting), arbitrary and huge model strings, repeated keys, raw byte mutations of a valid body, any
+bytes at all — ONE proxy (started once for the module, memory store, in front of the project's
+Anthropic simulator) answers either a 4xx of its own with nothing forwarded, or the simulator's own
+answer; never a 5xx of its own. Meanwhile another key's ordinary calls, interleaved with the fuzz,
+are each charged exactly, and /metrics keeps answering.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ routes = st.sampled_from(["/v1/messages"] * 4 + ["/v1/messages/count_tokens"])
 # --- the property ----------------------------------------------------------------------------
 
 def forwarded_is_clean(raw: bytes) -> None:
-    """What reached the upstream passes SPEC §8's rules: UTF-8, no lone surrogate, a sane model."""
+    """What reached the upstream passes the proxy's rules: UTF-8, no lone surrogate, a sane model."""
     text = raw.decode("utf-8")
     old = sys.getrecursionlimit()
     sys.setrecursionlimit(max(old, 20_000))  # the proxy's thread parsed nesting deeper than this one's

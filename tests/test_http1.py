@@ -295,7 +295,7 @@ async def test_https_upstreams_are_spoken_to_over_verified_tls(tls_files):
         served.close()
 
 
-# --- hardening (SPEC §8): the response head's size, the whole response's duration -----------------
+# --- hardening: the response head's size, the whole response's duration -----------------
 
 def head_of(size: int, status: bytes = b"200 OK") -> bytes:
     """A response head of about `size` bytes (headers of 1 KiB each), ending in its blank line."""

@@ -1,6 +1,6 @@
 """Unit tests of the pure budget decisions in proxy/ledger.py and the period arithmetic in proxy/periods.py.
 
-SPEC §5: a request is admitted only if every scope (key, then team) can cover its estimated
+A request is admitted (docs/budgets.md "Admission") only if every scope (key, then team) can cover its estimated
 input plus one output token; its output hold is max_tokens clamped to what every scope can
 cover (for cost: whole tokens the spare nanos buy at the output rate). A request in flight
 may grow its footprint only when every scope has room for the growth.
@@ -61,7 +61,7 @@ def ask(input_tokens: int = 10, max_tokens: int = 100, input_cost: int = 0, rate
 
 
 def hold(input_tokens: int, out: int, input_cost: int = 0, rate: Decimal | str | int = 0, steps: int = 1) -> Amounts:
-    """The hold SPEC §5 describes, computed with exact fractions (independently of ledger.output_cost)."""
+    """The hold docs/budgets.md "Admission" describes, in exact fractions (independently of ledger.output_cost)."""
     out_cost = math.ceil(Fraction(Decimal(rate)) * out)
     return Amounts(input_tokens + out, input_tokens, out, input_cost + out_cost, steps)
 
@@ -330,7 +330,7 @@ ask_st = st.builds(Ask, st.integers(0, 1500), st.integers(0, 5000), st.integers(
 
 
 def fits(scope: Scope, state: ScopeState, amount: Amounts, growth: bool = False) -> str | None:
-    """The first metered dimension (SPEC order) of `scope` in which `amount` does not fit, if any.
+    """The first metered dimension (in dimension order) of `scope` in which `amount` does not fit, if any.
     For growth, a dimension that does not grow is not checked (it may already be over from settlements)."""
     for dim in METERED:
         limit = scope.limits.get(dim)

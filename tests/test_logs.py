@@ -29,7 +29,7 @@ def test_one_json_line_per_request_with_its_fields():
     first = json.loads(lines[0])
     assert first["request_id"] == "req_1" and first["status"] == 200 and first["cost_usd"] == 0.5
     assert first["level"] == "info" and first["message"] == "request" and first["logger"] == logger.name
-    # ISO-8601 UTC with milliseconds (SPEC §10)
+    # ISO-8601 UTC with milliseconds (docs/http-api.md "Access log")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"]), first["time"]
     assert json.loads(lines[1])["request_id"] == "req_2"
 

@@ -125,8 +125,8 @@ def test_count_tokens_and_models_are_forwarded(proxy, sim):
 
 
 def test_upstream_drop_ends_the_stream_with_an_error_event_and_proxy_keeps_serving(proxy, sim):
-    """SPEC §11: truncation is never silent. The body still ends cleanly (no RemoteProtocolError),
-    with an api_error event the SDK raises, after the text that did come."""
+    """Truncation is never silent (docs/http-api.md "Truncated streams"). The body still ends cleanly
+    (no RemoteProtocolError), with an api_error event the SDK raises, after the text that did come."""
     sim.queue(Reply(text="a b c d e f g h", drop_after=3))
     got = []
     with pytest.raises(anthropic.APIStatusError) as err:
@@ -157,7 +157,7 @@ def test_healthz_and_readyz(proxy):
     assert httpx.get(proxy.url + "/readyz").json() == {"status": "ready"}
 
 
-# --- every error row of SPEC §4 that does not depend on budgets ------------------------------
+# --- every error row of docs/http-api.md "Errors" that does not depend on budgets ----------
 
 def _raw(proxy, body, headers=None, path="/v1/messages"):
     h = {"anthropic-version": "2023-06-01", "content-type": "application/json", "x-api-key": ALPHA_KEY}

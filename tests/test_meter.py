@@ -1,11 +1,11 @@
 """Tests for the Anthropic stream meter (proxy/providers/anthropic.py::AnthropicStreamMeter) and
 the shared running output estimate (proxy/meter.py::OutputEstimate). Pure and fast.
 
-SPEC §5 Metering: input and cache tokens from message_start, a running estimate of output while
+docs/budgets.md "Metering": input and cache tokens from message_start, a running estimate of output while
 content deltas flow (text, tool-input JSON, thinking; tokens = ceil(bytes / 3)), and every
 message_delta usage field is a running total: the final figure is the LAST total, never a sum.
 Reported usage is the final truth; without any message_delta the live estimate is settled.
-The PROTOCOL §3.3-3.6 example streams are decoded with the project's SSEDecoder.
+The example streams of tests/protocol_streams.py are decoded with the project's SSEDecoder.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from proxy.providers.anthropic import AnthropicStreamMeter, cut_event, usage_fro
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.usage import Usage
 
-# --- PROTOCOL.md examples (verbatim) ---------------------------------------------------------
+# --- the example streams (tests/protocol_streams.py) ------------------------------------------------
 
 from tests.protocol_streams import TEXT_ONLY, TOOL_USE, THINKING, WEB_SEARCH
 
@@ -87,7 +87,7 @@ def test_output_estimate_is_ceil_utf8_bytes_over_3(texts, tokens):
     assert e.bytes == sum(len(t.encode()) for t in texts)
 
 
-# --- the PROTOCOL examples -------------------------------------------------------------------
+# --- the example streams ---------------------------------------------------------
 
 def test_text_only_example_step_by_step():
     events = decode(TEXT_ONLY)

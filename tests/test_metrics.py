@@ -1,4 +1,4 @@
-"""The SPEC §10 metrics through the real proxy: the budget gauges (used, limit, held) per config
+"""The metrics (docs/http-api.md "Metrics") through the real proxy: the budget gauges (used, limit, held) per config
 scope, streams in flight, store errors where the relay and the app catch them, and alert
 deliveries; labels stay bounded (runtime keys share key="(runtime)", runs are never a label)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions end to end (SPEC §4, §5; PROTOCOL §6, §8): the official openai SDK
+"""POST /v1/chat/completions end to end (docs/http-api.md, docs/budgets.md): the official openai SDK
 (3.57) against the real proxy under uvicorn, in front of the OpenAI simulator; the last tests
 put the Anthropic simulator next to it, with one team budget shared by both routes.
 
@@ -164,7 +164,7 @@ def openai_error(r: httpx.Response, status: int, etype: str, code: str | None) -
     return body
 
 
-# --- the simulator itself, straight from the SDK (PROTOCOL §8) -----------------------------------
+# --- the simulator itself, straight from the SDK -----------------------------------------------
 
 def test_simulator_speaks_chat_completions(osim):
     c = openai.OpenAI(base_url=osim.url + "/v1", api_key="sk-x", max_retries=0)
@@ -449,7 +449,7 @@ def test_a_request_without_a_limit_gets_one_from_the_remaining_budget(up, osim):
     assert r.headers["x-budget-clamped-max-tokens"] == "93"
     assert osim.completions_requests()[-1].json["max_completion_tokens"] == 93
     assert settled(p)["tokens"] == 100
-    # with room for the model's whole output, no limit is injected (SPEC §11)
+    # with room for the model's whole output, no limit is injected (docs/budgets.md "Admission")
     p2 = up(teams(team={"tokens": 10_000_000}))
     r2 = oai(p2).chat.completions.with_raw_response.create(model=GPT, messages=MSG)
     sent = osim.completions_requests()[-1].json
@@ -500,7 +500,7 @@ def test_an_upstream_error_chunk_mid_stream_settles_what_was_generated(up, osim)
 
 
 def test_upstream_drop_ends_the_stream_with_an_error_chunk_and_charges_the_estimate(up, osim):
-    """SPEC §11: no APIConnectionError (the body ends cleanly), but an error chunk, not silence."""
+    """Truncation is never silent: no APIConnectionError (the body ends cleanly), but an error chunk, not silence."""
     p = up(teams(team={"tokens": 1000}))
     osim.queue(Reply(chunks=CHUNKS_12, drop_after=5))
     got = []

@@ -1,5 +1,5 @@
 """The OpenAI Chat Completions adapter and its stream meter, as pure functions (no proxy, no
-network). The wire examples are PROTOCOL.md §8's; the simulator's `plan_reply` makes the rest."""
+network). The wire examples are OpenAI's documented shapes; the simulator's `plan_reply` makes the rest."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ USAGE_8_1 = {"prompt_tokens": 1200, "completion_tokens": 40, "total_tokens": 124
              "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
              "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
-# PROTOCOL §8.2, verbatim
+# a streamed chat completion
 STREAM_8_2 = b"""data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764500000,"model":"gpt-4.1","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}
 
 data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764500000,"model":"gpt-4.1","choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}],"usage":null}

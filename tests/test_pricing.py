@@ -521,7 +521,7 @@ def test_aliases_of_an_invalid_models_section_are_not_judged():
     assert problems_of({"models": [], "aliases": {"a": "z"}}) == [("models", "must be a mapping")]
 
 
-# --- check-config (SPEC §11: the pricing file, its date, unpriced allowed models) ---------
+# --- check-config (docs/configuration.md `pricing`: the file, its date, unpriced allowed models) 
 
 
 def write_config(tmp_path: Path, models: list[str], extra: str = "") -> Path:

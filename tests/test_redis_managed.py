@@ -1,4 +1,4 @@
-"""Managed Redis (SPEC §12): an ACL user with a password, TLS with a private CA, Sentinel failover.
+"""Managed Redis: an ACL user with a password, TLS with a private CA, Sentinel failover.
 
 Every case runs its own redis-server processes on free ports (bounded startup polls; teardown
 kills them), never the shared 127.0.0.1:6379. Without a redis-server binary (or one built without

@@ -1,7 +1,7 @@
 """Two real proxy processes (`python -m proxy serve`) sharing one Redis, in front of one simulator.
 
 - Under 48 concurrent mixed JSON and stream requests on one team budget, the team's used amount
-  stays within the single-node bound (SPEC §5), holds return to zero, and both replicas report
+  stays within the single-node bound (docs/budgets.md "Overshoot bound"), holds return to zero, and both replicas report
   the same GET /budget.
 - A replica killed with SIGKILL mid-stream leaves holds that expire on their own, seen through
   the other replica's /budget within the hold TTL (15 s) + one renewal interval (5 s) + slack.
@@ -150,9 +150,10 @@ def test_two_replicas_keep_the_single_node_bound(replicas: Any, sim: AnthropicSi
     doc_a, doc_b = comparable(a.budget()), comparable(b.budget())
     team = team_of(doc_a)
     count = {o: sum(1 for _, x, _ in results if x == o) for o in ("admitted", "denied", "cut")}
-    # SPEC §5. Clamping on: the input-estimate error (0 here). Off: one metering interval (one delta
-    # event) per stream cut, plus what non-streaming responses generate past their holds; only one
-    # admitted with nothing left (x-budget-remaining-tokens: 0) can have had a partial hold.
+    # docs/budgets.md "Overshoot bound". Clamping on: the input-estimate error (0 here). Off: one
+    # metering interval (one delta event) per stream cut, plus what non-streaming responses generate
+    # past their holds; only one admitted with nothing left (x-budget-remaining-tokens: 0) can have
+    # had a partial hold.
     json_at_edge = sum(1 for s, o, rem in results if not s and o == "admitted" and rem == 0)
     bound = 0 if clamp else count["cut"] * EVENT_TOKENS + json_at_edge * OUT
     print(f"\n[clamp {'on' if clamp else 'off'}] 48 requests (32 streams, 16 JSON) over 2 replicas: "

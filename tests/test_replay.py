@@ -1,6 +1,6 @@
 """Replay corpus (issue 16 item 7): responses of today's provider APIs, served byte for byte by a
 loopback upstream (tests/replay_upstream.py) behind the real proxy, and the charge the proxy
-books for each compared with a charge worked out by hand (SPEC §11 "Accounting truth").
+books for each compared with a charge worked out by hand (docs/budgets.md "What is charged").
 
 Each recording in tests/replay/ is the exact upstream body: a JSON document, or SSE text exactly
 as on the wire (event: lines and data-only, keep-alive comments, the whitespace padding the real
@@ -14,7 +14,7 @@ Every recording is sent twice: with the official SDK (anthropic 2.14 / openai 3.
 httpx request; the raw response must be the file's bytes, and both usage rows the proxy writes
 must carry the hand-computed cost to the nano-dollar, and the token counts below.
 
-Rules applied by hand (SPEC §11, PROTOCOL §2.2, §8.1):
+Rules applied by hand (docs/budgets.md "What is charged"):
 * `usage.iterations` present: the charge is the sum over the iterations, each at its own `model`
   (else the response's `model`); the top-level figures are not added again. A declined hop of a
   server-side fallback (a `message` iteration naming the refused model, output 0, followed by a
@@ -188,12 +188,12 @@ CORPUS: list[Rec] = [
         10*1000 + 2177*2000 + 285*5000,
         Tokens(input=10, cw1h=2177, output=285),
         "vercel/ai@ed857f50f112:examples/ai-functions/src/generate-text/anthropic/cache-control-beta-1h.ts "
-        "(printed usage of a real call) in the PROTOCOL §2.1 shape", ("extended-cache-ttl-2025-04-11",)),
+        "(printed usage of a real call) in the documented usage shape", ("extended-cache-ttl-2025-04-11",)),
     Rec("a_cache_1h_read.json", MESSAGES, "claude-haiku-4-5", 4096,
         8*1000 + 2177*100 + 317*5000,
         Tokens(input=8, read=2177, output=317),
         "vercel/ai@ed857f50f112:examples/ai-functions/src/generate-text/anthropic/cache-control-beta-1h.ts "
-        "(second call) in the PROTOCOL §2.1 shape", ("extended-cache-ttl-2025-04-11",)),
+        "(second call) in the documented usage shape", ("extended-cache-ttl-2025-04-11",)),
     Rec("a_web_search_citations.json", MESSAGES, "claude-sonnet-4-0", 4096,
         8984*3000 + 520*15000 + 1*SEARCH,
         Tokens(input=8984, output=520, searches=1),

@@ -1,4 +1,4 @@
-"""Run scopes end to end (SPEC §9 "Run scopes", docs/budgets.md "Runs"): the real proxy in front of
+"""Run scopes end to end (docs/budgets.md "Runs"): the real proxy in front of
 the Anthropic simulator, driven by the official anthropic SDK (default_headers / extra_headers carry
 x-budget-run), on memory://, SQLite and Redis.
 

@@ -1,6 +1,6 @@
 """The Anthropic upstream simulator, driven directly by the official SDK (2.14) and by raw HTTP.
 
-If these pass, the simulator's wire format is one the real SDK accepts (PROTOCOL.md §3, §11).
+If these pass, the simulator's wire format is one the real SDK accepts.
 """
 from __future__ import annotations
 

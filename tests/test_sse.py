@@ -1,6 +1,6 @@
 """Tests for proxy.sse, the sans-IO SSE decoder.
 
-The PROTOCOL.md streams are fed whole, byte by byte and split at every point (h11's habit)
+The tests/protocol_streams.py streams are fed whole, byte by byte and split at every point (h11's habit)
 and checked against their own event:/data: lines; generated streams are checked against the
 events they were built from; arbitrary bytes are checked against their own whole-input decode.
 Every run checks `joined raw + pending == bytes fed` after each call.

@@ -1,4 +1,4 @@
-"""SPEC §8 at the store level: crash durability of running charges, and row isolation.
+"""docs/budgets.md "Crash durability" at the store level: crash durability of running charges, and row isolation.
 
 - SQLite keeps each reservation's running charge in `inflight`, written by the group commit without
   the caller waiting, and deleted in the transaction that settles it; open() folds what a dead

@@ -1,6 +1,7 @@
 """Streams through the real proxy, driven by the official anthropic SDK (2.14, max_retries=0)
 against the project's simulator: exact settlement, running totals, mid-stream cuts, every way a
-stream can end, and the overshoot bound under concurrency (SPEC §4 "Cutting a stream", §5).
+stream can end, and the overshoot bound under concurrency (docs/http-api.md "Streams",
+docs/budgets.md "Overshoot bound").
 
 The overshoot bound these tests assert, derived from proxy/relay.py (Relay.enforce / Relay.pump)
 and proxy/store/memory.py (Book.charge / Book.settle):
@@ -121,7 +122,7 @@ def stream_text(proxy, key=ALPHA_KEY, max_tokens=1000, model=MODEL) -> str:
 
 
 def dropped_stream_text(proxy) -> str:
-    """The text of a stream the upstream dropped, which ends with the SPEC §11 error event."""
+    """The text of a stream the upstream dropped, ending with the error event (docs/http-api.md "Truncated streams")."""
     got: list[str] = []
     with pytest.raises(anthropic.APIStatusError) as err:
         with client(proxy, ALPHA_KEY).messages.stream(model=MODEL, max_tokens=1000, messages=MSG) as s:
@@ -351,7 +352,7 @@ def test_cut_when_reported_input_far_exceeds_the_estimate(start, sim):
     assert info.outcome == "aborted" and info.events_sent < info.planned_events and info.text_deltas_sent == 0
     sim.open_gate("parked")
     [row] = wait_rows(proxy, 1)
-    # the message started, so the reported input is owed (the input-estimate error of SPEC §5)
+    # the message started, so the reported input is owed (the input-estimate error: docs/budgets.md "Overshoot bound")
     assert key_state(proxy).used == Amounts(5001, 5000, 1, nanos(SONNET, input=5000, output=1), 1)
     assert row.outcome == "cut" and row.input_tokens == 5000
     assert_no_holds(proxy)
@@ -579,7 +580,7 @@ def test_concurrent_streams_on_one_team_budget_keep_the_overshoot_bound(start, s
     used = st.used.tokens
     per_stream_bound = PER_DELTA
     assert used <= LIMIT + cut * per_stream_bound             # derived: only a cut stream overshoots, by one delta
-    assert used <= LIMIT + N * per_stream_bound               # SPEC: one interval per stream in flight
+    assert used <= LIMIT + N * per_stream_bound  # one interval per stream in flight (docs/budgets.md "Overshoot bound")
     assert_no_holds(proxy)
     b_rows = [r for r in log if r.outcome in ("cut", "completed")]
     assert Counter(kind(r.outcome) for r in log) == Counter({"upstream_5xx": N + 1, "cut": cut, "completed": completed})

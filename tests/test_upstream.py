@@ -333,7 +333,7 @@ async def test_a_stream_that_arrives_whole_goes_out_in_one_body_write_after_its_
     assert app.state.store.rows[0].outcome == "completed" and app.state.store.rows[0].output_tokens == 3
 
 
-# --- hardening (SPEC §8) through the pool and the app: a hostile upstream --------------------
+# --- hardening (docs/http-api.md "What the proxy refuses") through the pool and the app: a hostile upstream ---
 
 def _hardened_config(base: str, **upstream):
     from proxy.config import parse_config

@@ -1,6 +1,6 @@
 """[pure] The OpenAI Chat Completions API: what the proxy reads from requests, responses and streams.
 
-Where it differs from Anthropic, and why the code below looks the way it does (PROTOCOL §8):
+Where it differs from Anthropic, and why the code below looks the way it does:
 
 * The output limit is optional (`max_completion_tokens`, or the older `max_tokens`) and applies
   to each of the `n` choices, so the request's output bound is the limit times `n`.
@@ -109,7 +109,7 @@ def usage_from_response(raw: bytes) -> tuple[Usage, Bill] | None:
 
 
 def cut_event(message: str, error_type: str = "insufficient_quota", error_code: str = "budget_exceeded") -> bytes:
-    """The error chunk the openai SDK raises APIError on (PROTOCOL §6), then [DONE] for other
+    """The error chunk the openai SDK raises APIError on (docs/http-api.md "Cut by a budget"), then [DONE] for other
     clients. A budget cut by default: the type and code of OpenAI's own out-of-credit 429."""
     payload = {"error": {"message": message, "type": error_type, "param": None, "code": error_code}}
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"

@@ -26,7 +26,7 @@ RunEntry = tuple[str, ScopeState, float]  # a run scope's id, its state, when it
 def newest_runs(entries: list[RunEntry], limit: int) -> tuple[int, list[RunEntry]]:
     """(how many, the `limit` forgotten last, latest first)."""
     return len(entries), heapq.nlargest(max(0, limit), entries, key=lambda e: e[2])
-_new = tuple.__new__  # (a NamedTuple's keyword-handling constructor costs ~3x as much: every request builds one)
+_new = tuple.__new__  # a NamedTuple's keyword-handling constructor costs several times more; every request builds one
 
 
 @dataclass(slots=True)

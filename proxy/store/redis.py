@@ -1,6 +1,6 @@
 """redis://HOST:PORT/DB[?prefix=...&hold_ttl=15&renew_every=5] — budgets shared by several replicas.
 Also rediss://[user:password@]HOST:PORT/DB[?ssl_ca_certs=PATH] (TLS; an ACL user) and
-redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB (SPEC §12 "Managed Redis"): see _connections.
+redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB: see _connections.
 
 Every decision runs inside Redis as one Lua script (SCRIPT LOAD once, EVALSHA, reloaded on
 NOSCRIPT), so reserve / charge / settle / release are atomic across all scopes of a request and
@@ -19,7 +19,7 @@ script loading at start, the usage log).
 Batching (group commit, as SqliteStore's). Reserve, charge, settle and release are functions of one
 script, "batch", whose JSON argument is a list of calls [op, arguments...] run one after the other
 in that order; it answers an array of their replies. A call made while no batch is in flight is sent
-at once (nothing waits on a timer: alone, a request pays one round trip per call as before); calls
+at once (nothing waits on a timer: alone, a request pays one round trip per call); calls
 made while batches are in flight queue and go together in the next (at most MAX_BATCH), in arrival
 order, with up to BATCHES_IN_FLIGHT batches awaiting Redis at a time. Each call runs exactly as it
 would alone: the script is atomic, and call k reads what calls 1..k-1 wrote (a reserve is decided on
@@ -64,17 +64,18 @@ end exactly as if it had settled normally. A settle that finds no reservation at
 record aged out after a day) adds its whole actual to the scopes it names: it may count the charges
 at expiry twice, never zero times.
 
-Crash durability (SPEC §8). Nothing of a request in flight lives only in the process: each charge()
-(the relay pushes a stream's running charge about once a second) is a script call that sets the
-reservation's charged amounts in its record and moves them from held to charged (c1..cN) in every
-scope's totals, so `used` (settled + charged) counts them at once, on every replica. A kill -9 loses
-at most what each stream generated after its last push. The dead process's reservations then expire
-as above: their charged part becomes settled (never released like the unused hold), with a
-"hold_expired" usage-log row (team and key from the record; the store is told no model or route).
-A live record is kept as long as the longest-lived totals it points to (PXAT), so it cannot vanish
-before a purge has settled its charges; an expired one is kept a day for a late settle to correct.
+Crash durability (docs/budgets.md "Crash durability"). Nothing of a request in flight lives only in
+the process: each charge() (the relay pushes a stream's running charge about once a second) is a
+script call that sets the reservation's charged amounts in its record and moves them from held to
+charged (c1..cN) in every scope's totals, so `used` (settled + charged) counts them at once, on
+every replica. A kill -9 loses at most what each stream generated after its last push. The dead
+process's reservations then expire as above: their charged part becomes settled (never released like
+the unused hold), with a "hold_expired" usage-log row (team and key from the record; the store is
+told no model or route). A live record is kept as long as the longest-lived totals it points to
+(PXAT), so it cannot vanish before a purge has settled its charges; an expired one is kept a day for
+a late settle to correct.
 
-Row isolation (SPEC §8). A usage row never fails its settlement or the batch: _payload sends a lone
+Row isolation. A usage row never fails its settlement or the batch: _payload sends a lone
 surrogate as '?' (cjson refuses it, as it refuses a \\udfff escape) and anything that is not a string
 as its str() or null; the settle script writes its totals and tombstone before the row, runs each
 item under pcall, and if XADD refuses a value (a null) writes the row again with such values as ''.
@@ -217,7 +218,7 @@ _tuple = tuple.__new__
 
 
 def _unpack_source(n: int) -> str:
-    """_states and _admitted, unrolled over the n dimensions (a loop costs ~1.6x: every reserve reads
+    """_states and _admitted, unrolled over the n dimensions (a loop is measurably slower: every reserve reads
     two scopes' totals and a hold)."""
     s, c, h = spelled("s{i}", n), spelled("c{i}", n), spelled("h{i}", n)
     return f"""
@@ -240,7 +241,7 @@ def _states(buf, pos=0):
 
 # _states(buf, pos=0) -> list[ScopeState]: the scopes' totals packed from buf[pos:] on; _admitted(buf):
 # a reserve's out and hold. Built as tuples directly (a NamedTuple's keyword-handling constructor costs
-# ~3x as much).
+# several times as much).
 _generated: dict[str, Any] = {"_TOTALS": _TOTALS, "_ADMITTED": _ADMITTED, "_tuple": _tuple, "ScopeState": ScopeState,
                               "Amounts": Amounts, "NO_FIRST_REQUEST": NO_FIRST_REQUEST}
 exec(_unpack_source(_N), _generated)
@@ -333,10 +334,10 @@ def _denial_done(fut: asyncio.Future[bytes]) -> None:
 
 # Batches are sent while others await their replies (each script is atomic, and a request's own
 # calls follow one another): the proxy works on while Redis answers, instead of idling a round trip.
-# Small batches, several in flight: every item waits for its whole batch's Lua (~50 us an item), and
-# at c=16 the proxy on Redis is bound by that wait, not by CPU. Measured (bench, JSON c=16):
-# 64 x 2 in flight 3,983 req/s; 8 x 4 4,800; 4 x 8 4,700 with 12% more proxy CPU; 2 x 16 4,500.
-# Again with the packed scripts (bench.ab, 3 rounds): 16 x 2, 32 x 1 and 16 x 1 did no better.
+# Small batches, several in flight: every item waits for its whole batch's Lua, and under
+# concurrency the proxy on Redis is bound by that wait, not by CPU. 8 x 4 in flight is where the
+# bench's JSON throughput peaks (bench.ab compares sizes): larger batches wait longer, smaller ones
+# cost proxy CPU.
 MAX_BATCH = 8
 BATCHES_IN_FLIGHT = 4
 

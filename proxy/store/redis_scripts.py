@@ -3,11 +3,11 @@ Each runs atomically inside Redis: `ledger.admit` / `ledger.check_growth` transc
 charge, settle and release are functions of one script, "batch", that runs a list of them in order.
 
 What costs here is crossing between Lua and Redis, and strings: a scope's totals are one string of
-3N + 1 packed doubles for N dimensions (GET + struct.unpack: ~8k instructions for N = 5, where an
-HMGET of 16 hash fields took ~52k and an HSET of 10 ~61k, measured under callgrind), a reservation
+3N + 1 packed doubles for N dimensions (GET + struct.unpack costs several times fewer instructions
+than an HMGET or HSET of the same fields, measured under callgrind), a reservation
 is one packed string too, and the replies are packed (the store unpacks them with struct): no
 number is formatted or parsed as text on the hot path. Amounts are integers held exactly in
-doubles (below 2^53, as before).
+doubles (below 2^53).
 
 The layouts follow the dimensions (ledger.DIMS, declared in proxy/dimensions.py): the scripts are
 written with $-placeholders ($N dimensions, their offsets, formats and unrolled lists) that
@@ -129,7 +129,7 @@ local function widen(b)
 end
 -- Each scope's totals are read (GET) at most once per script call and written (SET) once, at its
 -- end (flush_totals), however many operations of a batch touch them: a batch's requests mostly
--- share a key and a team, and each redis.call costs ~1 µs of Lua-to-Redis crossing. Readers
+-- share a key and a team, and each redis.call pays a Lua-to-Redis crossing. Readers
 -- get a copy; write_totals commits one, as a SET did (an operation that fails after it keeps it).
 local TOT = {}   -- totals name -> {v = numbers, raw = their bytes (nil: pack when asked), dirty, at = expire-at ms}
 local function read_totals(t)
@@ -284,7 +284,7 @@ end
 -- min(lim, floor(spare * den / num)): the output tokens `spare` nanos buy, when fewer than lim
 local function output_cap(spare, num, den, lim)
   local a, b = lim * num, spare * den
-  if a < EXACT and b < EXACT then   -- both products exact as Lua numbers: no limbs needed (~5% of a batch)
+  if a < EXACT and b < EXACT then   -- both products exact as Lua numbers: no limbs needed (the common, cheap case)
     if a <= b then return lim end
     local q = math.min(math.max(math.floor(b / num), 0), lim - 1)
     while q > 0 and q * num > b do q = q - 1 end

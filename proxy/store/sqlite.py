@@ -3,18 +3,18 @@ the usage log are committed (WAL) before the response ends; holds are never writ
 restart or kill -9 leaves no stale hold. All SQLite work runs on one dedicated thread, fed by a
 queue and answering on the event loop with call_soon_threadsafe.
 
-Crash durability (SPEC §8). The relay pushes a stream's running charge to charge() at most about
-once a second (and when it outgrows its hold). charge() decides on the book at once, as before;
-as a side effect it queues the reservation's running charge as a row of `inflight` (its id, the
-owning process, team, key, model, route, its scopes with their period starts, the amounts charged)
-for the next group commit: the same transaction as the settlements around it, no commit of its
-own, and the caller never waits for it. settle() deletes that row in the transaction that adds
-the settlement to the totals, so once written a charge is on disk either in flight or settled,
-never both. A kill -9 therefore loses at most what each stream generated after its last push.
-open() folds the rows that a dead process left into the totals as settled charges, writes a
-usage-log row for each (outcome "interrupted"; its time the last push, its duration since the
-first; all input as input_tokens; model and route empty until a Reservation carries them), and
-deletes them, all in one transaction. Only charges are written, never holds.
+Crash durability (docs/budgets.md "Crash durability"). The relay pushes a stream's running charge to
+charge() at most about once a second (and when it outgrows its hold). charge() decides on the book
+at once; as a side effect it queues the reservation's running charge as a row of `inflight` (its id,
+the owning process, team, key, model, route, its scopes with their period starts, the amounts
+charged) for the next group commit: the same transaction as the settlements around it, no commit of
+its own, and the caller never waits for it. settle() deletes that row in the transaction that adds
+the settlement to the totals, so once written a charge is on disk either in flight or settled, never
+both. A kill -9 therefore loses at most what each stream generated after its last push. open() folds
+the rows that a dead process left into the totals as settled charges, writes a usage-log row for
+each (outcome "interrupted"; its time the last push, its duration since the first; all input as
+input_tokens; model and route empty until a Reservation carries them), and deletes them, all in one
+transaction. Only charges are written, never holds.
 
 Owners. Every open store holds an exclusive flock on its own lock file, PATH-inflight-<owner>.lock
 (locked before it takes that name), and tags its inflight rows with <owner>. A row is folded only
@@ -25,14 +25,14 @@ streams of a live one. A store that closes unlinks its file; its rows left in fl
 clean shutdown) are folded by the next open. A lock file left by a dead owner is removed by the
 next open. (Without flock, on Windows, a dead owner's rows stay in flight: never counted twice.)
 
-Row isolation (SPEC §8). A group's transaction upserts the totals, writes the inflight rows and
+Row isolation. A group's transaction upserts the totals, writes the inflight rows and
 inserts the usage rows in one statement each. If that fails it is rolled back and written again:
 totals and inflight rows first, then each usage row in its own SAVEPOINT; a row that still fails
 (a lone surrogate in its model, a number beyond SQLite's range, a missing field) is inserted once
 more with its values made safe (text: backslash escapes for what UTF-8 cannot carry; numbers
 coerced into range, else 0) and, failing that, skipped with an error log line that names only its
 request id. No usage row can take another row, or any totals, with it; only a failure of the
-totals themselves (the database is unwritable) fails the group, as before.
+totals themselves (the database is unwritable) fails the group.
 """
 from __future__ import annotations
 
@@ -438,8 +438,8 @@ class SqliteStore(MemoryStore):
         """Start a group write unless one is running (then what is pending joins the next)."""
         if not self._writing:
             # Begin the write two loop iterations from now, not at once: the settlements of replies
-            # that arrive meanwhile join this transaction. At once, 3 in 4 transactions held one
-            # row (the thread hop and the commit per row cost ~35 us at c=16); so, ~15 rows each.
+            # that arrive meanwhile join this transaction. At once, most transactions would hold one
+            # row and pay the thread hop and the commit for it alone; so, many rows each.
             self._writing = True
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._write_pending)

@@ -5,9 +5,8 @@ connection.
   usage_log      the log itself (sqlite.py), one row per settled request; gains a `run` column and
                  an index (team, time), so that the CSV export of one team pages through its own
                  rows in order (time, id) without a sort (a key's: its team's rows, filtered). No
-                 (team, key, time) index: history does not need one, and it costs the write path
-                 ~30 us a row (bench/history_scale.py: 16-row transactions, 8 us a row without the
-                 history, 13 with the trigger, 24 with (team, time) too, 54 with (team, key, time) too).
+                 (team, key, time) index: history does not need one, and it would make every usage row
+                 markedly dearer to write (bench/history_scale.py measures each index's cost).
   history_team   per team and UTC hour: requests, input_tokens (incl. cache), output_tokens,
   history_key    cost_nanos, steps, denied, cut; per team, key and hour likewise. Both are kept
                  by a trigger on usage_log (every insert adds its row to its two hours, in the same

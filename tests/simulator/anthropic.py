@@ -1,6 +1,6 @@
 """Anthropic upstream simulator: a real loopback HTTP server speaking the Messages API.
 
-Wire format per docs PROTOCOL.md sections 1-5 and 7. The thread, loop, recording, reply queue,
+Wire format: Anthropic's Messages API. The thread, loop, recording, reply queue,
 gates and stream bookkeeping are `LoopbackSimulator`'s (server.py; shared types in common.py).
 Tests script answers with `Reply` (a queue, then `responder`, then `default`) and inspect what
 arrived with `Recorded` and `StreamInfo`.
@@ -197,7 +197,7 @@ def _model_info(model: tuple[str, str, str, str, str]) -> dict:
 
 
 def models_page(query: dict[str, str]) -> dict:
-    """[pure] GET /v1/models: limit, after_id, before_id, lifecycle (PROTOCOL 7.2)."""
+    """[pure] GET /v1/models: limit, after_id, before_id, lifecycle."""
     models = [_model_info(m) for m in MODELS
               if "lifecycle" not in query or m[3] == query["lifecycle"]]
     ids = [m["id"] for m in models]

@@ -13,7 +13,7 @@ from aiohttp import web
 
 _key = getattr(web, "RequestKey", lambda name, _type: name)  # plain str keys before aiohttp 3.13
 REQUEST_ID = _key("request_id", str)
-MAX_BODY_BYTES = 32 * 1024 * 1024  # both APIs' request size limit (PROTOCOL 4.1)
+MAX_BODY_BYTES = 32 * 1024 * 1024  # both APIs' request size limit
 
 
 @dataclass(kw_only=True)

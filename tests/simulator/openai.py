@@ -1,6 +1,6 @@
 """OpenAI upstream simulator: a real loopback HTTP server speaking Chat Completions.
 
-Wire format per PROTOCOL.md §8: a JSON `chat.completion` with `usage`, or (`"stream": true`) SSE
+Wire format: a JSON `chat.completion` with `usage`, or (`"stream": true`) SSE
 `data:` chunks without `event:` lines, ending `data: [DONE]`; the usage chunk (`choices: []`)
 only when the request set `stream_options.include_usage`. Errors are `{"error": {"message",
 "type", "param", "code"}}` with an `x-request-id` header, as on every response.
