@@ -156,7 +156,7 @@ class Relay:
     def ask_for(self, facts: RequestFacts, raw: bytes, input_tokens: int, price: Any) -> Ask:
         max_tokens = facts.max_tokens
         if max_tokens is None:  # no limit sent: the model's own bounds it (nothing is injected)
-            max_tokens = getattr(price, "max_output_tokens", None) or self.adapter.default_max_tokens
+            max_tokens = (getattr(price, "max_output_tokens", None) or self.adapter.default_max_tokens) * facts.choices
         least = self.adapter.min_output(facts) if self.state.runtime.config.admission.clamp_max_tokens else 1
         if price is None:
             return Ask(input_tokens, 0, max_tokens, Decimal(0), least)

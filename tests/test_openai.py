@@ -731,3 +731,17 @@ def test_a_finished_stream_is_not_cut_at_its_final_usage_report(up, osim):
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.prompt_tokens == 9
     assert settled(p)["tokens"] == 109
+
+
+def test_a_request_for_n_choices_without_a_limit_holds_the_models_limit_n_times(up, osim):
+    """Each of the n completions may run to the model's max_output_tokens: with room for one but
+    not three, the proxy clamps (and forwards each choice its share) instead of holding too little."""
+    from proxy.app import shipped_pricing_path
+    import yaml
+
+    table = yaml.safe_load(shipped_pricing_path().read_text())
+    one = table["models"][GPT]["max_output_tokens"]
+    p = up(teams(team={"tokens": EST + 2 * one}))
+    oai(p).chat.completions.create(model=GPT, messages=MSG, n=3)
+    sent = osim.completions_requests()[-1].json
+    assert sent["max_completion_tokens"] == (2 * one) // 3  # clamped: 3 x one did not fit

@@ -25,6 +25,7 @@ class RequestFacts:
     max_tokens: int | None     # None: the client set no output limit (OpenAI allows that)
     stream: bool
     client_wants_usage: bool = True   # OpenAI: the client asked for stream_options.include_usage
+    choices: int = 1                  # completions asked for (OpenAI's n): each may run to the model's limit
 
 
 def json_object(raw: bytes | str) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ def parse_request(raw: bytes) -> RequestFacts:
     options = body.get("stream_options")
     wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     return RequestFacts(body, model, None if per_choice is None else per_choice * choices(body),
-                        body.get("stream") is True, wants_usage)
+                        body.get("stream") is True, wants_usage, choices(body))
 
 
 def upstream_body(facts: RequestFacts, raw: bytes, max_tokens: int | None) -> bytes:
