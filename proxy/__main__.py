@@ -7,6 +7,7 @@ import secrets
 import sys
 
 from proxy import cli_history, cli_keys
+from proxy.cli_table import print_table
 from proxy.config import ConfigError, LoadedConfig, key_digest, load_config
 from proxy.ledger import DIMENSIONS
 
@@ -62,9 +63,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         rows.append((team_name, "*", *(_fmt_limit(getattr(team.budget, d)) for d in dims)))
         for key_name, key in team.keys.items():
             rows.append((team_name, key_name, *(_fmt_limit(getattr(key.budget, d)) for d in dims)))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     print(f"config {args.path} is valid: {len(cfg.teams)} teams, "
           f"{sum(len(t.keys) for t in cfg.teams.values())} keys")
     for line in pricing_report(loaded):
@@ -153,9 +152,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     rows = usage_rows(doc)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     return 0
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from proxy.cli_table import print_table
 from proxy.history import BadParam, HistoryQuery, parse_since
 
 
@@ -96,7 +97,5 @@ def run(args: argparse.Namespace, runtime: Any) -> int:
         print(json.dumps({"history": docs}, indent=2))
         return 0
     rows = table(docs)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print_table(rows, right_from=3)
     return 0

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from proxy.cli_table import print_table
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 _NUMBER_FIELDS = ("tokens", "input_tokens", "output_tokens", "steps")
 
@@ -99,9 +101,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [("team", "name", "origin", "expires_at", "revoked")]
     rows += [(k["team"], k["name"], k["origin"], k.get("expires_at") or "-", "yes" if k.get("revoked") else "")
              for k in keys]
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_table(rows)
     return 0
 
 

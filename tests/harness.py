@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Coroutine, Iterator, TypeVar
 
 from proxy.app import BudgetProxyApp, create_app
 from proxy.config import LoadedConfig, parse_config
@@ -100,3 +100,32 @@ def wait_healthy(url: str, proc: Any, timeout: float = 30.0, path: str = "/healt
         except subprocess.TimeoutExpired:
             pass
     return False
+
+
+def require_redis(db: int) -> Any:
+    """A client on the shared Redis's database `db`; skip without Redis unless CI requires it
+    (BUDGET_PROXY_REQUIRE_REDIS), then fail."""
+    import os
+
+    import pytest
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
+            pytest.fail(f"Redis at 127.0.0.1:6379 is required (BUDGET_PROXY_REQUIRE_REDIS) but unreachable: {exc}")
+        pytest.skip("Redis at 127.0.0.1:6379 is not reachable (set BUDGET_PROXY_REQUIRE_REDIS to fail instead)")
+    return client
+
+
+def fresh_redis_url(db: int, tag: str) -> Iterator[str]:
+    """A store URL under a prefix of its own, whose keys are deleted afterwards (for a fixture)."""
+    import uuid
+
+    client = require_redis(db)
+    prefix = f"bp-{tag}-{uuid.uuid4().hex[:12]}:"
+    yield f"redis://127.0.0.1:6379/{db}?prefix={prefix}"
+    for k in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(k)

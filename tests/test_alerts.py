@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
-import uuid
 from collections import deque
 from datetime import datetime
 from types import SimpleNamespace
@@ -42,7 +40,7 @@ from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 from tests.conftest import ALPHA_KEY, BETA_KEY, GAMMA_KEY
-from tests.harness import ProxyServer
+from tests.harness import ProxyServer, fresh_redis_url
 from tests.simulator import AnthropicSimulator, Reply
 
 REDIS_DB = 7  # no other test uses it
@@ -135,24 +133,9 @@ def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(alerting, "CHECK_EVERY_S", 0.05)
 
 
-def require_redis() -> redis.Redis:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required (BUDGET_PROXY_REQUIRE_REDIS) but unreachable: {exc}")
-        pytest.skip("Redis at 127.0.0.1:6379 is not reachable (set BUDGET_PROXY_REQUIRE_REDIS to fail instead)")
-    return client
-
-
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    client = require_redis()
-    prefix = f"bp-alerts-{uuid.uuid4().hex[:12]}:"
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}?prefix={prefix}"
-    for k in client.scan_iter(match=prefix + "*", count=1000):
-        client.delete(k)
+    yield from fresh_redis_url(REDIS_DB, "alerts")
 
 
 # --- the pure rules ------------------------------------------------------------------------------------

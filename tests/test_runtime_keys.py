@@ -22,14 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import anthropic
 import httpx
 import pytest
-import redis
 import yaml
 
 from proxy.__main__ import main
@@ -41,7 +39,7 @@ from proxy.store.base import KEY_RETENTION_S, KeyRecord
 from proxy.store.memory import MemoryStore
 from proxy.store.sqlite import SqliteStore
 from tests.conftest import ALPHA_KEY, default_teams
-from tests.harness import ProxyServer, start_proxy
+from tests.harness import ProxyServer, fresh_redis_url, start_proxy
 from tests.simulator import AnthropicSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,24 +267,9 @@ def test_runtime_keys_show_in_usage_team_and_dashboard_and_can_be_reset(proxy: P
 
 
 # --- the stores' contract -------------------------------------------------------------------------
-def require_redis() -> redis.Redis:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required but unreachable: {exc}")
-        pytest.skip("Redis at 127.0.0.1:6379 is not reachable")
-    return client
-
-
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    client = require_redis()
-    prefix = f"bp-test-keys-{uuid.uuid4().hex[:12]}:"
-    yield f"redis://127.0.0.1:6379/{REDIS_DB}?prefix={prefix}"
-    for k in client.scan_iter(match=prefix + "*", count=1000):
-        client.delete(k)
+    yield from fresh_redis_url(REDIS_DB, "test-keys")
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import time
 import uuid
@@ -32,6 +31,7 @@ import redis
 from proxy.errors import StoreUnavailable
 from proxy.ledger import ZERO, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState, admit
 from proxy.store import open_store
+from tests.harness import require_redis as harness_require_redis
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import RedisStore
@@ -44,15 +44,7 @@ ids = (f"req_{i}" for i in itertools.count())
 
 
 def require_redis() -> redis.Redis:
-    """A client on the test DB; skip without Redis unless CI requires it (then fail)."""
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB, socket_timeout=1, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required (BUDGET_PROXY_REQUIRE_REDIS) but unreachable: {exc}")
-        pytest.skip("Redis at 127.0.0.1:6379 is not reachable (set BUDGET_PROXY_REQUIRE_REDIS to fail instead)")
-    return client
+    return harness_require_redis(REDIS_DB)
 
 
 @dataclass
