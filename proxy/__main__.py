@@ -36,17 +36,44 @@ def load_or_exit(path: str) -> LoadedConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.app import create_app
     from proxy.logs import setup_logging
-    from proxy.server import GracefulServer
+    from proxy.workers import Supervisor, reuse_port_socket, workers_problem
 
     setup_logging(args.log_format)
     loaded = load_or_exit(args.config)
+    problem = workers_problem(args.workers, loaded.proxy.store)
+    if problem:
+        print(f"budget-proxy serve: {problem}", file=sys.stderr)
+        return 2
+    if args.workers == 1:
+        return serve_one(args, loaded)
+    try:
+        reserved = reuse_port_socket(args.host, args.port)
+    except OSError as err:
+        print(f"budget-proxy serve: cannot bind {args.host}:{args.port}: {err.strerror}", file=sys.stderr)
+        return 1
+    supervisor_pid = os.getpid()
+    return Supervisor(args.workers, reserved,
+                      lambda sock: serve_one(args, loaded, sock, supervisor_pid)).run()
+
+
+def serve_one(args: argparse.Namespace, loaded: LoadedConfig, sock: object = None,
+              supervisor_pid: int | None = None) -> int:
+    """One proxy process: on `sock` when a supervisor made it, else on --host/--port."""
+    from proxy.app import create_app
+    from proxy.logs import flush_access_log
+    from proxy.server import GracefulServer
+
     try:
         app = create_app(loaded)
     except ConfigError as err:
         return _print_problems(args.config, err)
-    GracefulServer(app, config_path=args.config, host=args.host, port=args.port, loop="auto", http="auto").run()
+    server = GracefulServer(app, config_path=args.config, host=args.host, port=args.port, loop="auto", http="auto")
+    server.supervisor_pid = supervisor_pid
+    try:
+        server.run(sockets=None if sock is None else [sock])
+    finally:
+        flush_access_log()
     return 0
 
 
@@ -117,15 +144,12 @@ def _num(v: object) -> str:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    import asyncio
     import json
     import time
     from types import SimpleNamespace
 
     from proxy.admin import usage_document
     from proxy.app import build_runtime
-    from proxy.errors import StoreUnavailable
-    from proxy.store import open_store
 
     loaded = load_or_exit(args.config)
     runtime = build_runtime(loaded)
@@ -135,18 +159,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if cli_history.wanted(args):  # --since / --by / --team / --key: the history (proxy/cli_history.py)
         return cli_history.run(args, runtime)
 
-    async def read() -> dict:
-        store = open_store(runtime.config.store)
-        await store.open()
-        try:
-            return await usage_document(SimpleNamespace(runtime=runtime, store=store, clock=time.time))
-        finally:
-            await store.close()
+    async def read(store) -> dict:
+        return await usage_document(SimpleNamespace(runtime=runtime, store=store, clock=time.time))
 
-    try:
-        doc = asyncio.run(read())
-    except StoreUnavailable as err:
-        print(f"store unavailable: {err.message}", file=sys.stderr)
+    doc = cli_history.read_store(runtime, read)
+    if doc is None:
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -174,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--log-format", choices=("json", "text"), default="json")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("BUDGET_PROXY_WORKERS", "1")),
+                   help="proxy processes sharing the port (more than 1 needs a redis:// store)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("check-config", help="validate a config and print its budgets")
     p.add_argument("path", nargs="?", default=default_config_path())

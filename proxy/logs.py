@@ -160,6 +160,12 @@ class JsonFormatter(logging.Formatter):
         return _encode(out)
 
 
+def flush_access_log() -> None:
+    """Write the access-log lines still batched (a forked worker leaves by os._exit, without atexit)."""
+    if _access_sink is not None:
+        _access_sink.flush()
+
+
 def setup_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None = None) -> None:
     """Every log line to `stream` (stderr by default), in `fmt`: "json" or "text"."""
     global _access_sink

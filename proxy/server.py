@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import threading
 from typing import Any, Generator
@@ -82,6 +83,7 @@ class GracefulServer(uvicorn.Server):
         self.proxy = app
         self.config_path = config_path
         self.reload_requested = False
+        self.supervisor_pid: int | None = None  # set in a --workers worker: stop when the supervisor is gone
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
@@ -101,6 +103,8 @@ class GracefulServer(uvicorn.Server):
             self.reload_requested = False
             if self.config_path:
                 self.proxy.state.reload(self.config_path)
+        if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+            self.should_exit = True  # (the supervisor was killed: nobody would stop or restart this worker)
         return await super().on_tick(counter)
 
     @contextlib.contextmanager
