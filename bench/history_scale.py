@@ -43,7 +43,7 @@ import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -180,13 +180,10 @@ async def sqlite_bench(args: argparse.Namespace) -> None:
     print(f"\n/admin/history-equivalent (history_document: store.usage_hours + bucketing), {args.days} days; "
           f"first call, then the median of 5:")
     print(f"  team {heavy} holds {n_heavy:,} rows in the range, its key {keys[heavy][0]} {n_heavy_key:,}")
-    for team, key in ((heavy, None), (heavy, keys[heavy][0]), (light, None), (light, keys[light][0])):
-        for bucket in ("day", "hour"):
-            q = HistoryQuery(team, key, start, end, bucket)
-            first, med, doc = await amedian(lambda: history_document(store, q))
-            total = sum(p["requests"] for p in doc["series"])
-            print(f"  {team:>4} {key or '*':>8} by {bucket:<4}: {len(doc['series']):>4} buckets, {total:>9,} requests: "
-                  f"first {ms(first)}, median {ms(med)}")
+    pairs = ((heavy, None), (heavy, keys[heavy][0]), (light, None), (light, keys[light][0]))
+    async for team, key, bucket, buckets, total, first, med in history_timings(store, pairs, start, end):
+        print(f"  {team:>4} {key or '*':>8} by {bucket:<4}: {buckets:>4} buckets, {total:>9,} requests: "
+              f"first {ms(first)}, median {ms(med)}")
 
     print("\nfor comparison: the same sums from the raw log through the (team, time) index (no hourly tables):")
     for team, key in ((heavy, None), (heavy, keys[heavy][0]), (light, None)):
@@ -326,6 +323,16 @@ async def amedian(make: Callable[[], Any], repeat: int = 5) -> tuple[float, floa
     first, out = await atimed(make())
     rest = [(await atimed(make()))[0] for _ in range(repeat)]
     return first, statistics.median(rest), out
+
+
+async def history_timings(store: Any, pairs: Any, start: float, end: float) -> AsyncIterator[tuple]:
+    """history_document (what /admin/history answers) for each (team, key), by day then by hour, timed
+    with amedian: (team, key, bucket, buckets, requests, first, median) each."""
+    for team, key in pairs:
+        for bucket in ("day", "hour"):
+            q = HistoryQuery(team, key, start, end, bucket)
+            first, med, doc = await amedian(lambda: history_document(store, q))
+            yield team, key, bucket, len(doc["series"]), sum(p["requests"] for p in doc["series"]), first, med
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -481,13 +488,10 @@ async def redis_bench(args: argparse.Namespace) -> None:
             print(f"\n{m:,} requests settled with times spread over {args.days} days in {el:,.1f} s "
                   f"(16 at a time)")
             heavy = teams[0]
-            for team, key in ((heavy, None), (heavy, keys[heavy][0])):
-                for bucket in ("day", "hour"):
-                    q = HistoryQuery(team, key, start, end, bucket)
-                    first, med, doc = await amedian(lambda: history_document(store, q))
-                    total = sum(p["requests"] for p in doc["series"])
-                    print(f"  history {team} {key or '*':>7} by {bucket:<4}: {len(doc['series']):>4} buckets, "
-                          f"{total:>6,} requests: first {ms(first)}, median {ms(med)}")
+            pairs = ((heavy, None), (heavy, keys[heavy][0]))
+            async for team, key, bucket, buckets, total, first, med in history_timings(store, pairs, start, end):
+                print(f"  history {team} {key or '*':>7} by {bucket:<4}: {buckets:>4} buckets, "
+                      f"{total:>6,} requests: first {ms(first)}, median {ms(med)}")
             q = csv_query([("team", heavy), ("from", "1970-01-01")], end)
             t0 = time.perf_counter()
             n_rows, after = 0, None
@@ -521,13 +525,10 @@ async def redis_bench(args: argparse.Namespace) -> None:
             dense = RedisStore.from_url(f"{args.redis}?prefix={prefix}dense:")
             await dense.open()
             try:
-                for key in (None, keys[heavy][0]):
-                    for bucket in ("day", "hour"):
-                        q = HistoryQuery(heavy, key, start, end, bucket)
-                        first, med, doc = await amedian(lambda: history_document(dense, q))
-                        total = sum(p["requests"] for p in doc["series"])
-                        print(f"  history {heavy} {key or '*':>7} by {bucket:<4}: {total:>10,} requests: "
-                              f"first {ms(first)}, median {ms(med)}")
+                pairs = ((heavy, None), (heavy, keys[heavy][0]))
+                async for team, key, bucket, _, total, first, med in history_timings(dense, pairs, start, end):
+                    print(f"  history {team} {key or '*':>7} by {bucket:<4}: {total:>10,} requests: "
+                          f"first {ms(first)}, median {ms(med)}")
             finally:
                 await dense.close()
 

@@ -1,20 +1,21 @@
-"""The admin API: every team's and key's budget state, resets, and the runtime-key routes
-(proxy/admin_keys.py). Admin key only: compared in constant time; a proxy key (config or runtime)
-is refused with 403; with no admin key configured, /admin is 404."""
+"""The admin API (docs/http-api.md): every team's and key's budget state and resets, with the
+runtime-key, history and run routes behind the same guard. Admin key only: compared in constant
+time; a proxy key (config or runtime) is refused with 403; with no admin key configured, /admin is
+404."""
 from __future__ import annotations
 
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from proxy.admin_history import build_history_routes
-from proxy.admin_keys import build_key_routes
-from proxy.admin_runs import build_run_routes
+from proxy.admin_history import HistoryRoutes
+from proxy.admin_keys import KeyRoutes
+from proxy.admin_runs import RunRoutes
 from proxy.auth import presented_secret
 from proxy.errors import AuthenticationError, NotFound, PermissionDenied, ProxyError, StoreUnavailable
 from proxy.ledger import Scope
+from proxy.routes import RouteSet
 from proxy.runtime_keys import key_scope, refusal
 from proxy.views import scope_view
 
@@ -50,66 +51,70 @@ async def live_runtime_scopes(state: Any, now: float) -> list[tuple[str, Scope]]
             if refusal(r, state.runtime, now) is None]
 
 
-def build_admin_routes(state: Any, error_response: Any) -> list[Route]:
-    async def check_admin(request: Request) -> None:
-        rt = state.runtime
+class AdminRoutes(RouteSet, KeyRoutes, HistoryRoutes, RunRoutes):
+    """The admin API's routes, each behind `guarded` (the admin key; a ProxyError is answered by
+    `error_response`)."""
+
+    ROUTES = (("/admin/usage", "GET", "usage"), ("/admin/teams/{team}", "GET", "team"),
+              ("/admin/teams/{team}/reset", "POST", "reset_team"),
+              ("/admin/teams/{team}/keys/{key}/reset", "POST", "reset_key"),
+              *KeyRoutes.ROUTES, *HistoryRoutes.ROUTES, *RunRoutes.ROUTES)
+
+    async def check_admin(self, request: Request) -> None:
+        rt = self.state.runtime
         if not rt.config.admin_key.get_secret_value():
             raise NotFound(f"No route for {request.method} {request.url.path}.")
         secret = presented_secret(dict(request.scope["headers"]))
         if rt.keyring.is_admin(secret):
             return
-        if rt.keyring.lookup(secret) is not None or await state.runtime_keys.is_key(secret):
+        if rt.keyring.lookup(secret) is not None or await self.state.runtime_keys.is_key(secret):
             raise PermissionDenied("This route needs the admin key; a proxy key cannot use it.")
         raise AuthenticationError("Invalid admin key.")
 
-    def team_or_404(team: str) -> str:
-        if team not in state.runtime.budgets.teams:
-            raise NotFound(f"No team named '{team}'.")
-        return team
-
-    async def guarded(request: Request, action: Any) -> Response:
+    async def guarded(self, request: Request, action: Any) -> Response:
+        """`action()`'s answer (a dict as JSON) once the admin key is checked; a ProxyError as the error."""
         try:
-            await check_admin(request)
+            await self.check_admin(request)
             result = await action()
             return result if isinstance(result, Response) else JSONResponse(result)
         except ProxyError as err:
-            return error_response(err)
+            return self.error_response(err)
 
-    async def usage(request: Request) -> Response:
-        return await guarded(request, lambda: usage_document(state))
+    def team_or_404(self, team: str) -> str:
+        if team not in self.state.runtime.budgets.teams:
+            raise NotFound(f"No team named '{team}'.")
+        return team
 
-    async def team(request: Request) -> Response:
+    async def usage(self, request: Request) -> Response:
+        return await self.guarded(request, lambda: usage_document(self.state))
+
+    async def team(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
-            name = team_or_404(request.path_params["team"])
-            return (await usage_document(state, [name]))["teams"][0]
-        return await guarded(request, action)
+            name = self.team_or_404(request.path_params["team"])
+            return (await usage_document(self.state, [name]))["teams"][0]
+        return await self.guarded(request, action)
 
-    async def reset_team(request: Request) -> Response:
+    async def reset_team(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
-            name = team_or_404(request.path_params["team"])
-            await state.store.reset(state.runtime.budgets.teams[name], state.clock())
+            name = self.team_or_404(request.path_params["team"])
+            await self.state.store.reset(self.state.runtime.budgets.teams[name], self.state.clock())
             return {"reset": {"scope": "team", "name": name}}
-        return await guarded(request, action)
+        return await self.guarded(request, action)
 
-    async def reset_key(request: Request) -> Response:
+    async def reset_key(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
-            name = team_or_404(request.path_params["team"])
-            scope = state.runtime.budgets.keys.get((name, request.path_params["key"]))
-            if scope is None:  # a runtime key's, while it works
-                scope = next((s for t, s in await live_runtime_scopes(state, state.clock())
-                              if t == name and s.name == request.path_params["key"]), None)
-            if scope is None:
-                raise NotFound(f"Team '{name}' has no key named '{request.path_params['key']}'.")
-            await state.store.reset(scope, state.clock())
-            return {"reset": {"scope": "key", "team": name, "name": scope.name}}
-        return await guarded(request, action)
+            team, key = self.team_or_404(request.path_params["team"]), request.path_params["key"]
+            scope = await self.key_scope(team, key)
+            await self.state.store.reset(scope, self.state.clock())
+            return {"reset": {"scope": "key", "team": team, "name": scope.name}}
+        return await self.guarded(request, action)
 
-    return [
-        Route("/admin/usage", usage, methods=["GET"]),
-        Route("/admin/teams/{team}", team, methods=["GET"]),
-        Route("/admin/teams/{team}/reset", reset_team, methods=["POST"]),
-        Route("/admin/teams/{team}/keys/{key}/reset", reset_key, methods=["POST"]),
-        *build_key_routes(state, guarded),
-        *build_history_routes(state, guarded),
-        *build_run_routes(state, guarded),
-    ]
+    async def key_scope(self, team: str, key: str) -> Scope:
+        """The scope of a config key, else of a runtime key that still works; 404 when neither."""
+        scope = self.state.runtime.budgets.keys.get((team, key))
+        if scope is None:
+            scope = next((s for t, s in await live_runtime_scopes(self.state, self.state.clock())
+                          if t == team and s.name == key), None)
+        if scope is None:
+            raise NotFound(f"Team '{team}' has no key named '{key}'.")
+        return scope

@@ -1,6 +1,6 @@
 """GET /admin/history and GET /admin/usage.csv (docs/http-api.md, "History"): the usage log summed
 by hour or day, and the log itself as CSV, streamed page by page from the store (never loaded whole).
-Admin key only, through admin.py's guard; the arithmetic is proxy/history.py's."""
+Admin key only, through the admin API's guard."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,6 @@ from typing import Any, AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
 
 from proxy.errors import InvalidRequest, NotFound, StoreUnavailable
 from proxy.history import (CSV_HEADER, BadParam, CsvQuery, HistoryQuery, csv_chunk, csv_query, history_body,
@@ -56,37 +55,34 @@ async def csv_body(store: Any, q: CsvQuery, rows: list[Any], after: Any) -> Asyn
             raise
 
 
-def build_history_routes(state: Any, guarded: Any) -> list[Route]:
-    """The routes, behind admin.py's `guarded` (admin key; a ProxyError raised before the answer
-    starts is its error response)."""
+class HistoryRoutes:
+    """The two routes' handlers, mixed into the admin API's routes: each under its `guarded` (admin
+    key; a ProxyError raised before the answer starts is its error response)."""
 
-    def params(request: Request) -> list[tuple[str, str]]:
-        return request.query_params.multi_items()
+    ROUTES = (("/admin/history", "GET", "history"), ("/admin/usage.csv", "GET", "usage_csv"))
+    state: Any
+    guarded: Any
 
-    async def history(request: Request) -> Response:
+    async def history(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
             try:
-                q = history_query(params(request), state.clock())
+                q = history_query(request.query_params.multi_items(), self.state.clock())
             except BadParam as err:
                 raise InvalidRequest(f"Invalid history request: {err}") from None
-            if q.team not in state.runtime.budgets.teams:
+            if q.team not in self.state.runtime.budgets.teams:
                 raise NotFound(f"No team named '{q.team}'.")
-            return await history_document(state.store, q)
-        return await guarded(request, action)
+            return await history_document(self.state.store, q)
+        return await self.guarded(request, action)
 
-    async def usage_csv(request: Request) -> Response:
+    async def usage_csv(self, request: Request) -> Response:
         async def action() -> Response:
             try:
-                q = csv_query(params(request), state.clock())
+                q = csv_query(request.query_params.multi_items(), self.state.clock())
             except BadParam as err:
                 raise InvalidRequest(f"Invalid usage.csv request: {err}") from None
-            rows, after = await _page(state.store, q, None)  # (before the answer starts: a failure is a 503)
-            return StreamingResponse(csv_body(state.store, q, rows, after), media_type="text/csv; charset=utf-8",
+            store = self.state.store
+            rows, after = await _page(store, q, None)  # (before the answer starts: a failure is a 503)
+            return StreamingResponse(csv_body(store, q, rows, after), media_type="text/csv; charset=utf-8",
                                      headers={"content-disposition": 'attachment; filename="usage.csv"',
                                               "cache-control": "no-store"})
-        return await guarded(request, action)
-
-    return [
-        Route("/admin/history", history, methods=["GET"]),
-        Route("/admin/usage.csv", usage_csv, methods=["GET"]),
-    ]
+        return await self.guarded(request, action)

@@ -14,9 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from proxy.config import Budget, _pydantic_problems, key_digest, parse_duration
+from proxy.config import Budget, RunBudget, _pydantic_problems, key_digest, positive_duration
 from proxy.errors import Conflict, InvalidRequest, NotFound, RequestTooLarge
 from proxy.periods import iso
 from proxy.store.base import KeyRecord
@@ -34,7 +33,7 @@ class KeyRequest(BaseModel):
     team: str
     name: str | None = None
     budget: Budget = Budget()
-    run_budget: Budget | None = None
+    run_budget: RunBudget = None
     runs: Literal["optional", "required"] = "optional"
     models: list[str] | None = None
     expires_in: float | None = None
@@ -47,22 +46,10 @@ class KeyRequest(BaseModel):
             raise ValueError("must be 1-64 characters of A-Z a-z 0-9 . _ -")
         return v
 
-    @field_validator("run_budget")
-    @classmethod
-    def _run_budget_has_no_period(cls, v: Budget | None) -> Budget | None:
-        if v is not None and v.period != "none":
-            raise ValueError("a run budget has no period: a run's budget lasts as long as the run")
-        return v
-
     @field_validator("expires_in", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float | None:
-        if v is None:
-            return None
-        seconds = parse_duration(v)
-        if seconds <= 0:
-            raise ValueError("must be longer than 0 s")
-        return seconds
+        return None if v is None else positive_duration(v)
 
     @model_validator(mode="after")
     def _one_expiry(self) -> KeyRequest:
@@ -131,50 +118,56 @@ def new_record(req: KeyRequest, name: str, secret: str, now: float) -> KeyRecord
                      req.runs, None if req.models is None else tuple(req.models), now, req.expiry(now))
 
 
-def build_key_routes(state: Any, guarded: Any) -> list[Route]:
-    """The three routes, each under `guarded` (admin key checked, errors in the provider's shape)."""
+class KeyRoutes:
+    """The three routes' handlers, mixed into the admin API's routes: each under its `guarded`
+    (admin key checked, errors in the provider's shape)."""
 
-    def config_has(team: str, name: str) -> bool:
-        return (team, name) in state.runtime.budgets.keys
+    ROUTES = (("/admin/keys", "POST", "create_key"), ("/admin/keys", "GET", "list_keys"),
+              ("/admin/keys/{team}/{name}", "DELETE", "revoke_key"))
+    state: Any
+    guarded: Any
 
-    async def create(request: Request) -> Response:
+    def config_has(self, team: str, name: str) -> bool:
+        return (team, name) in self.state.runtime.budgets.keys
+
+    async def create_key(self, request: Request) -> Response:
         async def action() -> Response:
             req = await parse_request(request)
-            if req.team not in state.runtime.budgets.teams:
+            if req.team not in self.state.runtime.budgets.teams:
                 raise NotFound(f"No team named '{req.team}'.")
-            if req.name is not None and config_has(req.team, req.name):
+            if req.name is not None and self.config_has(req.team, req.name):
                 raise Conflict(f"Team '{req.team}' already has a key named '{req.name}' (in the config).")
-            secret, now = "bp-" + secrets.token_urlsafe(24), state.clock()
-            for _ in range(1 if req.name else 5):  # a generated name that is taken: draw another
-                name = req.name or "key-" + secrets.token_hex(4)
-                rec = new_record(req, name, secret, now)
-                if not config_has(req.team, name) and await state.store.put_key(rec, now):
-                    return JSONResponse({"team": rec.team, "name": name, "key": secret,
-                                         "expires_at": iso(rec.expires_at)}, status_code=201)
-            raise Conflict(f"Team '{req.team}' already has a key named '{req.name}'.")
-        return await guarded(request, action)
+            return await self.mint_key(req)
+        return await self.guarded(request, action)
 
-    async def listing(request: Request) -> Response:
+    async def mint_key(self, req: KeyRequest) -> Response:
+        """The 201 with the new key's secret, stored under req.name or a generated name not taken."""
+        secret, now = "bp-" + secrets.token_urlsafe(24), self.state.clock()
+        for _ in range(1 if req.name else 5):  # a generated name that is taken: draw another
+            name = req.name or "key-" + secrets.token_hex(4)
+            rec = new_record(req, name, secret, now)
+            if not self.config_has(req.team, name) and await self.state.store.put_key(rec, now):
+                return JSONResponse({"team": rec.team, "name": name, "key": secret,
+                                     "expires_at": iso(rec.expires_at)}, status_code=201)
+        raise Conflict(f"Team '{req.team}' already has a key named '{req.name}'.")
+
+    async def list_keys(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
             team = request.query_params.get("team")
-            if team is not None and team not in state.runtime.budgets.teams:
+            if team is not None and team not in self.state.runtime.budgets.teams:
                 raise NotFound(f"No team named '{team}'.")
-            records = sorted(await state.store.list_keys(team), key=lambda r: (r.team, r.created_at, r.name))
-            return {"keys": config_views(state.runtime.config, team) + [record_view(r) for r in records]}
-        return await guarded(request, action)
+            records = sorted(await self.state.store.list_keys(team), key=lambda r: (r.team, r.created_at, r.name))
+            return {"keys": config_views(self.state.runtime.config, team) + [record_view(r) for r in records]}
+        return await self.guarded(request, action)
 
-    async def revoke(request: Request) -> Response:
+    async def revoke_key(self, request: Request) -> Response:
         async def action() -> Response:
             team, name = request.path_params["team"], request.path_params["name"]
-            if config_has(team, name):
+            if self.config_has(team, name):
                 raise Conflict(f"Key '{name}' of team '{team}' is in the config; edit the config to remove it.")
-            rec = await state.store.revoke_key(team, name, state.clock())
+            rec = await self.state.store.revoke_key(team, name, self.state.clock())
             if rec is None:
                 raise NotFound(f"Team '{team}' has no runtime key named '{name}'.")
-            state.runtime_keys.forget(rec.digest)  # this replica refuses it at once; others within 1 s
+            self.state.runtime_keys.forget(rec.digest)  # this replica refuses it at once; others within 1 s
             return Response(status_code=204)
-        return await guarded(request, action)
-
-    return [Route("/admin/keys", create, methods=["POST"]), Route("/admin/keys", listing, methods=["GET"]),
-            Route("/admin/keys/{team}/{name}", revoke, methods=["DELETE"])]
-
+        return await self.guarded(request, action)

@@ -12,7 +12,6 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from proxy.errors import InvalidRequest, NotFound, StoreUnavailable
 from proxy.ledger import Limits, Scope
@@ -69,16 +68,19 @@ async def runs_document(state: Any, team: str, key: str, limit: int = DEFAULT_LI
             "runs": runs}
 
 
-def build_run_routes(state: Any, guarded: Any) -> list[Route]:
-    """The route, behind admin.py's `guarded` (the admin key; errors in the Anthropic shape)."""
+class RunRoutes:
+    """The route's handler, mixed into the admin API's routes: under its `guarded` (the admin key;
+    errors in the Anthropic shape)."""
 
-    async def runs(request: Request) -> Response:
+    ROUTES = (("/admin/runs", "GET", "runs"),)
+    state: Any
+    guarded: Any
+
+    async def runs(self, request: Request) -> Response:
         async def action() -> dict[str, Any]:
             q = request.query_params
             team, key = q.get("team"), q.get("key")
             if not team or not key:
                 raise InvalidRequest("GET /admin/runs needs ?team=TEAM&key=KEY (and optionally &limit=N).")
-            return await runs_document(state, team, key, _limit(q.get("limit")))
-        return await guarded(request, action)
-
-    return [Route("/admin/runs", runs, methods=["GET"])]
+            return await runs_document(self.state, team, key, _limit(q.get("limit")))
+        return await self.guarded(request, action)

@@ -20,30 +20,30 @@ import httpx
 import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.admin import build_admin_routes
+from proxy.admin import AdminRoutes
 from proxy.alerting import Alerts
-from proxy.dashboard import build_dashboard_routes
-from proxy.auth import Caller, KeyRing, bearer_matches, presented_secret
+from proxy.dashboard import DashboardRoutes
+from proxy.auth import Caller, KeyRing, presented_secret
 from proxy.budgets import Budgets
 from proxy.config import ConfigError, LoadedConfig, ProxyConfig, load_config
 from proxy.logs import ACCESS_NOTE, client_field, log_request, note, path_field
 from proxy.metrics import Metrics, key_label
-from proxy.errors import (AuthenticationError, BudgetExceeded, InvalidRequest, NotFound, ProxyError, StoreUnavailable,
-                          UpstreamUnavailable, new_request_id)
+from proxy.errors import (BudgetExceeded, InvalidRequest, NotFound, ProxyError, StoreUnavailable, UpstreamUnavailable,
+                          new_request_id)
 from proxy.passthrough import Passthrough
 from proxy.pricing import PriceTable, PricingError, parse_price_table
 from proxy.providers.registry import PROVIDERS, provider_for_path, provider_named
 from proxy.ratio import OutputRatios
 from proxy.retention import Retention
+from proxy.routes_ops import OpsRoutes
 from proxy.runs import RUN_HEADER, RunBudgets, run_id_of
 from proxy.relay import Relay
 from proxy.runtime_keys import RuntimeKeys
 from proxy.store import LedgerStore, open_store
 from proxy.upstream import EgressProxies, PooledTransport, ProxiedTransport, tls_context
-from proxy.views import scope_view
 
 log = logging.getLogger("budget_proxy")
 access_log = logging.getLogger("budget_proxy.access")
@@ -301,68 +301,11 @@ def build_routes(state: AppState) -> list[Route]:
             state.observe_store_error()
         return error_response(err, provider)
 
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def readyz(request: Request) -> Response:
-        try:
-            await state.store.ping()
-        except Exception:
-            return JSONResponse({"status": "store unavailable"}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    async def budget(request: Request) -> Response:
-        try:
-            headers = dict(request.scope["headers"])
-            caller = await state.authenticate(headers)
-            note(request.scope, team=caller.team, key=caller.key)
-            scopes = state.runtime.budgets.scopes_for(caller)
-            if RUN_HEADER in headers:  # the run's scope first (no header: the key's and team's only)
-                scopes = state.runtime.runs.with_run(caller, headers, scopes)
-            now = state.clock()
-            try:
-                states = await state.store.states(scopes, now)
-            except StoreUnavailable:
-                raise
-            except Exception:
-                raise StoreUnavailable("The budget ledger is unavailable.") from None
-        except ProxyError as err:
-            if isinstance(err, StoreUnavailable):
-                state.observe_store_error()
-            note(request.scope, error=err.kind)
-            return error_response(err)
-        return JSONResponse({"key": caller.key, "team": caller.team,
-                             "scopes": [scope_view(s, st, now) for s, st in zip(scopes, states)]})
-
-    async def metrics(request: Request) -> Response:
-        rt = state.runtime
-        metrics_key = rt.config.metrics_key.get_secret_value()
-        if metrics_key and not bearer_matches(dict(request.scope["headers"]), metrics_key):
-            note(request.scope, error=AuthenticationError.kind)
-            return error_response(AuthenticationError("/metrics needs Authorization: Bearer <metrics_key>."))
-        # The budget gauges: config teams and keys only (runtime keys and runs never make a series).
-        budgets = rt.budgets
-        owners = [(t, "") for t in budgets.teams] + list(budgets.keys)
-        scopes = list(budgets.teams.values()) + list(budgets.keys.values())
-        now = state.clock()
-        try:
-            states = await state.store.states(scopes, now)
-        except Exception:
-            state.observe_store_error()
-            log.warning("metrics: store unavailable; the budget gauges are not refreshed")
-        else:
-            state.metrics.set_budgets(owners, scopes, states, now)
-        state.metrics.streams_in_flight.set(len(state.active_streams))
-        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
     return [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/budget", budget, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        *OpsRoutes(state, counted_error_response).routes(),
         *passthrough_routes(state),
-        *build_admin_routes(state, counted_error_response),
-        *build_dashboard_routes(state, counted_error_response),
+        *AdminRoutes(state, counted_error_response).routes(),
+        *DashboardRoutes(state, counted_error_response).routes(),
     ]
 
 

@@ -10,10 +10,12 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from proxy.cli_table import print_table
 from proxy.history import BadParam, HistoryQuery, parse_since
+
+T = TypeVar("T")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,10 +71,29 @@ def table(docs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
-def run(args: argparse.Namespace, runtime: Any) -> int:
-    from proxy.admin_history import history_document
+def read_store(runtime: Any, read: Callable[[Any], Awaitable[T]]) -> T | None:
+    """`read(store)` against the configured store, opened and closed around it; None (after saying
+    so on stderr) when the store is unavailable. Shared by `usage` and its history form."""
     from proxy.errors import StoreUnavailable
     from proxy.store import open_store
+
+    async def opened() -> T:
+        store = open_store(runtime.config.store)
+        await store.open()
+        try:
+            return await read(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(opened())
+    except StoreUnavailable as err:
+        print(f"store unavailable: {err.message}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace, runtime: Any) -> int:
+    from proxy.admin_history import history_document
 
     try:
         queries = _queries(args, runtime, time.time())
@@ -80,18 +101,11 @@ def run(args: argparse.Namespace, runtime: Any) -> int:
         print(f"usage: {err}", file=sys.stderr)
         return 2
 
-    async def read() -> list[dict[str, Any]]:
-        store = open_store(runtime.config.store)
-        await store.open()
-        try:
-            return [await history_document(store, q) for q in queries]
-        finally:
-            await store.close()
+    async def read(store: Any) -> list[dict[str, Any]]:
+        return [await history_document(store, q) for q in queries]
 
-    try:
-        docs = asyncio.run(read())
-    except StoreUnavailable as err:
-        print(f"store unavailable: {err.message}", file=sys.stderr)
+    docs = read_store(runtime, read)
+    if docs is None:
         return 1
     if args.json:
         print(json.dumps({"history": docs}, indent=2))

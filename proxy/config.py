@@ -52,6 +52,14 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def positive_duration(value: Any) -> float:
+    """parse_duration, refusing 0 s."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than 0 s")
+    return seconds
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,21 +140,24 @@ class Budget(_budget_limits()):  # type: ignore[misc]
         return None if v is None else parse_duration(v)
 
 
+def run_budget_without_period(v: Budget | None) -> Budget | None:
+    """A run budget as given, refused when it has a period."""
+    if v is not None and v.period != "none":
+        raise ValueError("a run budget has no period: a run's budget lasts as long as the run")
+    return v
+
+
+RunBudget = Annotated[Budget | None, AfterValidator(run_budget_without_period)]
+
+
 class KeyConfig(_Strict):
     key: SecretStr | None = None
     key_sha256: str | None = None
     budget: Budget = Budget()
     # Each agent run's own budget (x-budget-run: RUN_ID), enforced with the key's and team's.
-    run_budget: Budget | None = None
+    run_budget: RunBudget = None
     runs: Literal["optional", "required"] = "optional"
     models: list[str] | None = None
-
-    @field_validator("run_budget")
-    @classmethod
-    def _run_budget_has_no_period(cls, v: Budget | None) -> Budget | None:
-        if v is not None and v.period != "none":
-            raise ValueError("a run budget has no period: a run's budget lasts as long as the run")
-        return v
 
     @field_validator("key_sha256")
     @classmethod
@@ -181,10 +192,7 @@ class AdmissionConfig(_Strict):
     @field_validator("run_ttl", mode="before")
     @classmethod
     def _ttl(cls, v: Any) -> float:
-        seconds = parse_duration(v)
-        if seconds <= 0:
-            raise ValueError("must be longer than 0 s")
-        return seconds
+        return positive_duration(v)
 
 
 class LimitsConfig(_Strict):

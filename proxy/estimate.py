@@ -190,14 +190,28 @@ def _content(t: _Tally, content: object, depth: int) -> None:
         t.bytes += _json_bytes(content)
 
 
-def _block(t: _Tally, b: object, depth: int) -> None:
-    if not isinstance(b, dict) or depth > _MAX_DEPTH:
-        _text(t, b)
-        return
-    kind = b.get("type")
+_TALLIED = object()  # what _kind answers for an item it has tallied itself
+
+
+def _kind(t: _Tally, item: object, flat: bool = False) -> object:
+    """The `type` of a content block (Anthropic) or part (OpenAI), for the caller to tally by; or
+    _TALLIED once tallied here: a non-object item, or any item when `flat` (nested too deep), as
+    text, and a `text` one by its text (the same in both APIs)."""
+    if not isinstance(item, dict) or flat:
+        _text(t, item)
+        return _TALLIED
+    kind = item.get("type")
     if kind == "text":
-        _text(t, b.get("text"))
-    elif kind == "image":
+        _text(t, item.get("text"))
+        return _TALLIED
+    return kind
+
+
+def _block(t: _Tally, b: object, depth: int) -> None:
+    kind = _kind(t, b, depth > _MAX_DEPTH)
+    if kind is _TALLIED:
+        return
+    if kind == "image":
         t.tokens += IMAGE_TOKENS
     elif kind == "document":
         _document(t, b, depth)
@@ -289,13 +303,10 @@ def _openai_message(t: _Tally, message: dict) -> None:
 
 
 def _openai_part(t: _Tally, part: object) -> None:
-    if not isinstance(part, dict):
-        _text(t, part)
+    kind = _kind(t, part)
+    if kind is _TALLIED:
         return
-    kind = part.get("type")
-    if kind == "text":
-        _text(t, part.get("text"))
-    elif kind == "refusal":
+    if kind == "refusal":
         _text(t, part.get("refusal"))
     elif kind == "image_url":
         t.tokens += IMAGE_TOKENS

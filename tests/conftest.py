@@ -4,7 +4,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.harness import ProxyServer, make_config, start_proxy
+from tests.harness import ProxyServer, ended_after, make_config, start_proxy
 from tests.simulator.anthropic import AnthropicSimulator
 
 ALPHA_KEY = "bp-test-alpha-key-0001"
@@ -32,20 +32,14 @@ def default_teams() -> dict[str, Any]:
 @pytest.fixture
 def start(sim: AnthropicSimulator) -> Iterator[Callable[..., ProxyServer]]:
     """start(teams=..., **config) -> a running proxy in front of the simulator."""
-    servers: list[ProxyServer] = []
-
     def _start(teams: dict[str, Any] | None = None, upstream_url: str | None = None, **top: Any) -> ProxyServer:
         kwargs = {k: top.pop(k) for k in ("store_obj", "transport", "clock") if k in top}
         if "store_obj" in kwargs:
             kwargs["store"] = kwargs.pop("store_obj")
         loaded = make_config(upstream_url or sim.url, teams or default_teams(), **top)
-        server = start_proxy(loaded, **kwargs)
-        servers.append(server)
-        return server
+        return start_proxy(loaded, **kwargs)
 
-    yield _start
-    for s in servers:
-        s.stop()
+    yield from ended_after(_start, ProxyServer.stop)
 
 
 @pytest.fixture

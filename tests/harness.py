@@ -3,9 +3,12 @@ tests can drive it with the synchronous SDKs as well as the async ones."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
+import subprocess
 import threading
-from typing import Any, Coroutine, Iterator, TypeVar
+import time
+from typing import Any, Callable, Coroutine, Iterator, TypeVar
 
 from proxy.app import BudgetProxyApp, create_app
 from proxy.config import LoadedConfig, parse_config
@@ -129,3 +132,57 @@ def fresh_redis_url(db: int, tag: str) -> Iterator[str]:
     yield f"redis://127.0.0.1:6379/{db}?prefix={prefix}"
     for k in client.scan_iter(match=prefix + "*", count=1000):
         client.delete(k)
+
+
+class FakeClock:
+    """The proxy's clock (create_app(clock=...)); moved by hand, never by time passing."""
+
+    def __init__(self, when: dt.datetime) -> None:
+        self.t = when.timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+    def set(self, when: dt.datetime) -> None:
+        self.t = when.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def utc(*a: int) -> dt.datetime:
+    return dt.datetime(*a, tzinfo=dt.timezone.utc)
+
+
+def stop_process(proc: Any, grace: float) -> None:
+    """SIGTERM, `grace` seconds to exit, then SIGKILL (and up to 10 s more)."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def ended_after(make: Callable[..., T], end: Callable[[T], None]) -> Iterator[Callable[..., T]]:
+    """The body of a factory fixture (`yield from ended_after(...)`): yields `make`, remembering
+    everything it makes, and ends each of them after the test."""
+    made: list[T] = []
+
+    def remembered(*args: Any, **kw: Any) -> T:
+        thing = make(*args, **kw)
+        made.append(thing)
+        return thing
+
+    yield remembered
+    for thing in made:
+        end(thing)
+
+
+def wait_rows(proxy: ProxyServer, n: int, timeout: float = 5.0) -> list:
+    """The memory store's usage log once it holds `n` rows: a bounded poll, never a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while len(proxy.state.store.rows) < n:
+        assert time.monotonic() < deadline, f"timed out waiting for {n} usage-log rows"
+        time.sleep(0.002)
+    return list(proxy.state.store.rows)

@@ -11,7 +11,6 @@ nano-dollars per search.
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal as D
 
 import anthropic
@@ -32,6 +31,7 @@ from proxy.providers.anthropic import (
 from proxy.sse import SSEDecoder
 from proxy.usage import Usage
 from tests.conftest import ALPHA_KEY, BETA_KEY
+from tests.harness import wait_rows
 from tests.simulator import Reply
 
 HAIKU = "claude-haiku-4-5"
@@ -58,15 +58,6 @@ def assert_nothing_held(proxy) -> None:
     for key in ("alpha", "beta"):
         assert key_state(proxy, key).held == ZERO
     assert proxy.state.store.book.in_flight == {}
-
-
-def wait_rows(proxy, n: int, timeout: float = 5.0) -> list:
-    """A bounded poll for the usage log; never a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while len(proxy.state.store.rows) < n:
-        assert time.monotonic() < deadline, f"timed out waiting for {n} usage-log rows"
-        time.sleep(0.002)
-    return list(proxy.state.store.rows)
 
 
 def thinking_call(proxy, thinking: dict, max_tokens: int = 8000, stream: bool = False):

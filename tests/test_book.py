@@ -1,8 +1,8 @@
 """The in-process Book (proxy/store/memory.py) as a state machine, and MemoryStore around it.
 
 Hypothesis examples (each stateful example is up to 60 steps):
-  BookMachine              500  reserve / charge / settle (actual may exceed the hold) / reset / time, 2-3 keys + team
-  WithinHoldsMachine       300  the same, but every settlement stays within the request's final hold
+  BookMachine              250  reserve / charge / settle (actual may exceed the hold) / reset / time, 2-3 keys + team
+  WithinHoldsMachine       150  the same, but every settlement stays within the request's final hold
   test_last_of_a_budget    300  two back-to-back reserves for the last of a budget: exactly one is admitted
 
 Properties checked after every step of both machines:
@@ -29,9 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxy.ledger import METERED, ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
+from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
 from proxy.store.base import Reservation, UsageRow
 from proxy.store.memory import MEMORY_LOG_ROWS, Book, MemoryStore, Totals
+from tests.test_ledger import first_denial, fits  # the ledger's reference model: where an amount does not fit
 
 T0 = 1_718_000_000.0  # 2024-06-10 06:13:20 UTC, a Monday
 HOUR = 3600.0
@@ -55,22 +56,6 @@ def usage(input_tokens: int, output_tokens: int, in_rate: Decimal | int = 0, out
 def hold_for(a: Ask, out: int) -> Amounts:
     out_cost = math.ceil(Fraction(a.output_nanos_per_token) * out)
     return Amounts(a.input_tokens + out, a.input_tokens, out, a.input_cost_nanos + out_cost, 1)
-
-
-def first_overflow(s: Scope, state: ScopeState, amount: Amounts, only_growing: bool = False) -> str | None:
-    for dim in METERED:
-        limit = s.limits.get(dim)
-        if only_growing and amount.get(dim) <= 0:
-            continue
-        if limit is not None and state.used.get(dim) + state.held.get(dim) + amount.get(dim) > limit:
-            return dim
-    return None
-
-
-def clock_spent(s: Scope, state: ScopeState, now: float) -> bool:
-    wc = s.limits.wall_clock
-    elapsed = 0.0 if state.first_request_at is None else max(0.0, now - state.first_request_at)
-    return wc is not None and elapsed >= wc
 
 
 def snapshot(book: Book) -> dict:
@@ -174,14 +159,7 @@ class BookMachine(RuleBasedStateMachine):
 
         # the reference decision: input + one output token must fit in every scope, in order
         minimal = hold_for(a, 1)
-        expected = None
-        for s, state in before_pairs:
-            dim = first_overflow(s, state, minimal)
-            if dim is None and clock_spent(s, state, self.now):
-                dim = "wall_clock"
-            if dim is not None:
-                expected = (s, dim)
-                break
+        expected = first_denial(before_pairs, minimal, self.now)
         if isinstance(result, Denied):
             assert expected == (result.scope, result.dimension)
             assert snapshot(self.book) == before  # a denial changes nothing
@@ -192,9 +170,9 @@ class BookMachine(RuleBasedStateMachine):
         assert result.hold == result.admitted.hold == hold_for(a, out)
         assert 1 <= out <= max_tokens and result.admitted.clamped == (out < max_tokens)
         for s, state in before_pairs:
-            assert first_overflow(s, state, result.hold) is None
+            assert fits(s, state, result.hold) is None
         if out < max_tokens:
-            assert any(first_overflow(s, state, hold_for(a, out + 1)) is not None for s, state in before_pairs)
+            assert any(fits(s, state, hold_for(a, out + 1)) is not None for s, state in before_pairs)
         for (s, state), key in zip(before_pairs, keys):
             after = self.book.totals[key].state()
             assert after.used == state.used and after.held == state.held + result.hold
@@ -215,15 +193,7 @@ class BookMachine(RuleBasedStateMachine):
 
         got = self.book.charge(res, charged, self.now)
 
-        expected = None
-        if growth != ZERO:
-            for s, state in pairs:
-                dim = first_overflow(s, state, growth, only_growing=True)
-                if dim is None and clock_spent(s, state, self.now):
-                    dim = "wall_clock"
-                if dim is not None:
-                    expected = (s, dim)
-                    break
+        expected = first_denial(pairs, growth, self.now, growth=True) if growth != ZERO else None
         if isinstance(got, Denied):
             assert expected == (got.scope, got.dimension)
             assert snapshot(self.book) == before  # refused: nothing changes
@@ -348,8 +318,8 @@ class WithinHoldsMachine(BookMachine):
     within_holds = True
 
 
-BookMachine.TestCase.settings = settings(max_examples=500, stateful_step_count=60, deadline=None)
-WithinHoldsMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)
+BookMachine.TestCase.settings = settings(max_examples=250, stateful_step_count=60, deadline=None)
+WithinHoldsMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestBook = BookMachine.TestCase
 TestBookWithinHolds = WithinHoldsMachine.TestCase
 

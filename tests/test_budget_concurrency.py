@@ -142,15 +142,30 @@ def teams() -> dict[str, Any]:
                          "keys": {"alpha": {"key": ALPHA_KEY}, "beta": {"key": BETA_KEY}}}}
 
 
+def gated_run(start, sim, tmp_path, store: str, stream: bool, **start_kw: Any
+              ) -> tuple[list[Outcome], dict[str, list[Outcome]], dict[str, Any]]:
+    """N requests, each generating MAX tokens, released together through gate g against a proxy on
+    `store`: the outcomes, the same by kind (ok, cut, denied), and the team's scope afterwards."""
+    proxy = start(teams=teams(), store=store_url(store, tmp_path), **start_kw)
+    sim.default = Reply(chunks=CHUNKS, input_tokens=EST, output_tokens=MAX, gate="g")
+    results = fan_out(proxy, sim, N, stream, "g")
+    by_kind: dict[str, list[Outcome]] = {"ok": [], "cut": [], "denied": []}
+    for r in results:
+        by_kind.setdefault(r.kind, []).append(r)
+    return results, by_kind, team_scope(proxy)
+
+
+def check_persisted(store: str, tmp_path, scope: dict[str, Any]) -> None:
+    """With SQLite, the tokens the scope reports are the ones on disk."""
+    if store == "sqlite":
+        assert persisted_tokens(tmp_path) == scope["used"]["tokens"]
+
+
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_clamping_on_never_overspends(start, sim, tmp_path, store, stream):
-    proxy = start(teams=teams(), store=store_url(store, tmp_path))
-    sim.default = Reply(chunks=CHUNKS, input_tokens=EST, output_tokens=MAX, gate="g")
-    results = fan_out(proxy, sim, N, stream, "g")
-    ok = [r for r in results if r.kind == "ok"]
-    denied = [r for r in results if r.kind == "denied"]
-    s = team_scope(proxy)
+    results, kinds, s = gated_run(start, sim, tmp_path, store, stream)
+    ok, denied = kinds["ok"], kinds["denied"]
     print(f"\n  clamping on, {store}, {'stream' if stream else 'json'}: admitted {len(ok)}, denied {len(denied)} "
           f"of {N}; used {s['used']['tokens']} of {LIMIT} tokens")
     assert len(ok) + len(denied) == N and len(ok) == ADMITTED
@@ -163,18 +178,13 @@ def test_clamping_on_never_overspends(start, sim, tmp_path, store, stream):
     assert s["used"]["tokens"] == LIMIT
     assert s["used"]["steps"] == ADMITTED
     assert s["held"] == ZERO_HELD
-    if store == "sqlite":
-        assert persisted_tokens(tmp_path) == s["used"]["tokens"]
+    check_persisted(store, tmp_path, s)
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_clamping_off_json_overshoots_only_by_what_one_answer_generates_past_its_hold(start, sim, tmp_path, store):
-    proxy = start(teams=teams(), store=store_url(store, tmp_path), admission={"clamp_max_tokens": False})
-    sim.default = Reply(chunks=CHUNKS, input_tokens=EST, output_tokens=MAX, gate="g")
-    results = fan_out(proxy, sim, N, False, "g")
-    ok = [r for r in results if r.kind == "ok"]
-    denied = [r for r in results if r.kind == "denied"]
-    s = team_scope(proxy)
+    results, kinds, s = gated_run(start, sim, tmp_path, store, False, admission={"clamp_max_tokens": False})
+    ok, denied = kinds["ok"], kinds["denied"]
     over = s["used"]["tokens"] - LIMIT
     print(f"\n  clamping off, {store}, json: admitted {len(ok)}, denied {len(denied)} of {N}; "
           f"used {s['used']['tokens']} of {LIMIT} tokens (overshoot {over}, bound {MAX - 1})")
@@ -186,19 +196,13 @@ def test_clamping_off_json_overshoots_only_by_what_one_answer_generates_past_its
     assert over <= MAX - 1                 # the provable bound: one partial hold at most
     assert over == MAX - PARTIAL_OUT       # and here exactly what the tenth generated past its hold
     assert s["held"] == ZERO_HELD
-    if store == "sqlite":
-        assert persisted_tokens(tmp_path) == s["used"]["tokens"]
+    check_persisted(store, tmp_path, s)
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 def test_clamping_off_streams_are_cut_within_one_metering_interval(start, sim, tmp_path, store):
-    proxy = start(teams=teams(), store=store_url(store, tmp_path), admission={"clamp_max_tokens": False})
-    sim.default = Reply(chunks=CHUNKS, input_tokens=EST, output_tokens=MAX, gate="g")
-    results = fan_out(proxy, sim, N, True, "g")
-    ok = [r for r in results if r.kind == "ok"]
-    cut = [r for r in results if r.kind == "cut"]
-    denied = [r for r in results if r.kind == "denied"]
-    s = team_scope(proxy)
+    results, kinds, s = gated_run(start, sim, tmp_path, store, True, admission={"clamp_max_tokens": False})
+    ok, cut, denied = kinds["ok"], kinds["cut"], kinds["denied"]
     over = s["used"]["tokens"] - LIMIT
     print(f"\n  clamping off, {store}, stream: admitted {len(ok) + len(cut)} ({len(cut)} cut), denied {len(denied)} "
           f"of {N}; used {s['used']['tokens']} of {LIMIT} tokens (overshoot {over}, bound "
@@ -212,8 +216,7 @@ def test_clamping_off_streams_are_cut_within_one_metering_interval(start, sim, t
     assert over <= DELTA_TOKENS * len(cut)
     assert s["held"] == ZERO_HELD
     assert s["used"]["steps"] == ADMITTED  # a cut stream produced a message: it is a step
-    if store == "sqlite":
-        assert persisted_tokens(tmp_path) == s["used"]["tokens"]
+    check_persisted(store, tmp_path, s)
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
@@ -255,8 +258,7 @@ def test_many_clients_hammering_until_refused_never_overspend(start, sim, tmp_pa
     assert s["used"]["steps"] == admitted == len(sim.messages_requests())
     assert s["used"]["tokens"] <= limit
     assert s["used"]["tokens"] > limit - (EST + 1)  # refused only when not even input + 1 token fit
-    if store == "sqlite":
-        assert persisted_tokens(tmp_path) == s["used"]["tokens"]
+    check_persisted(store, tmp_path, s)
 
 
 async def test_async_clients_in_flight_together(start, sim):

@@ -20,6 +20,7 @@ import pytest
 
 from proxy.estimate import estimate_input_tokens
 from tests.conftest import ALPHA_KEY, BETA_KEY
+from tests.harness import FakeClock, utc
 from tests.simulator import Reply
 
 MSG = [{"role": "user", "content": "Say hello"}]
@@ -37,26 +38,6 @@ def test_the_input_estimate_these_figures_rest_on():
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-class FakeClock:
-    """The proxy's clock (create_app(clock=...)); moved by hand, never by time passing."""
-
-    def __init__(self, when: dt.datetime) -> None:
-        self.t = when.timestamp()
-
-    def __call__(self) -> float:
-        return self.t
-
-    def set(self, when: dt.datetime) -> None:
-        self.t = when.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def utc(*a: int) -> dt.datetime:
-    return dt.datetime(*a, tzinfo=dt.timezone.utc)
-
 
 def teams(team: dict | None = None, alpha: dict | None = None, beta: dict | None = None) -> dict[str, Any]:
     return {"research": {"budget": team or {},

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from proxy.config import load_config
-from tests.harness import free_port, wait_healthy
+from tests.harness import free_port, stop_process, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "proxy.example.yaml"
@@ -237,12 +237,7 @@ def test_image_entry_command_serves_the_example_config(tmp_path):
         assert httpx.get(url + "/budget", headers={"x-api-key": demo_key}, timeout=5).status_code == 200
         assert httpx.get(url + "/budget", headers={"x-api-key": "bp-not-a-key"}, timeout=5).status_code == 401
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
     assert ledger.exists()  # the store the image's ENV names, not a path relative to WORKDIR
     assert not (app / "data").exists()
 
@@ -455,12 +450,7 @@ def nginx_lb(tmp_path) -> Iterator[tuple[str, list[Backend]]]:
             b.requests.clear()
         yield url, backends
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 10)
         for b in backends:
             b.close()
 

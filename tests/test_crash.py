@@ -341,6 +341,9 @@ PUSH_INTERVAL = 1.0                              # proxy/relay.py PUSH_INTERVAL_
 # second old; and the kill may land in the millisecond between a push and its group commit.
 PUSH_SLACK = 2 * EVENT_DELAY + 0.1
 REDIS_CRASH_DB = 12  # no other test uses it
+# The kill comes after the first push (PUSH_INTERVAL) and its slack, with room to spare: what was received by
+# PUSH_INTERVAL + PUSH_SLACK before the kill (the ledger's floor) is then never empty.
+KILL_AFTER = PUSH_INTERVAL + PUSH_SLACK + 0.4
 
 
 class PacedStream:
@@ -376,14 +379,14 @@ def generated_bytes(sim) -> int:
 
 
 def kill_mid_stream(p: ProxyProcess, sim) -> dict[str, Any]:
-    """Run the paced stream, kill -9 the proxy once the client has received text for over 2 s;
-    return what the client received and what the upstream generated."""
+    """Run the paced stream, kill -9 the proxy once the client has received text for over KILL_AFTER
+    seconds; return what the client received and what the upstream generated."""
     sim.queue(Reply(chunks=PACED_CHUNKS, input_tokens=PACED_INPUT, output_tokens=PACED_OUTPUT,
                     event_delay=EVENT_DELAY))
     client = PacedStream(p)
     client.thread.start()
     deadline = time.monotonic() + 60
-    while client.receiving_for() <= 2.5:
+    while client.receiving_for() <= KILL_AFTER:
         assert time.monotonic() < deadline and client.thread.is_alive(), (client.errors, len(client.got))
         client.thread.join(0.02)  # a bounded pause that also notices the client ending
     killed_at = time.monotonic()

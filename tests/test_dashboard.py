@@ -24,6 +24,7 @@ import anthropic
 import httpx
 import pytest
 
+from proxy import dashboard_html
 from proxy.app import build_runtime, create_app
 from proxy.config import ConfigError, parse_config
 from proxy.dashboard import (COOKIE, MAX_TRENDS, SESSION_SECONDS, LoginThrottle, SessionRevocations,
@@ -699,7 +700,7 @@ async def check_layout(dom: dict[str, Any], width: int) -> None:
         assert s["points"] == (30 if s["scope"].startswith("support") and "/" not in s["scope"] else 24), s
 
 
-async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path):
+async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path, monkeypatch):
     browser_bin = chromium_or_skip()
     traffic(admin_proxy, sim)
     r = httpx.post(admin_proxy.url + "/admin/keys", headers={"x-api-key": ADMIN},
@@ -758,6 +759,10 @@ async def test_browser_logs_in_and_shows_the_budgets(admin_proxy, sim, tmp_path)
             await check_layout(phone, 390)
             phone_png = await page.screenshot(max_height=2400)
             await page.viewport(1280, 900, mobile=False)
+            # This last page (and each one it refreshes into) asks for a refresh every second, not
+            # REFRESH_SECONDS (5): the same <meta http-equiv="refresh"> the wait below is for, a
+            # fifth of the wait. (The in-process proxy reads the module's value per page.)
+            monkeypatch.setattr(dashboard_html, "REFRESH_SECONDS", 1)
             await page.load(page.send("Page.reload", session=True))
             # The held request finishes; the page refreshes itself and shows it charged. (A refresh
             # already under way when the request settled may show the old figures; the next cannot.)

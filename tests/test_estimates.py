@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import time
 from collections import OrderedDict, defaultdict
 from fractions import Fraction
 from unittest import mock
@@ -30,6 +29,7 @@ from proxy.meter import OutputEstimate
 from proxy.ratio import (DEFAULT_MILLI, MAX_ENTRIES, MAX_MILLI, MIN_MILLI, MIN_SAMPLE_BYTES, MIN_SAMPLES, WINDOW,
                          OutputRatios)
 from tests.conftest import ALPHA_KEY, BETA_KEY
+from tests.harness import wait_rows
 from tests.simulator import Reply
 
 # --- OutputRatios, pure ---------------------------------------------------------------------------
@@ -313,14 +313,6 @@ def sim_tokens(pieces: list[str]) -> int:
 # Where each case ends: after this many text deltas (the cut: wherever the budget runs out).
 STOP = {"client disconnect": lambda n: n // 2, "upstream dropped": lambda n: 2 * n // 3,
         "upstream error": lambda n: 3 * n // 4}
-
-
-def wait_rows(proxy, n: int, timeout: float = 5.0) -> list:
-    deadline = time.monotonic() + timeout
-    while len(proxy.state.store.rows) < n:
-        assert time.monotonic() < deadline, f"timed out waiting for {n} usage-log rows"
-        time.sleep(0.002)
-    return list(proxy.state.store.rows)
 
 
 def run_case(proxy, sim, secret: str, key: str, case: str) -> tuple[int, int]:

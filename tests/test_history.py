@@ -30,6 +30,7 @@ from proxy import admin_history
 from proxy.ledger import in_unit
 from proxy.history import (BadParam, csv_line, csv_query, history_query, parse_since, text_cell, usd)
 from proxy.store.base import Tally, UsageRow
+from tests.harness import FakeClock, utc
 from tests.simulator import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,24 +44,6 @@ HEADER = ("time,request_id,team,key,run,model,input_tokens,cache_write_tokens,ca
           "tokens,cost_usd,steps,duration_ms,outcome")
 ZERO = {"requests": 0, "tokens": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "steps": 0, "denied": 0,
         "cut": 0}
-
-
-class FakeClock:
-    def __init__(self, when: dt.datetime) -> None:
-        self.t = when.timestamp()
-
-    def __call__(self) -> float:
-        return self.t
-
-    def set(self, when: dt.datetime) -> None:
-        self.t = when.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-def utc(*a: int) -> dt.datetime:
-    return dt.datetime(*a, tzinfo=dt.timezone.utc)
 
 
 def teams() -> dict[str, Any]:
@@ -463,9 +446,7 @@ def test_an_old_sqlite_ledger_gains_the_history_at_its_next_open(tmp_path: Path)
             store.log_denial("research", "alpha", t0 + 5)
             row = UsageRow(t0 + 30, "research", "alpha", HAIKU, "/v1/messages", 5, 0, 0, 0, 5, 0, 5, 1, 0.1,
                            "completed", "r4", "run-1")
-            await store._run(store._history_db, lambda d: (d.execute(
-                "INSERT INTO usage_log (" + ", ".join(UsageRow._fields) + ") VALUES (" + ",".join("?" * 17) + ")",
-                row), d.commit()))
+            await store._run(store._write, {}, [row.as_tuple()])  # (the group commit's write: rows and their hours)
             await asyncio.sleep(0.2)
             assert (await store.usage_hours("research", "alpha", t0, t0 + 3600))[int(t0)] == Tally(2, 21, 9, 505, 2, 1, 0)
             rows, after = await store.usage_page(t0, t0 + 7200, "research", "alpha", None, 10)

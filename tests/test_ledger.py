@@ -348,16 +348,31 @@ def clock_spent(scope: Scope, state: ScopeState, now: float) -> bool:
     return wc is not None and elapsed >= wc
 
 
+def first_denial(pairs: list[tuple[Scope, ScopeState]], amount: Amounts, now: float,
+                 growth: bool = False) -> tuple[Scope, str] | None:
+    """The first scope (in order) that refuses `amount`, and the dimension: a metered one it does not
+    fit in, else wall_clock where the scope's clock is spent."""
+    for scope, state in pairs:
+        dim = fits(scope, state, amount, growth)
+        if dim is None and clock_spent(scope, state, now):
+            dim = "wall_clock"
+        if dim is not None:
+            return scope, dim
+    return None
+
+
+def needed(amount: Amounts, dim: str) -> int:
+    """What a denial on `dim` reports as needed (nothing for the wall clock)."""
+    return 0 if dim == "wall_clock" else amount.get(dim)
+
+
 def reference_admit(a: Ask, pairs: list[tuple[Scope, ScopeState]], now: float) -> tuple:
     """('denied', scope, dim, needed) or ('admitted', out): largest out <= max_tokens whose hold fits everywhere."""
     need_out = min(1, a.max_tokens)
     minimal = hold(a.input_tokens, need_out, a.input_cost_nanos, a.output_nanos_per_token)
-    for scope, state in pairs:
-        dim = fits(scope, state, minimal)
-        if dim is not None:
-            return ("denied", scope, dim, minimal.get(dim))
-        if clock_spent(scope, state, now):
-            return ("denied", scope, "wall_clock", 0)
+    denial = first_denial(pairs, minimal, now)
+    if denial is not None:
+        return ("denied", *denial, needed(minimal, denial[1]))
     lo, hi = need_out, a.max_tokens  # fits(lo) holds; find the largest that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -462,15 +477,8 @@ def test_check_growth_matches_reference(g: Amounts, key_limits: Limits, key_stat
     pairs = [(Scope("key", "k", "key:t/k", key_limits, "none"), key_state),
              (Scope("team", "t", "team:t", team_limits, "none"), team_state)]
     positive = g.nonneg()
-    expected = None
-    for scope, state in pairs:
-        dim = fits(scope, state, positive, growth=True)
-        if dim is not None:
-            expected = (scope, dim, positive.get(dim))
-            break
-        if clock_spent(scope, state, NOW):
-            expected = (scope, "wall_clock", 0)
-            break
+    denial = first_denial(pairs, positive, NOW, growth=True)
+    expected = None if denial is None else (*denial, needed(positive, denial[1]))
     denied = check_growth(g, pairs, NOW)
     if expected is None:
         assert denied is None

@@ -470,7 +470,7 @@ def compact_text_delta(text: str, index: int = 0, ensure_ascii: bool = True) -> 
 
 
 @given(st.text(max_size=80), st.integers(0, 10_000), st.booleans())
-@settings(max_examples=600)
+@settings(max_examples=300)
 def test_fast_text_delta_is_the_parsed_text_or_declines(text, index, ensure_ascii):
     data = compact_text_delta(text, index, ensure_ascii)
     got = _plain_text_delta(data)
@@ -482,7 +482,7 @@ def test_fast_text_delta_is_the_parsed_text_or_declines(text, index, ensure_asci
 
 
 @given(st.text(alphabet=st.sampled_from('ab"\\}{,:x0 '), max_size=40))
-@settings(max_examples=600)
+@settings(max_examples=300)
 def test_fast_text_delta_never_reads_a_different_text_than_the_parser(tail):
     """Any data with the canonical head: where the fast path answers and the JSON is valid,
     the parser finds the same text; where the JSON is invalid, counting it errs high, never low."""
@@ -523,7 +523,7 @@ _event_st = st.one_of(
 
 
 @given(st.lists(_event_st, max_size=25), st.lists(st.integers(-1, 60), min_size=1, max_size=25))
-@settings(max_examples=500)
+@settings(max_examples=250)
 def test_anthropic_feed_events_stops_where_feeding_one_by_one_does(events, rooms):
     fast, slow = AnthropicStreamMeter(), AnthropicStreamMeter()
     i = j = 0
@@ -556,7 +556,7 @@ _usage_obj = st.fixed_dictionaries({}, optional={"input_tokens": st.integers(0, 
 @given(st.dictionaries(st.sampled_from(["id", "content", "usage", "model", "stop_reason", "x"]), _json_value,
                        max_size=5),
        st.one_of(st.none(), _usage_obj), st.booleans(), st.sampled_from([(",", ":"), (", ", ": ")]))
-@settings(max_examples=600)
+@settings(max_examples=300)
 def test_reply_usage_is_what_a_full_parse_finds(members, usage, usage_last, separators):
     body = dict(members)
     if usage is not None:
@@ -602,7 +602,7 @@ def sse_block(ev: SSEEvent) -> bytes:
     st.builds(lambda n: msg_delta_ev(output_tokens=n), st.integers(0, 80)),
     st.just(SSEEvent("ping", '{"type":"ping"}', b"")),
 ), max_size=40), st.lists(st.integers(-1, 120), min_size=1, max_size=8))
-@settings(max_examples=400)
+@settings(max_examples=200)
 def test_runs_of_text_deltas_meter_and_stop_as_single_events_do(events, rooms):
     stream = b"".join(sse_block(e) for e in events)
     singles = SSEDecoder().feed(stream)
@@ -621,7 +621,7 @@ def test_runs_of_text_deltas_meter_and_stop_as_single_events_do(events, rooms):
                                             '"content_block":{"type":"text","text":""}}', b"")),
     st.just(SSEEvent("ping", '{"type":"ping"}', b"")),
 ), max_size=30), st.integers(0, 3))
-@settings(max_examples=500)
+@settings(max_examples=250)
 def test_the_fast_run_reader_reads_what_the_run_pattern_reads(events, trailing):
     """read_text_delta_run answers from counts; wherever a run could start, its answer must be the
     possessive pattern's, run end and key."""

@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from tests.conftest import ALPHA_KEY
-from tests.harness import ProxyServer, free_port
+from tests.harness import ProxyServer, ended_after, free_port
 
 PASSWORD = "Pw-s3cret-7f1c2e9a-ZZ"
 USER = "budget"
@@ -103,16 +103,11 @@ class RedisProc:
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Callable[..., RedisProc]]:
     _need(shutil.which("redis-server") is not None, "redis-server is not installed")
-    made: list[RedisProc] = []
 
     def make(name: str, *args: str, **kw: Any) -> RedisProc:
-        p = RedisProc(tmp_path, name, *args, **kw)
-        made.append(p)
-        return p
+        return RedisProc(tmp_path, name, *args, **kw)
 
-    yield make
-    for p in made:
-        p.kill()
+    yield from ended_after(make, RedisProc.kill)
 
 
 @pytest.fixture
@@ -328,10 +323,10 @@ def test_sentinel_failover_the_store_follows_the_new_primary(servers, start) -> 
     with replica.client() as c:
         assert c.info("replication")["role"] == "master"
         assert c.dbsize() > 0
-    with primary.client() as c:  # the old primary, now a replica of the new one
-        wait_for(lambda: c.info("replication")["role"] == "slave", 30, "the old primary demoted", every=0.2)
+    # (Sentinel demotes the old primary at its next periodic look, ~10 s later: Redis's behaviour,
+    # not the store's, so it is not waited for here.)
     lines.append(f"team used before failover {before}, after {after}; the store's connection is on "
-                 f":{pipe.port} (the new primary); the old primary is now a replica")
+                 f":{pipe.port} (the new primary)")
     sc.close()
     print("\n--- Sentinel failover transcript ---\n" + "\n".join(lines))
 

@@ -4,7 +4,9 @@
   stays within the single-node bound (docs/budgets.md "Overshoot bound"), holds return to zero, and both replicas report
   the same GET /budget.
 - A replica killed with SIGKILL mid-stream leaves holds that expire on their own, seen through
-  the other replica's /budget within the hold TTL (15 s) + one renewal interval (5 s) + slack.
+  the other replica's /budget within the hold TTL + one renewal interval + slack. That test runs
+  its replicas with a short TTL of its own (hold_ttl=4, renew_every=1 in the store URL: the same
+  expiry and renewal code as the 15 s / 5 s defaults, a quarter of the wait).
 
 Redis is 127.0.0.1:6379 DB 13, a fresh key prefix per test (skipped without Redis unless
 BUDGET_PROXY_REQUIRE_REDIS is set).
@@ -32,7 +34,8 @@ from tests.test_store_contract import REDIS_DB, Namespace, rns  # noqa: F401 (rn
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"alpha": "bp-replica-alpha-key-0001", "beta": "bp-replica-beta-key-0002"}
 MODEL = "claude-sonnet-4-5"
-HOLD_TTL, RENEW_EVERY = 15.0, 5.0
+HOLD_TTL, RENEW_EVERY = 15.0, 5.0        # the product defaults (proxy/store/redis.py)
+KILL_HOLD_TTL, KILL_RENEW_EVERY = 4.0, 1.0  # the kill test's own: a renewal can run 3 s late and still keep a hold
 STREAM_CHUNKS = [f"w{i:02d} " + "abcd " * 14 for i in range(12)]  # 12 deltas of 74 bytes (25 estimated tokens)
 OUT = math.ceil(len("".join(STREAM_CHUNKS)) / 3)                  # reported = the relay's bytes/3 estimate
 EVENT_TOKENS = math.ceil(len(STREAM_CHUNKS[0]) / 3)                # the largest growth one event brings
@@ -81,11 +84,12 @@ class Replica:
 def replicas(tmp_path: Path, sim: AnthropicSimulator, rns: Namespace) -> Iterator[Any]:
     started: list[Replica] = []
 
-    def start(n: int, team_budget: dict[str, Any], **admission: Any) -> list[Replica]:
+    def start(n: int, team_budget: dict[str, Any], hold_ttl: float = HOLD_TTL, renew_every: float = RENEW_EVERY,
+              **admission: Any) -> list[Replica]:
         config = tmp_path / "proxy.yaml"
         config.write_text(yaml.safe_dump({
             "upstreams": {"anthropic": {"base_url": sim.url, "api_key": "sk-upstream-secret"}},
-            "store": f"{rns.url}&hold_ttl={HOLD_TTL}&renew_every={RENEW_EVERY}",
+            "store": f"{rns.url}&hold_ttl={hold_ttl}&renew_every={renew_every}",
             "admission": admission,
             "teams": {"research": {"budget": team_budget,
                                    "keys": {name: {"key": secret} for name, secret in KEYS.items()}}},
@@ -169,7 +173,7 @@ def test_two_replicas_keep_the_single_node_bound(replicas: Any, sim: AnthropicSi
 
 
 def test_a_killed_replica_has_its_holds_expire(replicas: Any, sim: AnthropicSimulator) -> None:
-    a, b = replicas(2, {"tokens": 100_000})
+    a, b = replicas(2, {"tokens": 100_000}, hold_ttl=KILL_HOLD_TTL, renew_every=KILL_RENEW_EVERY)
     sim.queue(Reply(chunks=STREAM_CHUNKS, input_tokens=INPUT, output_tokens=OUT, gate="kill", gate_after=2))
     body = {"model": MODEL, "max_tokens": 1_000, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -191,14 +195,14 @@ def test_a_killed_replica_has_its_holds_expire(replicas: Any, sim: AnthropicSimu
         a.proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         a.proc.wait(5)
-        bound = HOLD_TTL + RENEW_EVERY + 3
+        bound = KILL_HOLD_TTL + KILL_RENEW_EVERY + 3
         while any(v for v in team_of(b.budget())["held"].values()):
             assert time.monotonic() - killed < bound, "the dead replica's hold did not expire in time"
             time.sleep(0.1)
         took = time.monotonic() - killed
         after = team_of(b.budget())
         print(f"\n[kill -9] held {before['held']['tokens']} tokens -> 0 after {took:.1f} s "
-              f"(TTL {HOLD_TTL:g} s, renew every {RENEW_EVERY:g} s, bound {bound:g} s); "
+              f"(TTL {KILL_HOLD_TTL:g} s, renew every {KILL_RENEW_EVERY:g} s, bound {bound:g} s); "
               f"charges kept as settled: used {before['used']['tokens']} -> {after['used']['tokens']}")
         assert after["used"]["tokens"] == before["used"]["tokens"]
         assert b.budget()["scopes"][0]["held"]["tokens"] == 0  # the key scope too

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -81,13 +82,37 @@ ASDK = "anthropics/anthropic-sdk-python@009b035305e0:tests/"
 NOT_BILLED = "declined fallback hop: type 'message', model != served model, output_tokens 0, before a 'fallback_message'"
 
 
-class Tokens(NamedTuple):
-    input: int = 0
-    cw5m: int = 0
-    cw1h: int = 0
-    read: int = 0
-    output: int = 0
-    searches: int = 0
+Tokens = namedtuple("Tokens", "input cw5m cw1h read output searches", defaults=(0,) * 6)  # a usage row's figures
+
+
+class Rate(NamedTuple):
+    """Nano-dollars per token of each kind, and per web search: the rates in the docstring above,
+    typed in by hand (never read from pricing.yaml or proxy code)."""
+
+    input: int
+    cw5m: int
+    cw1h: int
+    read: int
+    output: int
+    searches: int = SEARCH
+
+    def __call__(self, **tokens: int) -> tuple[Rate, Tokens]:
+        """One billed sampling call at this rate: `SONNET(input=92, output=196)`."""
+        return self, Tokens(**tokens)
+
+
+FABLE = Rate(10000, 12500, 20000, 1000, 50000)    # claude-fable-5
+OPUS = Rate(5000, 6250, 10000, 500, 25000)        # claude-opus-4-5 .. 4-8, 5
+SONNET = Rate(3000, 3750, 6000, 300, 15000)       # claude-sonnet-4 .. 5 (never long context below)
+HAIKU = Rate(1000, 1250, 2000, 100, 5000)         # claude-haiku-4-5
+GPT56_SOL = Rate(5000, 6250, 0, 500, 30000, 0)
+GPT5 = Rate(1250, 0, 0, 125, 10000, 0)
+GPT5_MINI = Rate(250, 0, 0, 25, 2000, 0)
+GPT5_NANO = Rate(50, 0, 0, 5, 400, 0)
+O3_MINI = Rate(1100, 0, 0, 550, 4400, 0)
+GPT4O_MINI = Rate(150, 0, 0, 75, 600, 0)
+GPT41_NANO = Rate(100, 0, 0, 25, 400, 0)
+GROK4 = Rate(3000, 0, 0, 750, 15000, 0)           # x-ai/grok-4
 
 
 @dataclass(frozen=True)
@@ -96,8 +121,7 @@ class Rec:
     route: str
     model: str                 # the request's model
     max_tokens: int
-    expected_nanos: int        # worked out by hand below, never by proxy code
-    tokens: Tokens             # what the usage row must hold
+    calls: list[tuple[Rate, Tokens]]  # each billed call, at its own model's rate (the rules above)
     source: str
     betas: tuple[str, ...] = ()
     note: str = ""
@@ -111,220 +135,154 @@ class Rec:
     def sse(self) -> bool:
         return self.file.endswith(".sse")
 
+    @property
+    def expected_nanos(self) -> int:
+        """Worked out by hand from the calls and the rates above, never by proxy code."""
+        return sum(r * n for rate, tokens in self.calls for r, n in zip(rate, tokens))
+
+    @property
+    def tokens(self) -> Tokens:
+        """What the usage row must hold: the calls' figures summed."""
+        return Tokens(*map(sum, zip(*(tokens for _, tokens in self.calls))))
+
 
 COMPACT = ("compact-2026-01-12",)
 ADVISOR = ("advisor-tool-2026-03-01",)
 FALLBACK = ("server-side-fallback-2026-07-01",)
 CODE_EXEC = ("code-execution-2025-08-25",)
 SKILLS = ("code-execution-2025-08-25", "skills-2025-10-02")
+CACHE_1H = ("extended-cache-ttl-2025-04-11",)
+VERCEL_1H = "vercel/ai@ed857f50f112:examples/ai-functions/src/generate-text/anthropic/cache-control-beta-1h.ts "
 
 CORPUS: list[Rec] = [
     # ---------------------------------------------------------------- Anthropic, JSON
     Rec("a_compaction.json", MESSAGES, "claude-opus-4-6", 4096,
-        (60385*5000 + 592*25000) + (682*5000 + 1320*25000),
-        Tokens(input=60385+682, output=592+1320),
+        [OPUS(input=60385, output=592), OPUS(input=682, output=1320)],
         VERCEL + "anthropic-compaction.1.json", COMPACT,
         "compaction iteration 60385/592 is not in the top-level 682/1320"),
     Rec("a_compaction_cache_write.json", MESSAGES, "claude-sonnet-4-6", 4096,
-        (100*3000 + 55096*3750 + 131*15000) + (229*3000 + 5*15000),
-        Tokens(input=100+229, cw5m=55096, output=131+5),
+        [SONNET(input=100, cw5m=55096, output=131), SONNET(input=229, output=5)],
         PYD + "test_anthropic/test_anthropic_compaction_usage_with_cache.yaml#0", COMPACT,
         "the compaction iteration wrote 55096 tokens to the 5m cache; top-level shows 0"),
     Rec("a_advisor_opus47.json", MESSAGES, "claude-sonnet-4-6", 4096,
-        (1051*3000 + 35*15000) + (2728*5000 + 874*25000) + (1363*3000 + 3165*15000),
-        Tokens(input=1051+2728+1363, output=35+874+3165),
+        [SONNET(input=1051, output=35), OPUS(input=2728, output=874), SONNET(input=1363, output=3165)],
         VERCEL + "anthropic-advisor-20260301.1.json", ADVISOR,
         "advisor_message priced at its own model claude-opus-4-7"),
     Rec("a_advisor_fable.json", MESSAGES, "claude-sonnet-5", 4096,
-        (1128*3000 + 155*15000) + (2564*10000 + 99*50000) + (1354*3000 + 11*15000),
-        Tokens(input=1128+2564+1354, output=155+99+11),
+        [SONNET(input=1128, output=155), FABLE(input=2564, output=99), SONNET(input=1354, output=11)],
         PYD + "test_anthropic/test_anthropic_advisor_tool_redacted.yaml#0", ADVISOR,
         "advisor claude-fable-5 under a claude-sonnet-5 executor"),
-    Rec("a_fallback.json", MESSAGES, "claude-fable-5", 1024,
-        412*5000 + 264*25000,
-        Tokens(input=412, output=264),
+    Rec("a_fallback.json", MESSAGES, "claude-fable-5", 1024, [OPUS(input=412, output=264)],
         VERCEL + "anthropic-fallback.json", FALLBACK,
         "served by claude-opus-4-8; declined claude-fable-5 hop (408 in, 0 out) not billed "
         "(if it were: +408*10000)"),
-    Rec("a_pause_turn_search.json", MESSAGES, "claude-sonnet-4-5", 15000,
-        401468*3000 + 792*15000 + 10*SEARCH,
-        Tokens(input=401468, output=792, searches=10),
+    Rec("a_pause_turn_search.json", MESSAGES, "claude-sonnet-4-5", 15000, [SONNET(input=401468, output=792, searches=10)],
         PYD + "test_anthropic/test_pause_turn_web_search_vcr.yaml#0", (),
         "pause_turn, 10 searches; 401K summed over the loop, no 1M beta: standard rates"),
-    Rec("a_pause_turn_resume.json", MESSAGES, "claude-sonnet-4-5", 15000,
-        494549*3000 + 1245*15000 + 5*SEARCH,
-        Tokens(input=494549, output=1245, searches=5),
+    Rec("a_pause_turn_resume.json", MESSAGES, "claude-sonnet-4-5", 15000, [SONNET(input=494549, output=1245, searches=5)],
         PYD + "test_anthropic/test_pause_turn_web_search_vcr.yaml#1", (),
         "the resumed turn: 495K summed, no 1M beta: standard rates"),
-    Rec("a_code_exec_skill.json", MESSAGES, "claude-sonnet-4-5", 16000,
-        950648*3000 + 13856*15000,
-        Tokens(input=950648, output=13856),
+    Rec("a_code_exec_skill.json", MESSAGES, "claude-sonnet-4-5", 16000, [SONNET(input=950648, output=13856)],
         VERCEL + "anthropic-code-execution-20250825.pptx-skill.json", SKILLS,
         "code execution loop, 951K summed, no 1M beta: standard rates"),
-    Rec("a_code_exec_skill.json", MESSAGES, "claude-sonnet-4-5", 16000,
-        950648*3000 + 13856*15000,
-        Tokens(input=950648, output=13856),
+    Rec("a_code_exec_skill.json", MESSAGES, "claude-sonnet-4-5", 16000, [SONNET(input=950648, output=13856)],
         VERCEL + "anthropic-code-execution-20250825.pptx-skill.json", SKILLS + ("context-1m-2025-08-07",),
         "same bytes, request names context-1m: still standard (summed server-tool inputs never trigger it)",
         name="a_code_exec_skill.json+context-1m"),
-    Rec("a_code_exec.json", MESSAGES, "claude-sonnet-4-5", 4096,
-        7881*3000 + 608*15000,
-        Tokens(input=7881, output=608),
+    Rec("a_code_exec.json", MESSAGES, "claude-sonnet-4-5", 4096, [SONNET(input=7881, output=608)],
         VERCEL + "anthropic-code-execution-20250825.1.json", CODE_EXEC),
-    Rec("a_thinking_opus5.json", MESSAGES, "claude-opus-5", 4096,
-        51*5000 + 1699*25000,
-        Tokens(input=51, output=1699),
+    Rec("a_thinking_opus5.json", MESSAGES, "claude-opus-5", 4096, [OPUS(input=51, output=1699)],
         VERCEL + "anthropic-claude-opus-5-reasoning-high.1.json", (),
         "thinking_tokens 139 are inside output_tokens 1699"),
-    Rec("a_redacted_thinking.json", MESSAGES, "claude-sonnet-4-5-20250929", 4096,
-        92*3000 + 196*15000,
-        Tokens(input=92, output=196),
+    Rec("a_redacted_thinking.json", MESSAGES, "claude-sonnet-4-5-20250929", 4096, [SONNET(input=92, output=196)],
         PYD + "test_anthropic/test_anthropic_model_thinking_part_redacted.yaml#0"),
-    Rec("a_cache_5m_read.json", MESSAGES, "claude-sonnet-4-5", 4096,
-        3*3000 + 418*3750 + 1111*300 + 33*15000,
-        Tokens(input=3, cw5m=418, read=1111, output=33),
+    Rec("a_cache_5m_read.json", MESSAGES, "claude-sonnet-4-5", 4096, [SONNET(input=3, cw5m=418, read=1111, output=33)],
         PYD + "test_anthropic/test_anthropic_cache_real_api.yaml#1"),
-    Rec("a_cache_1h_write.json", MESSAGES, "claude-haiku-4-5", 4096,
-        10*1000 + 2177*2000 + 285*5000,
-        Tokens(input=10, cw1h=2177, output=285),
-        "vercel/ai@ed857f50f112:examples/ai-functions/src/generate-text/anthropic/cache-control-beta-1h.ts "
-        "(printed usage of a real call) in the documented usage shape", ("extended-cache-ttl-2025-04-11",)),
-    Rec("a_cache_1h_read.json", MESSAGES, "claude-haiku-4-5", 4096,
-        8*1000 + 2177*100 + 317*5000,
-        Tokens(input=8, read=2177, output=317),
-        "vercel/ai@ed857f50f112:examples/ai-functions/src/generate-text/anthropic/cache-control-beta-1h.ts "
-        "(second call) in the documented usage shape", ("extended-cache-ttl-2025-04-11",)),
-    Rec("a_web_search_citations.json", MESSAGES, "claude-sonnet-4-0", 4096,
-        8984*3000 + 520*15000 + 1*SEARCH,
-        Tokens(input=8984, output=520, searches=1),
+    Rec("a_cache_1h_write.json", MESSAGES, "claude-haiku-4-5", 4096, [HAIKU(input=10, cw1h=2177, output=285)],
+        VERCEL_1H + "(printed usage of a real call) in the documented usage shape", CACHE_1H),
+    Rec("a_cache_1h_read.json", MESSAGES, "claude-haiku-4-5", 4096, [HAIKU(input=8, read=2177, output=317)],
+        VERCEL_1H + "(second call) in the documented usage shape", CACHE_1H),
+    Rec("a_web_search_citations.json", MESSAGES, "claude-sonnet-4-0", 4096, [SONNET(input=8984, output=520, searches=1)],
         PYD + "test_anthropic/test_anthropic_web_search_tool.yaml#0", (),
         "requested alias claude-sonnet-4-0, served claude-sonnet-4-20250514; text blocks carry citations"),
-    Rec("a_tool_use.json", MESSAGES, "claude-haiku-4-5", 1024,
-        1151*1000 + 87*5000,
-        Tokens(input=1151, output=87),
+    Rec("a_tool_use.json", MESSAGES, "claude-haiku-4-5", 1024, [HAIKU(input=1151, output=87)],
         VERCEL + "anthropic-json-tool.1.json"),
-    Rec("a_web_fetch.json", MESSAGES, "claude-sonnet-4-6", 4096,
-        7204*3000 + 162*15000,
-        Tokens(input=7204, output=162),
+    Rec("a_web_fetch.json", MESSAGES, "claude-sonnet-4-6", 4096, [SONNET(input=7204, output=162)],
         VERCEL + "anthropic-web-fetch-tool-20260209.1.json", (),
         "web_fetch_requests 1: tokens only, no per-fetch price"),
     # ---------------------------------------------------------------- Anthropic, SSE with event: lines
     Rec("a_compaction.sse", MESSAGES, "claude-opus-4-6", 4096,
-        (60385*5000 + 522*25000) + (612*5000 + 2819*25000),
-        Tokens(input=60385+612, output=522+2819),
+        [OPUS(input=60385, output=522), OPUS(input=612, output=2819)],
         VERCEL + "anthropic-compaction.1.chunks.txt", COMPACT,
         "message_start says 60385 in; the final message_delta 612 + iterations"),
     Rec("a_advisor.sse", MESSAGES, "claude-sonnet-5", 4096,
-        (1128*3000 + 135*15000) + (2543*5000 + 18*25000) + (1283*3000 + 10*15000),
-        Tokens(input=1128+2543+1283, output=135+18+10),
+        [SONNET(input=1128, output=135), OPUS(input=2543, output=18), SONNET(input=1283, output=10)],
         PYD + "test_anthropic/test_anthropic_advisor_tool_stream.yaml#0", ADVISOR,
         "iterations in the final message_delta; advisor claude-opus-4-8"),
-    Rec("a_fallback.sse", MESSAGES, "claude-fable-5", 1024,
-        412*5000 + 264*25000,
-        Tokens(input=412, output=264),
+    Rec("a_fallback.sse", MESSAGES, "claude-fable-5", 1024, [OPUS(input=412, output=264)],
         VERCEL + "anthropic-fallback.chunks.txt", FALLBACK,
         "message_start names claude-fable-5; fallback_message iteration claude-opus-4-8 served"),
-    Rec("a_pause_turn_search.sse", MESSAGES, "claude-sonnet-4-5", 15000,
-        404500*3000 + 943*15000 + 10*SEARCH,
-        Tokens(input=404500, output=943, searches=10),
+    Rec("a_pause_turn_search.sse", MESSAGES, "claude-sonnet-4-5", 15000, [SONNET(input=404500, output=943, searches=10)],
         PYD + "test_anthropic/test_pause_turn_web_search_streaming_vcr.yaml#0", (),
         "start 2479 in, final delta 404500 (running total), pause_turn, no 1M beta"),
-    Rec("a_pause_turn_resume.sse", MESSAGES, "claude-sonnet-4-5", 15000,
-        482529*3000 + 1310*15000 + 5*SEARCH,
-        Tokens(input=482529, output=1310, searches=5),
+    Rec("a_pause_turn_resume.sse", MESSAGES, "claude-sonnet-4-5", 15000, [SONNET(input=482529, output=1310, searches=5)],
         PYD + "test_anthropic/test_pause_turn_web_search_streaming_vcr.yaml#1"),
-    Rec("a_code_exec_skill.sse", MESSAGES, "claude-sonnet-4-5", 16000,
-        320032*3000 + 5558*15000,
-        Tokens(input=320032, output=5558),
+    Rec("a_code_exec_skill.sse", MESSAGES, "claude-sonnet-4-5", 16000, [SONNET(input=320032, output=5558)],
         VERCEL + "anthropic-code-execution-20250825.pptx-skill.chunks.txt", SKILLS,
         "code execution loop, 320K summed, no 1M beta"),
-    Rec("a_code_exec_cache.sse", MESSAGES, "claude-sonnet-5", 4096,
-        6*3000 + 3337*3750 + 6289*300 + 198*15000,
-        Tokens(input=6, cw5m=3337, read=6289, output=198),
+    Rec("a_code_exec_cache.sse", MESSAGES, "claude-sonnet-5", 4096, [SONNET(input=6, cw5m=3337, read=6289, output=198)],
         VERCEL + "anthropic-code-execution-20260120-prompt-cache.1.chunks.txt (last at 4bfb386e2dd0)", (),
         "start: 3068 written (5m); final delta: 3337 written, no split -> all 5m; 6289 read"),
-    Rec("a_redacted_thinking.sse", MESSAGES, "claude-sonnet-4-5-20250929", 4096,
-        92*3000 + 189*15000,
-        Tokens(input=92, output=189),
+    Rec("a_redacted_thinking.sse", MESSAGES, "claude-sonnet-4-5-20250929", 4096, [SONNET(input=92, output=189)],
         PYD + "test_anthropic/test_anthropic_model_thinking_part_redacted_stream.yaml#0", (),
         "message_start output_tokens 88, final 189"),
-    Rec("a_web_search_citations.sse", MESSAGES, "claude-sonnet-4-0", 4096,
-        31772*3000 + 644*15000 + 2*SEARCH,
-        Tokens(input=31772, output=644, searches=2),
+    Rec("a_web_search_citations.sse", MESSAGES, "claude-sonnet-4-0", 4096, [SONNET(input=31772, output=644, searches=2)],
         PYD + "test_anthropic/test_anthropic_web_search_tool_stream.yaml#0", (),
         "citations_delta events; served claude-sonnet-4-20250514"),
-    Rec("a_tool_use.sse", MESSAGES, "claude-sonnet-4-20250514", 1024,
-        377*3000 + 65*15000,
-        Tokens(input=377, output=65),
+    Rec("a_tool_use.sse", MESSAGES, "claude-sonnet-4-20250514", 1024, [SONNET(input=377, output=65)],
         ASDK + "lib/streaming/fixtures/tool_use_response.txt"),
-    Rec("a_refusal_thinking.sse", MESSAGES, "claude-fable-5", 1024,
-        28*10000 + 106*50000,
-        Tokens(input=28, output=106),
+    Rec("a_refusal_thinking.sse", MESSAGES, "claude-fable-5", 1024, [FABLE(input=28, output=106)],
         ASDK + "fixtures/fable-fallback/stream-a-refusal.sse", (),
         "refusal after 106 output tokens (67 thinking): generated output is billed"),
-    Rec("a_thinking_sonnet5.sse", MESSAGES, "claude-sonnet-5", 4096,
-        47*3000 + 373*15000,
-        Tokens(input=47, output=373),
+    Rec("a_thinking_sonnet5.sse", MESSAGES, "claude-sonnet-5", 4096, [SONNET(input=47, output=373)],
         VERCEL + "anthropic-claude-sonnet-5-reasoning-summarized.chunks.txt (last at 96b0fc8ad5b3^)"),
     # ---------------------------------------------------------------- Anthropic, data-only SSE
-    Rec("a_text_dataonly.sse", MESSAGES, "claude-sonnet-4-5", 1024,
-        12*3000 + 30*15000,
-        Tokens(input=12, output=30),
+    Rec("a_text_dataonly.sse", MESSAGES, "claude-sonnet-4-5", 1024, [SONNET(input=12, output=30)],
         VERCEL + "anthropic-text.chunks.txt (rendered data-only)", (),
         "no event: lines; the data's type names the event"),
     Rec("a_advisor_dataonly.sse", MESSAGES, "claude-sonnet-4-6", 8192,
-        (1051*3000 + 35*15000) + (2728*5000 + 3880*25000) + (3676*3000 + 3356*15000),
-        Tokens(input=1051+2728+3676, output=35+3880+3356),
+        [SONNET(input=1051, output=35), OPUS(input=2728, output=3880), SONNET(input=3676, output=3356)],
         VERCEL + "anthropic-advisor-20250301.1.chunks.txt (rendered data-only)", ADVISOR,
         "data-only and iterations at once"),
-    Rec("a_delta_input_dataonly.sse", MESSAGES, "claude-opus-4-5", 1024,
-        61*5000 + 2*25000,
-        Tokens(input=61, output=2),
+    Rec("a_delta_input_dataonly.sse", MESSAGES, "claude-opus-4-5", 1024, [OPUS(input=61, output=2)],
         VERCEL + "anthropic-message-delta-input-tokens.chunks.txt (rendered data-only)", (),
         "input grows in message_delta: 43 -> 61"),
     # ---------------------------------------------------------------- OpenAI Chat Completions
-    Rec("o_cache_read.json", CHAT, "gpt-5.6-sol", 1024,
-        (4020-4012)*5000 + 4012*500 + 4*30000,
-        Tokens(input=4020-4012, read=4012, output=4),
+    Rec("o_cache_read.json", CHAT, "gpt-5.6-sol", 1024, [GPT56_SOL(input=4020-4012, read=4012, output=4)],
         PYD + "test_openai_prompt_cache/test_openai_chat_prompt_cache_e2e.yaml#1", (),
         "cached_tokens 4012 of prompt_tokens 4020"),
-    Rec("o_cache_write.json", CHAT, "gpt-5.6-sol", 1024,
-        (4020-4012)*5000 + 4012*6250 + 4*30000,
-        Tokens(input=4020-4012, cw5m=4012, output=4),
+    Rec("o_cache_write.json", CHAT, "gpt-5.6-sol", 1024, [GPT56_SOL(input=4020-4012, cw5m=4012, output=4)],
         PYD + "test_openai_prompt_cache/test_openai_chat_prompt_cache_e2e.yaml#0", (),
         "cache_write_tokens 4012 of prompt_tokens 4020"),
-    Rec("o_reasoning_o3mini.json", CHAT, "o3-mini", 4096,
-        11*1100 + 809*4400,
-        Tokens(input=11, output=809),
+    Rec("o_reasoning_o3mini.json", CHAT, "o3-mini", 4096, [O3_MINI(input=11, output=809)],
         PYD + "test_openai/test_openai_model_without_system_prompt.yaml#0", (),
         "reasoning_tokens 768 inside completion_tokens 809"),
-    Rec("o_reasoning_gpt5mini.json", CHAT, "gpt-5-mini", 4096,
-        132*250 + 589*2000,
-        Tokens(input=132, output=589),
+    Rec("o_reasoning_gpt5mini.json", CHAT, "gpt-5-mini", 4096, [GPT5_MINI(input=132, output=589)],
         PYD + "test_tool_choice_matrix/test_tool_choice_matrix[none-openai].yaml#0", (),
         "reasoning_tokens 384 inside 589"),
-    Rec("o_reasoning_gpt5.json", CHAT, "gpt-5", 4096,
-        12*1250 + 1888*10000,
-        Tokens(input=12, output=1888),
+    Rec("o_reasoning_gpt5.json", CHAT, "gpt-5", 4096, [GPT5(input=12, output=1888)],
         PYD + "test_openai/test_openai_moderation_flagged.yaml#0", (),
         "reasoning_tokens 1600 inside 1888"),
-    Rec("o_stream_usage.sse", CHAT, "gpt-4.1-nano", 1024,
-        16*100 + 300*400,
-        Tokens(input=16, output=300),
+    Rec("o_stream_usage.sse", CHAT, "gpt-4.1-nano", 1024, [GPT41_NANO(input=16, output=300)],
         VERCEL_OAI + "openai-text.chunks.txt (rendered, + data: [DONE])", (),
         "include_usage chunk with choices []"),
-    Rec("o_stream_tool_call.sse", CHAT, "gpt-4o-mini", 1024,
-        53*150 + 15*600,
-        Tokens(input=53, output=15),
+    Rec("o_stream_tool_call.sse", CHAT, "gpt-4o-mini", 1024, [GPT4O_MINI(input=53, output=15)],
         PYD + "test_openai/test_run_stream_sync_streams_real_model.yaml#0"),
-    Rec("o_stream_reasoning_router.sse", CHAT, "model-router", 1024,
-        15*50 + 78*400,
-        Tokens(input=15, output=78),
+    Rec("o_stream_reasoning_router.sse", CHAT, "model-router", 1024, [GPT5_NANO(input=15, output=78)],
         VERCEL_OAI + "azure-model-router.1.chunks.txt (rendered, + data: [DONE])", (),
         "requested model-router (unpriced), served gpt-5-nano-2025-08-07; first chunk has model ''"),
     Rec("o_stream_cached_reasoning.sse", CHAT, "google/gemini-2.0-flash-exp:free", 1024,
-        (687-679)*3000 + 679*750 + 187*15000,
-        Tokens(input=687-679, read=679, output=187),
+        [GROK4(input=687-679, read=679, output=187)],
         PYD + "test_openrouter/test_openrouter_stream_with_native_options.yaml#0", (),
         "gateway stream: requested gemini, served x-ai/grok-4; cached 679, reasoning 118; ': ' keep-alives"),
 ]

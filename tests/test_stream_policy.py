@@ -137,27 +137,16 @@ OPENAI_STREAMS = {p.name: p.read_bytes() for p in sorted(REPLAY.glob("o_*.sse"))
 
 # --- a complete stream goes through byte for byte ---------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(ANTHROPIC_STREAMS))
-def test_a_complete_anthropic_stream_is_relayed_byte_for_byte(name):
-    data = ANTHROPIC_STREAMS[name]
+@pytest.mark.parametrize("provider,name", [("anthropic", n) for n in sorted(ANTHROPIC_STREAMS)]
+                         + [("openai", n) for n in sorted(OPENAI_STREAMS)])
+def test_a_complete_stream_is_relayed_byte_for_byte(provider, name):
+    adapter, streams = {"anthropic": (A, ANTHROPIC_STREAMS), "openai": (O, OPENAI_STREAMS)}[provider]
+    data = streams[name]
     small = len(data) < 4000
     for how, chunks in chunkings(data, every_split=small):
         if how == "bytes" and not small:
             continue
-        policy = make_policy(A)
-        body, steps = drive(policy, chunks)
-        assert body == data, how
-        assert steps == [] and policy.call.outcome == "completed", how
-
-
-@pytest.mark.parametrize("name", sorted(OPENAI_STREAMS))
-def test_a_complete_openai_stream_is_relayed_byte_for_byte(name):
-    data = OPENAI_STREAMS[name]
-    small = len(data) < 4000
-    for how, chunks in chunkings(data, every_split=small):
-        if how == "bytes" and not small:
-            continue
-        policy = make_policy(O)
+        policy = make_policy(adapter)
         body, steps = drive(policy, chunks)
         assert body == data, how
         assert steps == [] and policy.call.outcome == "completed", how

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from typing import Awaitable, Callable
 
 import httpx
 import pytest
@@ -37,20 +38,28 @@ async def local_server():
     await runner.cleanup()
 
 
+def streamed(write: Callable[[web.StreamResponse], Awaitable[None]], headers: dict[str, str] | None = None):
+    """A local_server handler that starts a streamed response and lets `write` go on with it."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        await write(resp)
+        return resp
+
+    return handler
+
+
 async def test_stream_chunks_arrive_as_written(local_server):
     routes, base = local_server
     gate = asyncio.Event()
 
-    async def stream(request):
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
+    async def stream(resp):
         await resp.write(b"event: a\ndata: 1\n\n")
         await gate.wait()  # the second event is written only after the client saw the first
         await resp.write(b"event: b\ndata: 2\n\n")
         await resp.write_eof()
-        return resp
 
-    routes["/s"] = stream
+    routes["/s"] = streamed(stream, {"content-type": "text/event-stream"})
     t = PooledTransport()
     resp = await t.handle_async_request(httpx.Request("GET", base + "/s"))
     got = b""
@@ -93,14 +102,11 @@ async def test_stalled_body_is_a_read_timeout(local_server):
     routes, base = local_server
     never = asyncio.Event()
 
-    async def half(request):
-        resp = web.StreamResponse()
-        await resp.prepare(request)
+    async def half(resp):
         await resp.write(b"part")
         await never.wait()
-        return resp
 
-    routes["/half"] = half
+    routes["/half"] = streamed(half)
     t = PooledTransport(read_timeout=0.2)
     resp = await t.handle_async_request(httpx.Request("GET", base + "/half"))
     with pytest.raises(httpx.ReadTimeout):
@@ -132,9 +138,7 @@ async def test_closing_early_closes_the_upstream_connection(local_server):
     routes, base = local_server
     closed = asyncio.Event()
 
-    async def endless(request):
-        resp = web.StreamResponse()
-        await resp.prepare(request)
+    async def endless(resp):
         try:
             while True:
                 await resp.write(b"x" * 1024)
@@ -143,7 +147,7 @@ async def test_closing_early_closes_the_upstream_connection(local_server):
             closed.set()
             raise
 
-    routes["/e"] = endless
+    routes["/e"] = streamed(endless)
     t = PooledTransport()
     resp = await t.handle_async_request(httpx.Request("GET", base + "/e"))
     async for _ in resp.aiter_raw():
