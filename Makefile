@@ -48,3 +48,11 @@ browser: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-run
 	bash bench/setup.sh $(BIN)
 	$(BIN)/python -m bench.run
+
+.PHONY: bench-scale
+
+# 10,000 concurrent streams, one event a second for 60 s, through one proxy: on the SQLite store, then on
+# the local Redis (skipped when none answers); about 5 minutes; rewrites bench/RESULTS-scale.md (bench/README.md, "Scale").
+bench-scale: $(VENV)/.installed-run
+	bash bench/setup.sh $(BIN)
+	$(BIN)/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 --stores sqlite,redis

@@ -1,7 +1,10 @@
 """The paced fake upstream: the bench's 55-event Anthropic stream, one event per tick
 (nginx cannot pace). Raw asyncio on uvloop, HTTP/1.1 keep-alive, chunked encoding.
 
-    python -m bench.paced --port 18002 --interval-ms 1
+    python -m bench.paced --port 18002 --interval-ms 1 [--events 55]
+
+`--events N` (N >= 55) repeats the last text delta N - 55 times (`events(n)`): the scale run's
+60-event, 60 s stream at 1 s a tick; the default is the bench's 55-event payload unchanged.
 
 One timer serves every stream: at each tick each open stream gets its next event, so
 pacing costs one wake-up per tick however many streams are open (1,000 streams at 20 ms
@@ -16,7 +19,21 @@ from bench import payloads
 
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
         b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")
-FRAMES = [b"%x\r\n%b\r\n" % (len(e), e) for e in payloads.sse_events()]
+
+
+def events(n: int = len(payloads.sse_events())) -> list[bytes]:
+    """The bench's SSE events; more than 55: the last text delta again before content_block_stop."""
+    base = payloads.sse_events()
+    if n < len(base):
+        raise ValueError(f"at least {len(base)} events")
+    return base[:-3] + [base[-4]] * (n - len(base)) + base[-3:]
+
+
+def frames(n: int) -> list[bytes]:
+    return [b"%x\r\n%b\r\n" % (len(e), e) for e in events(n)]
+
+
+FRAMES = frames(len(payloads.sse_events()))
 LAST_CHUNK = b"0\r\n\r\n"
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.I)
 
@@ -50,8 +67,9 @@ class Ticker:
 class Stream(asyncio.Protocol):
     """One client connection: requests in, paced streams out, one at a time."""
 
-    def __init__(self, ticker: Ticker) -> None:
+    def __init__(self, ticker: Ticker, frames: list[bytes] = FRAMES) -> None:
         self.ticker = ticker
+        self.frames = frames
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.index = -1  # next frame to write; -1 when no stream is running
@@ -86,9 +104,9 @@ class Stream(asyncio.Protocol):
         """Write the next event; False when this stream is over (or the client left)."""
         if self.closed:
             return False
-        self.transport.write(FRAMES[self.index])  # type: ignore[union-attr]
+        self.transport.write(self.frames[self.index])  # type: ignore[union-attr]
         self.index += 1
-        if self.index < len(FRAMES):
+        if self.index < len(self.frames):
             return True
         self.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
         self.index = -1
@@ -96,10 +114,11 @@ class Stream(asyncio.Protocol):
         return False
 
 
-async def serve(port: int, interval_ms: float) -> None:
+async def serve(port: int, interval_ms: float, n_events: int) -> None:
     ticker = Ticker(interval_ms / 1000)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Stream(ticker), "127.0.0.1", port, backlog=4096)
+    paced = frames(n_events)
+    server = await loop.create_server(lambda: Stream(ticker, paced), "127.0.0.1", port, backlog=4096)
     async with server:
         await server.serve_forever()
 
@@ -108,10 +127,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--interval-ms", type=float, default=1.0)
+    p.add_argument("--events", type=int, default=len(FRAMES), help="events a stream (>= 55; default 55)")
     args = p.parse_args()
     import uvloop
 
-    uvloop.run(serve(args.port, args.interval_ms))
+    uvloop.run(serve(args.port, args.interval_ms, args.events))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from /proc, stop (only what this bench started, by pid)."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,6 +24,32 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of the whole process (every thread), from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors the process holds now."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def nofile_soft_limit(pid: int) -> int:
+    """The process's RLIMIT_NOFILE soft limit, from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise KeyError("Max open files")
+
+
+def raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, in a child before it execs (the bench's own
+    processes only: the product's defaults are untouched). Raising the hard limit itself needs
+    CAP_SYS_RESOURCE, which this does not attempt."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -60,10 +87,11 @@ class Proc:
 
 
 def start(name: str, cmd: list[str], core: int, log: Path, env: dict[str, str] | None = None) -> Proc:
-    """Run `cmd` pinned to one core (taskset execs it, so the pid is the program's own)."""
+    """Run `cmd` pinned to one core (taskset execs it, so the pid is the program's own), with its
+    RLIMIT_NOFILE soft limit at the hard limit (a scale run holds two sockets a stream)."""
     out = open(log, "ab")
     popen = subprocess.Popen(["taskset", "-c", str(core), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                             stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, preexec_fn=raise_nofile)
     out.close()
     return Proc(name, popen, log)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
 SQLITE_IO = "<SqliteStore I/O>"  # a pseudo-file: the methods that run on, or hop to, the SQLite thread
-_SQLITE_IO_METHODS = {"SqliteStore._run", "SqliteStore._serve", "SqliteStore._write", "SqliteStore._load_rows",
+_SQLITE_IO_METHODS = {"GroupWriter._run", "GroupWriter._serve", "GroupWriter._write", "SqliteStore._load_rows",
                       "SqliteStore._read_log", "SqliteStore._ping", "SqliteStore._connect"}
 
 # Self time is charged to the first area whose marker is in the frame's file name.
@@ -57,7 +57,7 @@ def parse_frame(text: str) -> Frame:
     if not func:
         return Frame(text, "?")
     file = rest.rstrip(")").rsplit(":", 1)[0]
-    if func in _SQLITE_IO_METHODS and file.endswith("proxy/store/sqlite.py"):
+    if func in _SQLITE_IO_METHODS and file.endswith(("proxy/store/sqlite.py", "proxy/store/sqlite_writer.py")):
         file = f"{file} {SQLITE_IO}"
     return Frame(func, file)
 

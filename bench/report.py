@@ -138,12 +138,68 @@ def scale_section(scale: list[ScaleResult]) -> str:
     for s in scale:
         c = s.client
         h, st = c["headers_ms"], c["stream_ms"]
-        rows.append(f"| {s.label} | {s.streams:,} | 55 events, 1 per {s.interval_ms:g} ms | {c['ok']:,} "
+        rows.append(f"| {s.label} | {s.streams:,} | {s.events} events, 1 per {s.interval_ms:g} ms | {c['ok']:,} "
                     f"| {s.errors}{' ' + str(c['errors']) if c['errors'] else ''} | {c['peak_open']:,} | {h.get('p50')} / {h.get('p99')} "
                     f"| {st.get('p50')} / {st.get('max')} | {s.cpu_s:.2f} | {s.cpu_s / s.streams * 1000:.2f} "
                     f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} "
                     f"| {', '.join(f'{k} {v:,}' for k, v in s.outcomes.items())} |")
     return "\n".join(rows) + "\n"
+
+
+STORES = {"proxy": "SQLite", "proxy-redis": "Redis", "proxy-memory": "memory://"}
+
+
+def scale_only_table(scale: list[ScaleResult]) -> str:
+    """`make bench-scale`: one row a run, the issue's figures first."""
+    rows = ["| streams | store | ok | errors | peak open at once | RSS start → HWM MiB | KiB a stream (HWM − start) "
+            "÷ peak open | proxy CPU s | events relayed | CPU µs/event | headers p50 / p99 ms | stream p50 / max s "
+            "| peak fds / limit | client CPU s, ramp s | wall s |", "|" + "---|" * 15]
+    for s in scale:
+        c = s.client
+        h, st = c["headers_ms"], c["stream_ms"]
+        per_stream = (s.peak_rss_mib - s.rss_before_mib) * 1024 / c["peak_open"] if c["peak_open"] else None
+        errs = f"{s.errors}{' ' + str(c['errors']) if c['errors'] else ''}"
+        rows.append(f"| {s.streams:,} | {STORES.get(s.target, s.target)} | {c['ok']:,} | {errs} | {c['peak_open']:,} "
+                    f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} | {f(per_stream, 1)} | {s.cpu_s:.1f} "
+                    f"| {c.get('events', 0):,} | {f(s.cpu_us_per_event, 1)} | {h.get('p50')} / {h.get('p99')} "
+                    f"| {f(st.get('p50', 0) / 1000, 1)} / {f(st.get('max', 0) / 1000, 1)} "
+                    f"| {s.peak_fds:,} / {s.nofile:,} | {c.get('client_cpu_s', '—')}, {c.get('ramp_s', '—')} "
+                    f"| {c['wall_s']} |")
+    return "\n".join(rows) + "\n"
+
+
+def scale_series(s: ScaleResult, every: int = 5) -> str:
+    """The proxy's RSS, open descriptors (÷ 2: streams it holds) and share of a core over the run, every `every` s."""
+    pts = list(s.series[::every]) + (list(s.series[-1:]) if len(s.series) % every != 1 else [])
+    out, prev = [], (0.0, 0.0, 0, 0.0)
+    for p in pts:
+        t, rss, fds, cpu = p
+        core = (cpu - prev[3]) / (t - prev[0]) if t > prev[0] else 0.0
+        out.append(f"{t:.0f} s: {rss:.0f} MiB, {fds:,} fds, {core:.0%}")
+        prev = p
+    return "; ".join(out)
+
+
+def scale_document(lines: list[str], scale: list[ScaleResult], elapsed_s: float) -> str:
+    parts = ["# Scale results (the last `make bench-scale`)\n",
+             "Written by `bench/run.py --scale-only`; bench/README.md (\"Scale\") says how it measures.\n",
+             "\n".join(f"- {x}" for x in lines) + "\n",
+             "## Concurrent paced streams through one proxy process\n", scale_only_table(scale),
+             "\n## The proxy over each run\n",
+             "Every 5 s: RSS, open descriptors (two a stream it holds, client side and upstream) and the share of a "
+             "core the proxy used since the previous point (it has core 1 to itself only if no other process "
+             "runs there: on a shared machine below 100% while streams wait means others took the core).\n",
+             "\n".join(f"- {s.streams:,} on {STORES.get(s.target, s.target)}: {scale_series(s)}" for s in scale) + "\n",
+             "\n## The proxy's warnings and errors during each run\n",
+             "\n".join(f"- {s.streams:,} on {STORES.get(s.target, s.target)}: "
+                       + ("none" if not s.log_problems else
+                          "; ".join(f"{n:,}× `{m}`" for m, n in sorted(s.log_problems.items(), key=lambda kv: -kv[1])[:5]))
+                       for s in scale) + "\n",
+             "\n## Ledger rows by outcome (SQLite runs)\n",
+             "\n".join(f"- {s.streams:,}: {', '.join(f'{k} {v:,}' for k, v in s.outcomes.items()) or '—'}"
+                       for s in scale if s.target == "proxy") + "\n",
+             f"\n`make bench-scale` took {elapsed_s / 60:.1f} min.\n"]
+    return "\n".join(parts)
 
 
 def document(ctx: Context, samples: Samples, profiles: list[tuple[str, profile.Summary]],

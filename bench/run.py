@@ -2,6 +2,10 @@
 the scale run; prints the results and rewrites bench/RESULTS.md.
 
     .venv/bin/python -m bench.run [--rounds 3] [--key-rounds 2] [--seconds 5] [--streams 1000] [--quick]
+    .venv/bin/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 [--stores sqlite,redis]
+
+`--scale-only` (`make bench-scale`): no matrix, no profiles; one ramped scale run a store through a
+fresh proxy whose upstream pool holds every stream; writes bench/RESULTS-scale.md.
 
 Only loopback addresses are used; every load is bounded in requests and time."""
 from __future__ import annotations
@@ -21,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import matrix, phases, procs, report
-from bench.targets import Workspace
+from bench.targets import Workspace, redis_up
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -32,7 +36,8 @@ def say(msg: str) -> None:
 
 
 def raise_nofile() -> None:
-    """1,000 streams need 2,000+ descriptors in the proxy; children inherit the limit."""
+    """1,000 streams need 2,000+ descriptors in the proxy; children inherit the limit (and
+    procs.start raises each child's soft limit to the hard limit as well)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     if soft < want:
@@ -104,17 +109,76 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--interval-ms", type=float, default=100.0, help="pacing of the scale run's streams")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s cells, 200 streams: a smoke test")
-    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--results", type=Path, default=None, help="default bench/RESULTS.md (RESULTS-scale.md)")
+    p.add_argument("--scale-only", action="store_true", help="only ramped scale runs, one a store (make bench-scale)")
+    p.add_argument("--events", type=int, default=55, help="--scale-only: events a stream (>= 55)")
+    p.add_argument("--stores", default="sqlite,redis", help="--scale-only: sqlite, redis, memory (comma-separated)")
+    p.add_argument("--ramp", default="1000/100/1024",
+                   help="--scale-only: STARTS/STEP_MS/MAX_PENDING: at most STARTS every STEP_MS, at most MAX_PENDING "
+                        "awaiting headers (below the proxy's listen backlog, 2048)")
     args = p.parse_args()
+    if args.results is None:
+        args.results = HERE / ("RESULTS-scale.md" if args.scale_only else "RESULTS.md")
     if args.quick:
         args.rounds, args.key_rounds, args.seconds, args.profile_seconds, args.streams = 1, 0, 2.0, 2.0, 200
         args.results = OUT / "RESULTS-quick.md"
     return args
 
 
+STORE_TARGETS = {"sqlite": "proxy", "redis": "proxy-redis", "memory": "proxy-memory"}
+
+
+def scale_only(args: argparse.Namespace) -> int:
+    """`make bench-scale`: a fresh paced upstream and proxy a store; the proxy's upstream pool holds
+    every stream (max_connections = streams); the client ramps its starts. Cold start: a warm-up
+    stream at 1 s a tick would take a minute, so the ramp's first streams load the budget periods."""
+    started = time.monotonic()
+    per_step, step_ms, max_pending = (float(x) for x in args.ramp.split("/"))
+    ramp = phases.Ramp(int(per_step), step_ms, int(max_pending))
+    root = Path(tempfile.mkdtemp(prefix="budget-proxy-scale-"))
+    ws = Workspace(root)
+    host = machine()
+    results = []
+    try:
+        for store in args.stores.split(","):
+            target = STORE_TARGETS[store.strip()]
+            if target == "proxy-redis" and not redis_up():
+                say("bench: no Redis answers at 127.0.0.1:6379: the redis:// run is skipped")
+                continue
+            say(f"bench: scale run, {args.streams:,} streams of {args.events} events at {args.interval_ms:g} ms "
+                f"on {store} (ramp: {ramp.per_step:,} starts per {ramp.step_ms:g} ms, {ramp.max_pending:,} pending at most)")
+            r = phases.scale_run(ws, f"{store}-{args.streams}", args.streams, args.interval_ms, warm=False,
+                                 target=target, events=args.events, ramp=ramp, max_connections=max(args.streams, 1000))
+            say(f"bench: {r.client}; proxy CPU {r.cpu_s:.1f} s, RSS {r.rss_before_mib:.0f} → {r.peak_rss_mib:.0f} MiB, "
+                f"peak fds {r.peak_fds:,} of {r.nofile:,}; log: {r.log_problems or 'nothing'}")
+            results.append(r)
+    except BaseException:
+        say(f"bench: failed; logs kept in {root / 'logs'}")
+        raise
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lines = [*(f"{k}: {v}" for k, v in host),
+             f"RLIMIT_NOFILE hard limit {hard:,} (the bench raises each process's soft limit to it; raising the hard "
+             f"limit needs CAP_SYS_RESOURCE); the proxy holds two sockets a stream (client side and upstream)",
+             f"ramp: at most {ramp.per_step:,} starts every {ramp.step_ms:g} ms and at most {ramp.max_pending:,} "
+             f"streams awaiting headers (the proxy's listen backlog is uvicorn's 2048); one connection a stream",
+             f"each stream: {args.events} SSE events, one every {args.interval_ms:g} ms (paced upstream, one timer); "
+             f"proxy: upstream pool max_connections {max(args.streams, 1000):,}, JSON access log to a file, cold start",
+             "cores: the proxy alone on core 1 (taskset); the paced upstream and the client share core 0",
+             f"load average at the end: {Path('/proc/loadavg').read_text().split()[0]}",
+             f"budget-proxy (git): {first_line(['git', '-C', str(HERE.parent), 'describe', '--always', '--dirty'])}"]
+    text = report.scale_document(lines, results, time.monotonic() - started)
+    args.results.write_text(text)
+    shutil.rmtree(root, ignore_errors=True)
+    print(text)
+    say(f"bench: wrote {args.results}")
+    return 0
+
+
 def main() -> int:
     args = parse_args()
     raise_nofile()
+    if args.scale_only:
+        return scale_only(args)
     started = time.monotonic()
     OUT.mkdir(exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="budget-proxy-bench-"))

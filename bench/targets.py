@@ -81,12 +81,15 @@ def clear_redis(prefix: str) -> None:
         client.close()
 
 
-def proxy_yaml(upstream_url: str, store: str) -> str:
-    """A key budget and a team budget, both far from running out: everything is metered, nothing denied."""
+def proxy_yaml(upstream_url: str, store: str, max_connections: int | None = None) -> str:
+    """A key budget and a team budget, both far from running out: everything is metered, nothing denied
+    (10,000 concurrent holds of the bench request's max_tokens 1,024 are 10.2 M tokens and about $200).
+    `max_connections`: the upstream pool's size (the product's default, 1,000, when None)."""
+    pool = "" if max_connections is None else f"\n    max_connections: {max_connections}"
     return f"""upstreams:
   anthropic:
     base_url: {upstream_url}
-    api_key: bench-upstream-key
+    api_key: bench-upstream-key{pool}
 store: "{store}"
 admission:
   clamp_max_tokens: true
@@ -122,16 +125,19 @@ class Workspace:
         procs.wait_port(proc, port)
         return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
-    def start_paced(self, interval_ms: float) -> Server:
+    def start_paced(self, interval_ms: float, events: int = 55) -> Server:
         port = procs.free_port()
-        cmd = [sys.executable, "-m", "bench.paced", "--port", str(port), "--interval-ms", str(interval_ms)]
+        cmd = [sys.executable, "-m", "bench.paced", "--port", str(port), "--interval-ms", str(interval_ms),
+               "--events", str(events)]
         proc = procs.start("paced", cmd, LOAD_CORE, self.logs / f"paced-{interval_ms:g}ms.log", ENV)
         procs.wait_port(proc, port)
         return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
     # --- servers under test, on their own core -------------------------------------------
-    def start(self, name: str, upstream: Server, ledger: Path | None = None, tree: Path | None = None) -> Server:
-        """`tree`: run the proxy from that source tree instead of the installed one (bench.ab)."""
+    def start(self, name: str, upstream: Server, ledger: Path | None = None, tree: Path | None = None,
+              max_connections: int | None = None) -> Server:
+        """`tree`: run the proxy from that source tree instead of the installed one (bench.ab);
+        `max_connections`: the proxy's upstream pool size (the scale run's streams)."""
         if name == "direct":
             return Server("direct", upstream.url, upstream.pid, None)
         port = procs.free_port()
@@ -143,7 +149,7 @@ class Workspace:
                 prefix = f"bench-{os.getpid()}-{port}:"
                 clear_redis(prefix)
                 store = f"{REDIS_URL}/{REDIS_DB}?prefix={prefix}"
-            config.write_text(proxy_yaml(upstream.url, store))
+            config.write_text(proxy_yaml(upstream.url, store, max_connections))
             serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"]
             cmd = [str(BIN / "budget-proxy"), *serve] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree), *serve]
             log = self.access_log  # the access log (one JSON line a request) stays on, as in production

@@ -1,6 +1,6 @@
 """redis://HOST:PORT/DB[?prefix=...&hold_ttl=15&renew_every=5] — budgets shared by several replicas.
 Also rediss://[user:password@]HOST:PORT/DB[?ssl_ca_certs=PATH] (TLS; an ACL user) and
-redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB: see _connections.
+redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB: see redis_url.py.
 
 Every decision runs inside Redis as one Lua script (SCRIPT LOAD once, EVALSHA, reloaded on
 NOSCRIPT), so reserve / charge / settle / release are atomic across all scopes of a request and
@@ -16,36 +16,10 @@ redis-py's pool, timeouts and parser cost more CPU per call than the rest of the
 are packed binary (struct), unpacked here without parsing text. redis-py serves the rest (ping,
 script loading at start, the usage log).
 
-Batching (group commit, as SqliteStore's). Reserve, charge, settle and release are functions of one
-script, "batch", whose JSON argument is a list of calls [op, arguments...] run one after the other
-in that order; it answers an array of their replies. A call made while no batch is in flight is sent
-at once (nothing waits on a timer: alone, a request pays one round trip per call); calls
-made while batches are in flight queue and go together in the next (at most MAX_BATCH), in arrival
-order, with up to BATCHES_IN_FLIGHT batches awaiting Redis at a time. Each call runs exactly as it
-would alone: the script is atomic, and call k reads what calls 1..k-1 wrote (a reserve is decided on
-the state after every earlier call, never on a stale one; a second settle of an id in the same batch
-finds the first one's tombstone). A call that fails inside the script answers '!' and its error and
-fails alone (StoreUnavailable; e.g. a reserve of a used id); a batch that fails as a whole fails
-every call in it, each as it would have failed alone. Settles are finished by the batch, not by
-their callers: a settle lands (or goes to the background retry, per item) even if its caller is
-cancelled; a reserve or charge whose caller has gone before its batch is sent is dropped. close()
-lets the queued calls land first.
-
-Keys (P = prefix, default "budget-proxy:"; T = "<scope id>@<period start, epoch s>"; N dimensions,
-ledger.DIMS: tokens, input_tokens, output_tokens, cost (nanos), steps):
-  P T:T   string per scope and period, 3N + 1 packed doubles: s1..sN settled, c1..cN charged by
-                 requests in flight, h1..hN held (sum of max(hold - charged, 0)), f first_request_at
-                 (-1: none). Totals of another N (a dimension added since) are read by position.
-  P x     zset   every reservation in flight (any scope), scored by its expiry (ms, Redis TIME)
-  P q:ID  string one reservation, packed: st (live | expired | done; + 4N when N is not 5: records of
-                 any N are read by position), its hold and charged, out, at, its totals names and
-                 their expire-at, team, key; st done is the settle tombstone (10 min): a second
-                 settle of ID is a no-op
-  P log   stream usage-log rows, XADD MAXLEN ~ 100000 (configurable: log_max)
-  P Ht:.. P Hk:.. P Hi   the history's hourly tallies per team and key, and their index (redis_history.py)
-  P R:TEAM/KEY  zset  the key's runs not yet forgotten (run ids, scored by when each is, ms): /admin/runs
-Packed strings because a redis.call and every number parsed or formatted as text cost far more in
-Lua than the command itself (redis_scripts.py has the figures).
+RedisStore is the protocol; its parts, each a module: redis_url (the URL, and the connections it
+names), redis_layout (the scripts' keys, arguments and packed replies), redis_batch (batches of
+script calls, settles' retries), redis_scripts (the Lua), resp (the pipelined connection),
+redis_history and redis_keys (the hourly history, runtime keys).
 
 Expiry. A reservation expires HOLD_TTL (15 s) after its last renewal, measured on Redis' clock. The
 store renews all of this process's reservations in one script call every RENEW_EVERY (5 s), and each
@@ -74,11 +48,6 @@ the unused hold), with a "hold_expired" usage-log row (team and key from the rec
 told no model or route). A live record is kept as long as the longest-lived totals it points to
 (PXAT), so it cannot vanish before a purge has settled its charges; an expired one is kept a day for
 a late settle to correct.
-
-Row isolation. A usage row never fails its settlement or the batch: _payload sends a lone
-surrogate as '?' (cjson refuses it, as it refuses a \\udfff escape) and anything that is not a string
-as its str() or null; the settle script writes its totals and tombstone before the row, runs each
-item under pcall, and if XADD refuses a value (a null) writes the row again with such values as ''.
 
 Growth. Totals of a period expire RETENTION (35 days) after the period ends (`period: none` totals
 live on: one key per scope), a run's (Scope.ttl, docs/budgets.md "Runs") run_ttl after its last request:
@@ -110,216 +79,34 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import struct
-from fractions import Fraction
-from typing import Any, Sequence, get_type_hints
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from typing import Any, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.dimensions import spelled
-from proxy.ledger import (DIMENSIONS, DIMS, METERED, ZERO, Admitted, Amounts, Ask, Denied, Limits, Scope, ScopeState,
+from proxy.ledger import (DIMENSIONS, METERED, ZERO, Admitted, Amounts, Ask, Denied, Scope, ScopeState,
                           needed_to_admit, tightest_remaining, wall_clock_deadline)
 from proxy.periods import period_bounds
 from proxy.store import redis_history, redis_keys
 from proxy.store.base import KeyRecord, Reservation, UsageRow
 from proxy.store.base import Cursor, Tally
-from proxy.store.redis_scripts import NO_FIRST_REQUEST, SCRIPTS
-from proxy.store.resp import RespClient, RespError, encode_command
+from proxy.store.redis_batch import MAX_BATCH, UNAVAILABLE, ScriptBatcher, _Item
+from proxy.store.redis_layout import (_ADMITTED, _HOLD, _N, _admitted, _denied, _keep_ms, _keep_ms_until, _limits,
+                                      _num, _payload, _rate, _row, _row_args, _run_keep, _settle_keep_ms, _states,
+                                      _totals_key, _tuple)
+from proxy.store.redis_scripts import SCRIPTS
+from proxy.store.redis_url import RedisTarget, connections, parse_redis_url
+from proxy.store.resp import RespClient, RespError
+
+# (names this module had before its parts moved out, still imported from here)
+__all__ = ["MAX_BATCH", "RedisStore", "RedisTarget", "SCRIPTS", "UNAVAILABLE", "_payload", "parse_redis_url"]
 
 log = logging.getLogger("budget_proxy.store")
 
-MAX_EXACT = 2**53 - 1
-RETENTION_S = 35 * 86400
-UNAVAILABLE = "The budget ledger is unavailable; nothing was forwarded."
 SENTINEL_CHECK_S = 0.5  # how often a Sentinel store asks which server is the primary
-
-_ROW_TYPES = {name: t if t in (float, int) else str for name, t in get_type_hints(UsageRow).items()}
-
-
-def _num(v: int) -> str:
-    return str(v) if -MAX_EXACT <= v <= MAX_EXACT else str(MAX_EXACT if v > 0 else -MAX_EXACT)
-
-
-def _opt(v: int | float | None) -> str:
-    if v is None:
-        return ""
-    return repr(float(v)) if isinstance(v, float) else _num(v)
-
-
-# Script arguments that depend only on config objects are built once per object, not per call: the
-# config's Limits live until a reload (the cache holds each one, so its id is not reused meanwhile).
-_LIMIT_ARGS: dict[int, tuple[Limits, tuple[str, ...]]] = {}
-_RATE_ARGS: dict[Any, tuple[str, str]] = {}
-_CACHE_MAX = 4096
-
-
-def _limits(scope: Scope) -> tuple[str, ...]:
-    """The scope's limits as script arguments, DIMENSIONS' order ('' = none)."""
-    lim = scope.limits
-    hit = _LIMIT_ARGS.get(id(lim))
-    if hit is not None and hit[0] is lim:
-        return hit[1]
-    if len(_LIMIT_ARGS) >= _CACHE_MAX:
-        _LIMIT_ARGS.clear()
-    args = tuple(_opt(lim.get(d)) for d in DIMENSIONS)
-    _LIMIT_ARGS[id(lim)] = (lim, args)
-    return args
-
-
-def _totals_key(scope: Scope, start: float) -> str:
-    return f"{scope.id}@{int(start)}"
-
-
-def _keep_ms(scope: Scope, now: float) -> str:
-    """How long the totals of `now`'s period are kept: until RETENTION after the period ends. Relative,
-    so that Redis applies it on its own clock (callers' clocks may differ; tests pass past times)."""
-    return _keep_ms_until(period_bounds(scope.period, now)[1], now)
-
-
-def _keep_ms_until(end: float | None, now: float) -> str:
-    return "0" if end is None else str(max(1, int((end + RETENTION_S - now) * 1000)))
-
-
-def _run_keep(scope: Scope) -> str:
-    """A run scope's keep: '-TTL' (ms), which the scripts read as "TTL past each request" (slides)."""
-    return "-%d" % max(1, int(scope.ttl * 1000))  # type: ignore[operator]
-
-
-_SETTLE_KEEP: dict[tuple[str, float], str] = {}
-
-
-def _settle_keep_ms(scope: Scope, start: float) -> str:
-    """_keep_ms(scope, start): a settle measures its period's lifetime from the period's start, the
-    same figure for every request of the period, so it is worked out once per period."""
-    k = (scope.period, start)
-    hit = _SETTLE_KEEP.get(k)
-    if hit is None:
-        if len(_SETTLE_KEEP) >= _CACHE_MAX:
-            _SETTLE_KEEP.clear()
-        hit = _SETTLE_KEEP[k] = _keep_ms(scope, start)
-    return hit
-
-
-# The scripts' packed replies (redis_scripts.py): a scope's totals are 3N + 1 doubles for N
-# dimensions, s1..sN settled, c1..cN charged, h1..hN held, f first request (NO_FIRST_REQUEST: none);
-# integers below 2**53 exact.
-_N = len(DIMS)
-_TOTALS = struct.Struct(f"<{3 * _N + 1}d")
-_ADMITTED = struct.Struct(f"<{_N + 1}d")  # out, hold
-_HOLD = struct.Struct(f"<{_N}d")
-_tuple = tuple.__new__
-
-
-def _unpack_source(n: int) -> str:
-    """_states and _admitted, unrolled over the n dimensions (a loop is measurably slower: every reserve reads
-    two scopes' totals and a hold)."""
-    s, c, h = spelled("s{i}", n), spelled("c{i}", n), spelled("h{i}", n)
-    return f"""
-def _admitted(buf):
-    out, {h} = _ADMITTED.unpack_from(buf, 1)
-    return int(out), _tuple(Amounts, ({spelled("int(h{i})", n)},))
-
-def _states(buf, pos=0):
-    out = []
-    unpack = _TOTALS.unpack_from
-    for off in range(pos, len(buf), _TOTALS.size):
-        {s}, {c}, {h}, first = unpack(buf, off)
-        out.append(_tuple(ScopeState, (
-            _tuple(Amounts, ({spelled("int(s{i}) + int(c{i})", n)},)),
-            _tuple(Amounts, ({spelled("int(h{i})", n)},)),
-            None if first == NO_FIRST_REQUEST else first)))
-    return out
-"""
-
-
-# _states(buf, pos=0) -> list[ScopeState]: the scopes' totals packed from buf[pos:] on; _admitted(buf):
-# a reserve's out and hold. Built as tuples directly (a NamedTuple's keyword-handling constructor costs
-# several times as much).
-_generated: dict[str, Any] = {"_TOTALS": _TOTALS, "_ADMITTED": _ADMITTED, "_tuple": _tuple, "ScopeState": ScopeState,
-                              "Amounts": Amounts, "NO_FIRST_REQUEST": NO_FIRST_REQUEST}
-exec(_unpack_source(_N), _generated)
-_states, _admitted = _generated["_states"], _generated["_admitted"]
-
-
-def _rate(ask: Ask) -> tuple[str, str]:
-    """The output rate (nanos per token) as an exact fraction: numerator, denominator."""
-    hit = _RATE_ARGS.get(ask.output_nanos_per_token)
-    if hit is not None:
-        return hit
-    rate = Fraction(ask.output_nanos_per_token)
-    if rate < 0 or rate.numerator > MAX_EXACT or rate.denominator > MAX_EXACT:
-        raise ValueError("output rate out of the exact range of the Redis store")
-    if len(_RATE_ARGS) >= _CACHE_MAX:
-        _RATE_ARGS.clear()
-    hit = _RATE_ARGS[ask.output_nanos_per_token] = (str(rate.numerator), str(rate.denominator))
-    return hit
-
-
-def _denied(scope: Scope, state: ScopeState, dim: str, needed: int, now: float) -> Denied:
-    if dim == "wall_clock":
-        wc = scope.limits.wall_clock or 0.0
-        return Denied(scope, dim, wc, state.wall_clock_used(now), 0, 0)
-    limit = scope.limits.get(dim)
-    assert limit is not None
-    return Denied(scope, dim, limit, state.used.get(dim), state.held.get(dim), needed)
-
-
-_ROW_IS_TEXT = tuple(t is str for t in _ROW_TYPES.values())
-
-
-def _row_args(row: UsageRow | None) -> list[str]:
-    """The row's values in UsageRow's field order (the script names them: ROW_FIELDS); numbers by repr."""
-    if row is None:
-        return []
-    return [v if text else repr(v) for v, text in zip(row, _ROW_IS_TEXT)]
-
-
-_quote = json.encoder.encode_basestring  # (in C) one str as a JSON string, non-ASCII kept as is
-
-
-def _payload(args: Sequence[str | list[str]]) -> bytes:
-    """A script's arguments (strings, or lists of strings: a batch's items) as the one JSON array its
-    ARGV[4] carries. A lone surrogate (a client's JSON may carry one, e.g. in the model name)
-    becomes '?': Lua's cjson refuses it (and would refuse a \\udfff escape too). Joined here rather
-    than by json.dumps: a third cheaper. Never fails: a value that is not a string (a usage row
-    built wrong) goes as its str(), or as null (None), which the settle script writes as ''."""
-    try:
-        text = "[" + ",".join([_quote(a) if type(a) is str else "[" + ",".join(map(_quote, a)) + "]"
-                               for a in args]) + "]"
-    except TypeError:  # (not only strings)
-        text = json.dumps(args, ensure_ascii=False, separators=(",", ":"), default=_as_text)
-    return text.encode("utf-8", "replace")
-
-
-def _as_text(v: Any) -> str:
-    try:
-        return str(v)
-    except Exception:
-        return ""
-
-
-
-def _actual_of(settle_args: list[str]) -> dict[str, int]:
-    return {d: int(v) for d, v in zip(METERED, settle_args[1:1 + _N])}
-
-
-def _row(entry: dict[str, str]) -> UsageRow:
-    """A usage-log entry as a UsageRow; a field missing or unreadable is 0 or '' (one odd entry must not
-    make the whole log unreadable)."""
-    values: dict[str, Any] = {}
-    for k, conv in _ROW_TYPES.items():
-        try:
-            values[k] = conv(entry.get(k, "0" if conv is not str else ""))
-        except (TypeError, ValueError, OverflowError):
-            values[k] = conv()
-    return UsageRow(**values)
 
 
 def _denial_done(fut: asyncio.Future[bytes]) -> None:
@@ -332,117 +119,7 @@ def _denial_done(fut: asyncio.Future[bytes]) -> None:
         log.warning("redis store: a denial was not counted in the history")
 
 
-# Batches are sent while others await their replies (each script is atomic, and a request's own
-# calls follow one another): the proxy works on while Redis answers, instead of idling a round trip.
-# Small batches, several in flight: every item waits for its whole batch's Lua, and under
-# concurrency the proxy on Redis is bound by that wait, not by CPU. 8 x 4 in flight is where the
-# bench's JSON throughput peaks (bench.ab compares sizes): larger batches wait longer, smaller ones
-# cost proxy CPU.
-MAX_BATCH = 8
-BATCHES_IN_FLIGHT = 4
-
-
-class _Item:
-    """One reserve / charge / settle / release waiting for its batch. A settle (res set) is finished by
-    the flusher itself, whatever becomes of its caller: landed, or handed to the background retry."""
-
-    __slots__ = ("call", "args", "fut", "res", "row")
-
-    def __init__(self, op: str, args: list[str], fut: asyncio.Future[bytes],
-                 res: Reservation | None = None, row: UsageRow | None = None) -> None:
-        self.call, self.args, self.fut, self.res, self.row = [op, *args], args, fut, res, row
-
-
-class RedisTarget:
-    """A store URL's connection parts (parse_redis_url). Its repr names no password."""
-
-    __slots__ = ("scheme", "host", "port", "db", "username", "password", "query", "sentinels", "service")
-
-    def __init__(self, scheme: str, host: str, port: int, db: int, username: str | None, password: str | None,
-                 query: dict[str, str], sentinels: list[tuple[str, int]] | None = None, service: str = "") -> None:
-        self.scheme, self.host, self.port, self.db = scheme, host, port, db
-        self.username, self.password, self.query = username, password, query
-        self.sentinels, self.service = sentinels, service
-
-    def __repr__(self) -> str:
-        where = ",".join(f"{h}:{p}" for h, p in self.sentinels) if self.sentinels else f"{self.host}:{self.port}"
-        return f"RedisTarget({self.scheme}://{where}/{self.service + '/' if self.service else ''}{self.db})"
-
-    @property
-    def sentinel_auth(self) -> dict[str, str]:
-        """sentinel_password= (and sentinel_username=) in the query: the sentinels' own AUTH."""
-        auth = {}
-        if "sentinel_password" in self.query:
-            auth["password"] = self.query["sentinel_password"]
-            if "sentinel_username" in self.query:
-                auth["username"] = self.query["sentinel_username"]
-        return auth
-
-    def ssl_context(self) -> Any:
-        """rediss://: the SSLContext redis-py would build from the same query parameters (CA checked,
-        hostname too unless ssl_check_hostname=false); None for redis://."""
-        if self.scheme != "rediss":
-            return None
-        from redis.asyncio.connection import RedisSSLContext
-
-        q = self.query
-        check = q.get("ssl_check_hostname", "true").lower() not in ("0", "false", "no", "off")
-        return RedisSSLContext(keyfile=q.get("ssl_keyfile"), certfile=q.get("ssl_certfile"),
-                               cert_reqs=q.get("ssl_cert_reqs", "required"), ca_certs=q.get("ssl_ca_certs"),
-                               ca_path=q.get("ssl_ca_path"), check_hostname=check).get()
-
-
-def parse_redis_url(url: str) -> RedisTarget:
-    """redis://[user:password@]HOST[:PORT][/DB], rediss://... (TLS), or
-    redis+sentinel://[user:password@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]. ValueError (naming no
-    password) when malformed."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis", "rediss", "redis+sentinel"):
-        raise ValueError("store URL must be redis://, rediss:// or redis+sentinel://")
-    rest, _, query_text = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if colon else (unquote(user) if user else None)
-        if not colon:  # (redis://PASSWORD@host, as redis-py reads it: a password alone)
-            username = None
-    query = dict(parse_qsl(query_text))
-
-    def hostport(text: str, default: int) -> tuple[str, int]:
-        if text.startswith("["):  # [v6]:port
-            host, _, port = text[1:].partition("]")
-            port = port.lstrip(":")
-        else:
-            host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-        if not host:
-            raise ValueError("store URL: a host is missing")
-        try:
-            return host, int(port) if port else default
-        except ValueError:
-            raise ValueError("store URL: a port is not a number") from None
-
-    parts = [p for p in path.split("/") if p]
-    try:
-        if scheme == "redis+sentinel":
-            sentinels = [hostport(h, 26379) for h in hosts.split(",") if h]
-            if not sentinels or not parts:
-                raise ValueError("store URL: redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE/DB")
-            db = int(parts[1]) if len(parts) > 1 else 0
-            return RedisTarget(scheme, sentinels[0][0], sentinels[0][1], db, username, password, query,
-                               sentinels, unquote(parts[0]))
-        host, port = hostport(hosts, 6379)
-        db = int(parts[0]) if parts else int(query.get("db", 0))
-    except ValueError as exc:
-        if "store URL" in str(exc):
-            raise
-        raise ValueError("store URL: the DB is not a number") from None
-    return RedisTarget(scheme, host, port, db, username, password, query)
-
-
-class RedisStore:
+class RedisStore(ScriptBatcher):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "budget-proxy:",
                  hold_ttl: float = 15.0, renew_every: float = 5.0, log_max: int = 100_000,
                  settle_attempts: int = 10, settle_backoff: float = 0.25) -> None:
@@ -480,35 +157,8 @@ class RedisStore:
 
     # --- lifecycle ---------------------------------------------------------------------
     def _connections(self) -> tuple[aioredis.Redis, RespClient]:
-        """redis-py's client (the rest) and the pipelined one (the hot path) for self.url:
-        redis:// and rediss:// ([user:password@]host:port/db, TLS options as redis-py's query
-        parameters: ssl_ca_certs, ssl_cert_reqs, ssl_check_hostname, ssl_certfile, ssl_keyfile), or
-        redis+sentinel://[user:password@]H:P[,H:P...]/SERVICE/DB (both follow the primary the
-        sentinels name: redis-py's SentinelConnectionPool, and resp.py asking on every connect)."""
-        opts = dict(decode_responses=True, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 1))
-        target = parse_redis_url(self.url)
-        if target.sentinels is not None:
-            from redis.asyncio.sentinel import Sentinel
-
-            sentinel = Sentinel(target.sentinels, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                sentinel_kwargs={"socket_timeout": 0.5, "socket_connect_timeout": 0.5,
-                                                 **target.sentinel_auth})
-            client = sentinel.master_for(target.service, redis_class=aioredis.Redis, db=target.db,
-                                         username=target.username, password=target.password, **opts)
-
-            async def primary() -> tuple[str, int]:
-                host, port = await sentinel.discover_master(target.service)
-                return str(host), int(port)
-
-            pipe = RespClient(target.sentinels[0][0], target.sentinels[0][1], target.db, target.username,
-                              target.password, connect_timeout=0.5, read_timeout=1.0, resolve=primary,
-                              min_backoff=0.05, max_backoff=1.0)
-            return client, pipe
-        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=8, timeout=2.0, **opts)
-        client = aioredis.Redis(connection_pool=pool)
-        pipe = RespClient(target.host, target.port, target.db, target.username, target.password,
-                          connect_timeout=0.5, read_timeout=1.0, ssl=target.ssl_context())
-        return client, pipe
+        """The connections self.url names (redis_url.connections)."""
+        return connections(self.url)
 
     async def open(self) -> None:
         """Never fails for an unreachable Redis (or refused credentials): ping() says so (/readyz 503,
@@ -603,131 +253,6 @@ class RedisStore:
         except (OSError, RespError) as exc:
             raise StoreUnavailable(UNAVAILABLE) from None
 
-    async def _call(self, name: str, args: Sequence[Any]) -> Any:
-        """Run a script on the pipelined connection (resp.py: replies as bytes, binary-safe). A
-        connection that fails is replaced and the call made once more: every script is idempotent."""
-        pipe = self._pipe
-        if pipe is None:
-            raise StoreUnavailable(UNAVAILABLE)
-        payload = _payload(args)  # one argument: cheaper to send than dozens
-        failure: Exception | None = None
-        command = self._evalsha_head(name) + b"$%d\r\n%s\r\n" % (len(payload), payload)
-        for _ in range(2):
-            try:
-                try:
-                    reply = await pipe.call_encoded(command)
-                except RespError as exc:
-                    if not str(exc).startswith("NOSCRIPT"):
-                        raise
-                    self._shas[name] = (await pipe.call(b"SCRIPT", b"LOAD", SCRIPTS[name])).decode()
-                    reply = await pipe.call(b"EVALSHA", self._shas[name], b"0", *self._head, payload)
-                return reply
-            except OSError as exc:  # the connection: refused, lost, timed out, or garbled
-                failure = exc
-            except RespError as exc:
-                failure = exc
-                break
-        log.error("redis store: %s failed: %s", name, failure.__class__.__name__)
-        raise StoreUnavailable(UNAVAILABLE) from failure
-
-    def _evalsha_head(self, name: str) -> bytes:
-        """EVALSHA of a script with its fixed arguments, in RESP, for a last argument to follow: the
-        same bytes every call, encoded once."""
-        sha = self._shas[name]
-        head = self._evalsha_heads.get(sha)
-        if head is None:  # (the array's count already counts the last argument: an empty one, cut off)
-            head = encode_command([b"EVALSHA", sha, b"0", *self._head, b""])[:-len(b"$0\r\n\r\n")]
-            self._evalsha_heads[sha] = head
-        return head
-
-    # --- batching ------------------------------------------------------------------------
-    # As SqliteStore's group commit: a call made while nothing is in flight is sent at once (no timer);
-    # calls made while a batch is in flight wait and go together in the next one, one script call
-    # running them in arrival order. Up to BATCHES_IN_FLIGHT batches await Redis at a time.
-    def _submit(self, op: str, args: list[str], res: Reservation | None = None,
-                row: UsageRow | None = None) -> asyncio.Future[bytes]:
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(op, args, fut, res, row))
-        flushing = self._flushing
-        if flushing == 0 or (flushing == self._sending and flushing < BATCHES_IN_FLIGHT):
-            self._flushing += 1  # (counted here: a flusher that has not started yet takes this call)
-            task = asyncio.ensure_future(self._flush())
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
-        return fut
-
-    async def _one(self, op: str, args: list[str]) -> str:
-        """The reply of one reserve / charge / release; StoreUnavailable if its batch or the item failed."""
-        reply = await self._submit(op, args)
-        if reply[:1] == b"!":
-            log.error("redis store: %s failed: %s", op, reply[1:].decode(errors="replace"))
-            raise StoreUnavailable(UNAVAILABLE)
-        return reply
-
-    async def _flush(self) -> None:
-        batch: list[_Item] = []
-        try:
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                # a reserve or charge whose caller has gone (cancelled) is not sent; settles and releases are
-                batch = [it for it in batch if it.call[0] in ("s", "l") or not it.fut.done()]
-                if batch:
-                    self._sending += 1
-                    try:
-                        replies = await self._call_batch([it.call for it in batch])
-                    except Exception as exc:  # anything else too: no caller may be left waiting
-                        if not isinstance(exc, StoreUnavailable):
-                            log.exception("redis store: batch failed")
-                        for it in batch:
-                            self._answer(it, None, StoreUnavailable(UNAVAILABLE))
-                    else:
-                        if any(isinstance(r, bytes) and r[:1] == b"!" and b"READONLY" in r for r in replies) and self._pipe is not None:
-                            self._pipe.close()  # a demoted primary (failover): the next connect asks anew
-                        for it, reply in zip(batch, replies):
-                            self._answer(it, reply, None)
-                    finally:
-                        self._sending -= 1
-                    batch = []
-                # one loop turn: the callers just answered queue their next call (a reserve's settle)
-                # into the next batch instead of each starting one; nothing waits on a timer
-                await asyncio.sleep(0)
-        except asyncio.CancelledError:  # the loop is going away: fail what has not been answered
-            for it in batch + self._queue:
-                self._answer(it, None, StoreUnavailable(UNAVAILABLE), retry=False)
-            self._queue = []
-            raise
-        finally:
-            self._flushing -= 1  # at once, not in a done callback: a call queued now starts a flusher
-
-    def _answer(self, it: _Item, reply: bytes | None, error: StoreUnavailable | None, retry: bool = True) -> None:
-        if it.res is not None:  # a settle: finished here
-            if reply is not None and reply[:1] != b"!":
-                self._settled(it.res, reply)
-            elif retry:
-                if reply is not None:
-                    log.error("redis store: settle failed: %s", reply[1:].decode(errors="replace"))
-                self._defer_settle(it.res, it.args, it.row)
-            else:
-                self._unsettled(it.res, it.args, it.row)
-            if not it.fut.done():
-                it.fut.set_result(b"")
-        elif not it.fut.done():
-            if reply is not None:
-                it.fut.set_result(reply)
-            else:
-                it.fut.set_exception(error or StoreUnavailable(UNAVAILABLE))
-
-    async def _drain(self) -> None:
-        while self._flushers:
-            await asyncio.wait(list(self._flushers))
-
-    async def _call_batch(self, calls: list[list[str]]) -> list[str]:
-        replies = await self._call("batch", calls)
-        if not isinstance(replies, list) or len(replies) != len(calls):
-            log.error("redis store: batch of %d answered %d replies", len(calls), len(replies))
-            raise StoreUnavailable(UNAVAILABLE)
-        return replies
-
     # --- the protocol --------------------------------------------------------------------
     async def reserve(self, scopes: Sequence[Scope], ask: Ask, now: float, request_id: str) -> Reservation | Denied:
         bounds = [period_bounds(s.period, now) for s in scopes]
@@ -809,48 +334,6 @@ class RedisStore:
         # landed or deferred by the flusher, even if this caller is cancelled meanwhile
         await self._submit("s", args, res, row)
         return done
-
-    def _defer_settle(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
-        log.warning("redis store: settle of %s deferred; retrying in the background", res.id)
-        task = asyncio.ensure_future(self._retry_settle(res, args, row))
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
-
-    def _settled(self, res: Reservation, outcome: bytes) -> None:
-        self._live.pop(res.id, None)
-        if outcome == b"late":
-            log.warning("redis store: %s settled after its hold had expired; totals corrected", res.id)
-        elif outcome == b"missing":
-            log.warning("redis store: %s settled without a reservation on record; counted as settled", res.id)
-
-    async def _retry_settle(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
-        delay = self.settle_backoff
-        try:
-            for attempt in range(1, self.settle_attempts + 1):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 8.0)
-                try:
-                    outcome = (await self._call_batch([["s", *args]]))[0]
-                except StoreUnavailable:
-                    continue
-                except Exception:  # (never let one settlement's retry die before it is logged as unsettled)
-                    log.exception("redis store: settle retry failed")
-                    continue
-                if outcome[:1] == b"!":
-                    log.error("redis store: settle failed: %s", outcome[1:].decode(errors="replace"))
-                    continue
-                log.info("redis store: deferred settle of %s landed (attempt %d)", res.id, attempt)
-                self._settled(res, outcome)
-                return
-        except asyncio.CancelledError:
-            pass
-        self._unsettled(res, args, row)
-
-    def _unsettled(self, res: Reservation, args: list[str], row: UsageRow | None) -> None:
-        self._live.pop(res.id, None)
-        log.error("redis store: UNSETTLED request %s (its charges so far count when its hold expires): %s",
-                  res.id, json.dumps({"actual": _actual_of(args), "row": row._asdict() if row else None},
-                                     default=_as_text))
 
     async def release(self, res: Reservation) -> None:
         """Drop a reservation without a usage row: its charges so far count as settled, the rest of

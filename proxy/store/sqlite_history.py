@@ -9,9 +9,11 @@ connection.
                  markedly dearer to write (bench/history_scale.py measures each index's cost).
   history_team   per team and UTC hour: requests, input_tokens (incl. cache), output_tokens,
   history_key    cost_nanos, steps, denied, cut; per team, key and hour likewise. Both are kept
-                 by a trigger on usage_log (every insert adds its row to its two hours, in the same
-                 transaction: the group commit's, the crash recovery's, the one-by-one path's), and
-                 by the denial counts (a denied request has no usage row). A history query is a
+                 by add_rows, in the transaction that inserts the usage rows (the group commit's,
+                 the crash recovery's, the one-by-one path's): the batch's rows summed per hour, one
+                 upsert per hour touched (no trigger: one per row cost the writer thread more than
+                 the row itself); and by the denial counts (a denied request has no usage row). Rows
+                 written to usage_log by anything else are not counted. A history query is a
                  primary-key range of at most one row per hour: O(buckets), whatever the log holds
                  (bench/history_scale.py measures 10 million rows).
 A ledger written before this version gets the column, the indexes and the tables at its next open,
@@ -21,6 +23,7 @@ settling requests interleave with a long prune."""
 from __future__ import annotations
 
 import sqlite3
+from operator import add
 from typing import Any, Sequence
 
 from proxy.store.base import Tally, UsageRow
@@ -44,6 +47,9 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS usage_log_team_time ON usage_log (team, time);
 """
 
+# The former per-row trigger, as an older version created it: migrate drops it (add_rows does its work
+# once per hour and batch); its text stays for measurements of what it cost.
+TRIGGER_NAME = "usage_log_history"
 _HOUR = "CAST(NEW.time / 3600 AS INTEGER) * 3600"
 _INPUT = "NEW.input_tokens + NEW.cache_write_5m_tokens + NEW.cache_write_1h_tokens + NEW.cache_read_tokens"
 _VALUES = f"1, {_INPUT}, NEW.output_tokens, NEW.cost_nanos, NEW.steps, 0, NEW.outcome = 'cut'"
@@ -58,6 +64,20 @@ END;
 
 _SUMS = ("count(*), sum(input_tokens + cache_write_5m_tokens + cache_write_1h_tokens + cache_read_tokens), "
          "sum(output_tokens), sum(cost_nanos), sum(steps), 0, sum(outcome = 'cut')")
+ADD_TEAM = (f"INSERT INTO history_team (team, hour, {_COUNTS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (team, hour) DO UPDATE SET {_ADD}")
+ADD_KEY = (f"INSERT INTO history_key (team, key, hour, {_COUNTS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+           f"ON CONFLICT (team, key, hour) DO UPDATE SET {_ADD}")
+# A row whose values are not plain numbers (never one the store builds) is added as the trigger did,
+# by SQLite's own arithmetic: (team, key, time, input_tokens, the three cache counts, output_tokens,
+# cost_nanos, steps, outcome).
+_ODD_HOUR = "CAST(CAST(?3 AS REAL) / 3600 AS INTEGER) * 3600"
+_ODD_VALUES = "1, ?4 + ?5 + ?6 + ?7, ?8, ?9, ?10, 0, ?11 = 'cut'"
+ODD_TEAM = (f"INSERT INTO history_team (team, hour, {_COUNTS}) VALUES (?1, {_ODD_HOUR}, {_ODD_VALUES}) "
+            f"ON CONFLICT (team, hour) DO UPDATE SET {_ADD}")
+ODD_KEY = (f"INSERT INTO history_key (team, key, hour, {_COUNTS}) VALUES (?1, ?2, {_ODD_HOUR}, {_ODD_VALUES}) "
+           f"ON CONFLICT (team, key, hour) DO UPDATE SET {_ADD}")
+
 BACKFILL = (
     f"INSERT INTO history_key (team, key, hour, {_COUNTS}) "
     f"SELECT team, key, CAST(time / 3600 AS INTEGER) * 3600 AS h, {_SUMS} FROM usage_log GROUP BY team, key, h",
@@ -83,8 +103,9 @@ PRUNE_KEY = ("DELETE FROM history_key WHERE (team, key, hour) IN "
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """The history's column, indexes, tables and trigger, in one IMMEDIATE transaction (two processes
-    opening one old ledger at once fill the tables once). Idempotent."""
+    """The history's column, indexes and tables, in one IMMEDIATE transaction (two processes opening
+    one old ledger at once fill the tables once), and the former trigger dropped (add_rows counts each
+    row once). Idempotent."""
     db.execute("BEGIN IMMEDIATE")
     try:
         if "run" not in {row[1] for row in db.execute("PRAGMA table_info(usage_log)")}:
@@ -95,15 +116,88 @@ def migrate(db: sqlite3.Connection) -> None:
         for stmt in TABLES.split(";"):
             if stmt.strip():
                 db.execute(stmt)
-        if fresh:  # (before the trigger: the rows so far, summed once)
+        if fresh:  # (the rows so far, summed once)
             for stmt in BACKFILL:
                 db.execute(stmt)
-        db.execute(TRIGGER)
+        db.execute(f"DROP TRIGGER IF EXISTS {TRIGGER_NAME}")
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+_PLAIN = (int, float)
+_INT64 = 2**63
+
+
+def add_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Add usage rows, as just inserted into usage_log (INSERT_ROW's parameters), to their hours in
+    both tables, inside the caller's transaction: the rows summed per team, key and hour first, one
+    upsert per hour touched and table."""
+    keys: dict[tuple[Any, Any, int], list[Any]] = {}
+    odd = []
+    for r in rows:
+        try:
+            inp = r[5] + r[6] + r[7] + r[8]
+            k = (r[1], r[2], int(r[0] / 3600) * 3600)
+            v = keys.get(k)
+        except (TypeError, ValueError, OverflowError):  # (text, NaN, an infinity, unhashable)
+            odd.append(r)
+            continue
+        out, cost, steps = r[9], r[11], r[12]
+        if (type(inp) not in _PLAIN or type(out) not in _PLAIN or type(cost) not in _PLAIN
+                or type(steps) not in _PLAIN or type(r[0]) not in _PLAIN):
+            odd.append(r)
+        elif v is None:
+            keys[k] = [1, inp, out, cost, steps, 0, 1 if r[14] == "cut" else 0]
+        else:
+            v[0] += 1
+            v[1] += inp
+            v[2] += out
+            v[3] += cost
+            v[4] += steps
+            if r[14] == "cut":
+                v[6] += 1
+    _upsert_hours(db, keys)
+    if odd:
+        params = [(r[1], r[2], r[0], r[5], r[6], r[7], r[8], r[9], r[11], r[12], r[14]) for r in odd]
+        db.executemany(ODD_TEAM, params)
+        db.executemany(ODD_KEY, params)
+
+
+def _upsert_hours(db: sqlite3.Connection, keys: dict[tuple[Any, Any, int], list[Any]]) -> None:
+    """One upsert per (team, key, hour) and per (team, hour)."""
+    if len(keys) == 1:  # (the common batch: one key's rows, in one hour)
+        ((team, key, hour), v), = keys.items()
+        if max(v) >= _INT64 or min(v) < -_INT64:
+            v = _as_reals(v)
+        db.execute(ADD_KEY, (team, key, hour, *v))
+        db.execute(ADD_TEAM, (team, hour, *v))
+        return
+    teams: dict[tuple[Any, int], list[Any]] = {}
+    key_params = []
+    for (team, key, hour), v in keys.items():
+        if max(v) >= _INT64 or min(v) < -_INT64:
+            v = _as_reals(v)
+        key_params.append((team, key, hour, *v))
+        t = teams.get((team, hour))
+        if t is None:
+            teams[(team, hour)] = v[:]
+        else:
+            t[:] = map(add, t, v)
+    team_params = []
+    for k, v in teams.items():
+        if max(v) >= _INT64 or min(v) < -_INT64:
+            v = _as_reals(v)
+        team_params.append((*k, *v))
+    db.executemany(ADD_KEY, key_params)
+    db.executemany(ADD_TEAM, team_params)
+
+
+def _as_reals(sums: list[Any]) -> list[Any]:
+    """Sums beyond SQLite's integers as reals, as SQLite's own addition would make them."""
+    return [float(x) if type(x) is int and not -_INT64 <= x < _INT64 else x for x in sums]
 
 
 def write_denials(db: sqlite3.Connection, counts: dict[tuple[str, str, int], int]) -> None:

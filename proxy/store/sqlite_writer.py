@@ -1,0 +1,234 @@
+"""SqliteStore's worker thread and group commit: every SQLite call runs on one dedicated thread, fed by
+a queue and answering on the event loop; settlements queued while a transaction is being written go
+together into the next one.
+
+Row isolation. A group's transaction upserts the totals, writes the inflight rows and
+inserts the usage rows in one statement each, and adds the usage rows to the hourly history (one
+upsert per hour touched: sqlite_history.add_rows). If that fails it is rolled back and written again:
+totals and inflight rows first, then each usage row in its own SAVEPOINT; a row that still fails
+(a lone surrogate in its model, a number beyond SQLite's range, a missing field) is inserted once
+more with its values made safe (text: backslash escapes for what UTF-8 cannot carry; numbers
+coerced into range, else 0) and, failing that, skipped with an error log line that names only its
+request id. No usage row can take another row, or any totals, with it; only a failure of the
+totals themselves (the database is unwritable) fails the group."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from typing import Any, Callable, Sequence, TypeVar
+
+from proxy.errors import StoreUnavailable
+from proxy.ledger import Amounts
+from proxy.store import sqlite_history
+from proxy.store.memory import PeriodKey
+from proxy.store.sqlite_rows import insert_rows_one_by_one
+from proxy.store.sqlite_schema import DELETE_INFLIGHT, DELETE_TOTALS, INSERT_ROW, UPSERT_ADD, UPSERT_INFLIGHT, UPSERT_SET
+
+log = logging.getLogger("budget_proxy.store")
+T = TypeVar("T")
+
+Job = tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...], Callable[[Any, Any, BaseException | None], None], Any]
+
+
+class PendingTotal:
+    """What the next transaction writes to one (scope, period) row: the settlements of the batch
+    summed into one upsert. After a reset in the batch it overwrites the row instead of adding."""
+
+    __slots__ = ("overwrite", "amounts", "first_request_at", "expires_at")
+
+    def __init__(self, overwrite: bool, amounts: Amounts, first_request_at: float | None) -> None:
+        self.overwrite = overwrite
+        self.amounts = amounts
+        self.first_request_at = first_request_at
+        self.expires_at: float | None = None  # a run scope's (the latest settlement's word)
+
+    def add(self, amounts: Amounts, first_request_at: float | None) -> None:
+        self.amounts = self.amounts + amounts
+        # as UPSERT_ADD one statement at a time would: COALESCE(row, first, second, ...)
+        if self.first_request_at is None:
+            self.first_request_at = first_request_at
+
+    def params(self, key: PeriodKey) -> tuple[Any, ...]:
+        return (key[0], key[1], *self.amounts, self.first_request_at, self.expires_at)
+
+
+def transaction(db: sqlite3.Connection, work: Callable[[], Any]) -> None:
+    """work() in one IMMEDIATE transaction: committed, or rolled back and its error raised."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        work()
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+class GroupWriter:
+    """SqliteStore's worker thread and group commit (a mixin: the store's state is its own)."""
+
+    # --- the worker thread -------------------------------------------------------------
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, fn, args, done, token = job
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller, who decides
+                error = exc
+            try:
+                loop.call_soon_threadsafe(done, token, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+            del job, result, error
+
+    def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                done: Callable[[Any, Any, BaseException | None], None], token: Any) -> None:
+        if self._closed:
+            raise sqlite3.OperationalError("store is closed")
+        if self._thread is None:
+            # a daemon: a store never closed must not keep the interpreter from exiting
+            self._thread = threading.Thread(target=self._serve, name="sqlite-ledger", daemon=True)
+            self._thread.start()
+        self._jobs.put((asyncio.get_running_loop(), fn, args, done, token))
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+        if fut.done():  # the caller was cancelled
+            return
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+
+    @staticmethod
+    def _unavailable(exc: BaseException) -> BaseException:
+        """Fail closed: a SQLite or OS error is StoreUnavailable to the caller."""
+        if not isinstance(exc, (sqlite3.Error, OSError)):
+            return exc
+        log.error("ledger store error: %s", exc.__class__.__name__)
+        unavailable = StoreUnavailable("The budget ledger is unavailable; nothing was forwarded.")
+        unavailable.__cause__ = exc
+        return unavailable
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        try:
+            self._submit(fn, args, self._resolve, fut)
+            return await fut
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    # --- the group commit ----------------------------------------------------------------
+    def _write(self, totals: dict[PeriodKey, PendingTotal], rows: list[tuple[Any, ...]],
+               upserts: Sequence[tuple[Any, ...]] = (), deletes: Sequence[tuple[str]] = (),
+               forget: Sequence[PeriodKey] = ()) -> None:
+        """One transaction: forgotten runs' rows deleted, one upsert per (scope, period) touched, the
+        running charges in flight (written, or deleted once settled), the usage-log rows and their
+        hours. If it fails with usage rows, once more with each row on its own (row isolation)."""
+        db = self._db_or_raise()
+        adds = [p.params(key) for key, p in totals.items() if not p.overwrite]
+        overwrites = [p.params(key) for key, p in totals.items() if p.overwrite]
+
+        def totals_and_inflight() -> None:
+            if forget:  # (first: a run started again since adds to no old amounts)
+                db.executemany(DELETE_TOTALS, forget)
+            if adds:
+                db.executemany(UPSERT_ADD, adds)
+            if overwrites:
+                db.executemany(UPSERT_SET, overwrites)
+            if upserts:
+                db.executemany(UPSERT_INFLIGHT, upserts)
+            if deletes:
+                db.executemany(DELETE_INFLIGHT, deletes)
+
+        def all_at_once() -> None:
+            totals_and_inflight()
+            if rows:
+                db.executemany(INSERT_ROW, rows)
+                sqlite_history.add_rows(db, rows)
+
+        def one_by_one() -> None:
+            totals_and_inflight()  # (if these fail again, the group fails: the database refuses writes)
+            sqlite_history.add_rows(db, insert_rows_one_by_one(db, rows))
+
+        try:
+            transaction(db, all_at_once)
+            return
+        except Exception:
+            if not rows:
+                raise
+        transaction(db, one_by_one)
+
+    def _schedule(self) -> None:
+        """Start a group write unless one is running (then what is pending joins the next)."""
+        if not self._writing:
+            # Begin the write two loop iterations from now, not at once: the settlements of replies
+            # that arrive meanwhile join this transaction. At once, most transactions would hold one
+            # row and pay the thread hop and the commit for it alone; so, many rows each.
+            self._writing = True
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._write_pending)
+
+    async def _commit(self) -> None:
+        """Group commit of what has been queued in _pending_*: settlements that arrive while a write
+        is running go into the next transaction together, so the thread hop and the commit are paid
+        once per batch. Each caller returns only once its own part is committed."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending_waiters.append(done)
+        self._schedule()
+        await done
+
+    def _write_pending(self) -> None:
+        totals, self._pending_totals = self._pending_totals, {}
+        rows, self._pending_rows = self._pending_rows, []
+        running, self._pending_running = self._pending_running, set()
+        gone, self._pending_gone = self._pending_gone, []
+        upserts = []
+        for rid in running:
+            r = self._inflight.get(rid)
+            if r is not None:
+                if r.fixed is None:  # (built here, not at each charge: a request that settles first never pays)
+                    r.fixed = self._inflight_fixed(r.res, r.started)
+                r.written = True
+                upserts.append((*r.fixed, float(r.at), *r.res.charged))
+        waiters, self._pending_waiters = self._pending_waiters, []
+        forget, self._pending_forget = self._pending_forget, []
+        self._writing = True
+        work = (waiters, running, forget)
+        try:
+            self._submit(self._write, (totals, rows, upserts, gone, forget), self._written, work)
+        except sqlite3.Error as exc:
+            self._written(work, None, exc)
+
+    def _written(self, work: tuple[list[asyncio.Future[None]], set[str], list[PeriodKey]], _: Any,
+                 error: BaseException | None) -> None:
+        """On the loop, when a batch's transaction has committed (or failed: then all of it failed)."""
+        waiters, running, forget = work
+        failure = None
+        if error is not None:
+            failure = self._unavailable(error)
+            if not waiters:
+                log.error("ledger store: running charges not persisted: %s", error.__class__.__name__)
+            # the running charges of requests still in flight go with the next write; a settled one's
+            # row stays (its settlement failed with this batch: folded at the next start, it counts
+            # what was charged rather than nothing)
+            self._pending_running.update(rid for rid in running if rid in self._inflight)
+            # forgotten runs' rows go with the next write (first in it, as in this one)
+            self._pending_forget[:0] = forget
+        for fut in waiters:
+            if not fut.done():
+                if failure is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(failure)
+        # (after a failure, requeued running charges wait for the next settle or charge: no retry loop)
+        if self._pending_waiters or (failure is None and (self._pending_running or self._pending_forget)):
+            self._write_pending()
+            return
+        self._writing = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
