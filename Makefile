@@ -56,3 +56,11 @@ bench: $(VENV)/.installed-run
 bench-scale: $(VENV)/.installed-run
 	bash bench/setup.sh $(BIN)
 	$(BIN)/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 --stores sqlite,redis
+
+.PHONY: bench-workers
+
+# `serve --workers N` on the local Redis at N = 1 and N = 2: JSON and SSE burst at c=16 and c=32, 3 interleaved
+# rounds, about 4 minutes; rewrites bench/RESULTS-workers.md (bench/README.md, "Workers").
+bench-workers: $(VENV)/.installed-run
+	bash bench/setup.sh $(BIN)
+	$(BIN)/python -m bench.workers

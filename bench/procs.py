@@ -86,9 +86,9 @@ class Proc:
             return ""
 
 
-def start(name: str, cmd: list[str], core: int, log: Path, env: dict[str, str] | None = None) -> Proc:
-    """Run `cmd` pinned to one core (taskset execs it, so the pid is the program's own), with its
-    RLIMIT_NOFILE soft limit at the hard limit (a scale run holds two sockets a stream)."""
+def start(name: str, cmd: list[str], core: int | str, log: Path, env: dict[str, str] | None = None) -> Proc:
+    """Run `cmd` pinned to one core or a taskset core list such as "0-1" (taskset execs it, so the pid
+    is the program's own), with its RLIMIT_NOFILE soft limit at the hard limit (a scale run holds two sockets a stream)."""
     out = open(log, "ab")
     popen = subprocess.Popen(["taskset", "-c", str(core), *cmd], stdout=out, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}, preexec_fn=raise_nofile)

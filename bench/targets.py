@@ -135,9 +135,11 @@ class Workspace:
 
     # --- servers under test, on their own core -------------------------------------------
     def start(self, name: str, upstream: Server, ledger: Path | None = None, tree: Path | None = None,
-              max_connections: int | None = None) -> Server:
+              max_connections: int | None = None, serve_args: tuple[str, ...] = (),
+              cores: int | str = SERVER_CORE) -> Server:
         """`tree`: run the proxy from that source tree instead of the installed one (bench.ab);
-        `max_connections`: the proxy's upstream pool size (the scale run's streams)."""
+        `max_connections`: the proxy's upstream pool size (the scale run's streams); `serve_args`: more
+        `budget-proxy serve` arguments (bench.workers: `--workers N`); `cores`: taskset's list ("0-1")."""
         if name == "direct":
             return Server("direct", upstream.url, upstream.pid, None)
         port = procs.free_port()
@@ -150,14 +152,15 @@ class Workspace:
                 clear_redis(prefix)
                 store = f"{REDIS_URL}/{REDIS_DB}?prefix={prefix}"
             config.write_text(proxy_yaml(upstream.url, store, max_connections))
-            serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"]
+            serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json",
+                     *serve_args]
             cmd = [str(BIN / "budget-proxy"), *serve] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree), *serve]
             log = self.access_log  # the access log (one JSON line a request) stays on, as in production
         else:
             cmd = [sys.executable, "-m", "bench.transport", "--client", name, "--upstream", upstream.url,
                    "--port", str(port)]
             log = self.logs / f"{name}.log"
-        proc = procs.start(name, cmd, SERVER_CORE, log, ENV)
+        proc = procs.start(name, cmd, cores, log, ENV)
         server = Server(name, f"http://127.0.0.1:{port}", proc.pid, proc, prefix)
         try:
             procs.wait_port(proc, port)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -61,6 +62,21 @@ def run_field(headers: list[tuple[bytes, bytes]]) -> str | None:
             except InvalidRequest:
                 return None
     return None
+
+
+def descriptors_wanted(config: ProxyConfig) -> int:
+    """Two descriptors a stream (client and upstream) at every upstream's max_connections, and room
+    for the listener, the store and the logs."""
+    return 2 * sum(u.max_connections for u in config.upstreams.values()) + 64
+
+
+def warn_if_few_descriptors(config: ProxyConfig) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = descriptors_wanted(config)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning("the open-file limit (RLIMIT_NOFILE %d) is below the %d that max_connections can use: "
+                    "past about %d streams at once, new ones answer 503 (docs/configuration.md)",
+                    soft, wanted, max(0, (soft - 64) // 2))
 
 
 def shipped_pricing_path() -> Path:
@@ -326,6 +342,7 @@ class BudgetProxyApp:
             for name, up in state.runtime.upstreams.items():
                 if not up.api_key:
                     log.warning("upstream '%s' has no api_key: its requests answer 502 until one is configured", name)
+            warn_if_few_descriptors(state.runtime.config)
             await state.store.open()
             await state.alerts.start()
             try:

@@ -10,7 +10,8 @@ relayed raw (no decompression: the relay asks for identity), no cookies, no redi
 (an upstream reached through an egress proxy goes through httpx's transport: proxy/upstream.py).
 
 Errors are httpx's, as the relay expects from any transport: ConnectError/ConnectTimeout before
-the request is written; PoolTimeout when all `max_connections` stay busy for `pool_timeout`;
+the request is written; PoolTimeout when all `max_connections` stay busy for `pool_timeout`, and
+OutOfDescriptors (a PoolTimeout: the same 503) when the process has no file descriptor left;
 ReadTimeout when the response head is not in within `read_timeout` of the request, when no body
 byte arrives for `read_timeout`, or when the whole response takes longer than `max_duration`;
 RemoteProtocolError when the upstream breaks the protocol, sends a response head over
@@ -19,7 +20,10 @@ MAX_HEAD_BYTES or ends a body early; ReadError when the connection fails.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
+import time
 import ssl
 from collections import deque
 from typing import Any, AsyncIterator
@@ -38,6 +42,16 @@ URL_CACHE_SIZE = 64
 # A response head (status line and headers, 1xx interim heads included) past this is refused: the
 # parser would otherwise buffer whatever an upstream sends before its blank line.
 MAX_HEAD_BYTES = 64 * 1024
+# Out of file descriptors, the warning is logged at most this often (every refused connect would
+# otherwise log one).
+FD_WARNING_EVERY_SECONDS = 10.0
+
+log = logging.getLogger("budget_proxy")
+
+
+class OutOfDescriptors(httpx.PoolTimeout):
+    """The process is at its open-file limit (RLIMIT_NOFILE): the proxy's own limit, not the
+    upstream's, so it answers 503 (retry later) rather than 502."""
 
 
 class Origin:
@@ -368,6 +382,7 @@ class Pool:
         self._open: set[Connection] = set()
         self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a free connection
         self._closed = False
+        self._fd_warned_at = float("-inf")
 
     def origin(self, url: str) -> Origin:
         o = self._origins.get(url)
@@ -443,14 +458,25 @@ class Pool:
         except asyncio.TimeoutError:
             self._forget(conn)
             raise httpx.ConnectTimeout("upstream connect timed out") from None
-        except OSError as exc:  # refused, unreachable, DNS, TLS
+        except OSError as exc:  # refused, unreachable, DNS, TLS; or no descriptor left here
             self._forget(conn)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._warn_out_of_descriptors()
+                raise OutOfDescriptors("the proxy is at its open-file limit; retry shortly") from None
             raise httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}") from None
         except BaseException:
             self._forget(conn)
             conn.close()
             raise
         return conn
+
+    def _warn_out_of_descriptors(self) -> None:
+        now = time.monotonic()
+        if now >= self._fd_warned_at + FD_WARNING_EVERY_SECONDS:
+            self._fd_warned_at = now
+            log.warning("out of file descriptors (%d connections open upstream): new upstream connections "
+                        "answer 503 until some close; raise the process's RLIMIT_NOFILE (docs/configuration.md)",
+                        len(self._open))
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:  # (loading the CAs takes milliseconds: once a pool, when first needed)

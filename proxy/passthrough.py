@@ -71,9 +71,10 @@ class Passthrough:
         t0 = time.perf_counter()
         try:
             resp = await self.state.transport_for(self.provider).handle_async_request(req)
-        except httpx.PoolTimeout:  # (a TimeoutException: before it) all max_connections stayed busy
+        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) all max_connections stayed busy
             noted["outcome"] = "upstream_pool_exhausted"
-            await send_error(send, PoolExhausted("upstream connection pool exhausted"), request_id, self.provider)
+            await send_error(send, PoolExhausted(str(exc) or "upstream connection pool exhausted"), request_id,
+                             self.provider)
             return
         except httpx.TimeoutException:
             noted["outcome"] = "upstream_timeout"

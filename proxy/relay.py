@@ -28,6 +28,7 @@ from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEError
 from proxy.store.base import Reservation, UsageRow
 from proxy.stream_policy import CUT, PUSH, RELAY, StreamPolicy, stream_usage
+from proxy.http1 import OutOfDescriptors
 from proxy.upstream import PoolExhausted, UpstreamReply, open_upstream
 from proxy.usage import Usage
 
@@ -275,8 +276,9 @@ class Relay:
             call.outcome = "client_disconnected"  # before any response: the hold goes back, nothing charged
             await self.settle(call, None, Usage())
             return
-        except httpx.PoolTimeout:  # (a TimeoutException: before it) all max_connections stayed busy
-            await self.fail(call, send, "upstream_pool_exhausted", PoolExhausted("upstream connection pool exhausted"))
+        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) all max_connections stayed busy
+            outcome = "out_of_descriptors" if isinstance(exc, OutOfDescriptors) else "upstream_pool_exhausted"
+            await self.fail(call, send, outcome, PoolExhausted(str(exc) or "upstream connection pool exhausted"))
             return
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))

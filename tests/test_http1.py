@@ -489,3 +489,43 @@ async def test_the_maximum_duration_is_per_response_on_a_kept_alive_connection()
             assert await reply.aread() == b"ok"
         await pool.aclose()
     assert server.connections == 1
+
+
+def lowest_free_descriptor() -> int:
+    import os
+
+    fd = os.dup(0)  # (dup takes the lowest free number)
+    os.close(fd)
+    return fd
+
+
+async def test_a_process_out_of_descriptors_is_the_proxys_own_limit_not_an_unreachable_upstream(caplog):
+    """At the open-file limit a connect fails with EMFILE: OutOfDescriptors (a PoolTimeout, so the
+    relay answers 503), one warning however many fail, and requests go through again once
+    descriptors are free. (Port 1 has no listener: a socket that could still be made would be
+    refused instead, a ConnectError, and fail this test.)"""
+    import resource
+
+    from proxy.http1 import OutOfDescriptors
+
+    async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer("200 OK", b"fine"))
+        await writer.drain()
+
+    pool = Pool()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_descriptor(), hard))  # no new descriptor
+    try:
+        with pytest.raises(OutOfDescriptors, match="open-file limit"):
+            await pool.request("GET", "http://127.0.0.1:1/", [], b"")
+        with pytest.raises(httpx.PoolTimeout):
+            await pool.request("GET", "http://127.0.0.1:1/", [], b"")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    warnings = [r for r in caplog.records if r.getMessage().startswith("out of file descriptors")]
+    assert len(warnings) == 1
+    async with RawServer(ok) as base:
+        reply = await pool.request("GET", base + "/", [], b"")
+        assert reply.status_code == 200 and await reply.aread() == b"fine"
+    await pool.aclose()

@@ -3,6 +3,7 @@ use of it through the httpx seam (respx)."""
 from __future__ import annotations
 
 import asyncio
+import resource
 import json
 import socket
 from typing import Awaitable, Callable
@@ -13,6 +14,7 @@ import respx
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.http1 import OutOfDescriptors
 from proxy.ledger import ZERO
 from proxy.upstream import PooledTransport
 from tests.conftest import ALPHA_KEY, default_teams
@@ -198,7 +200,8 @@ async def test_upstream_gets_upstream_key_and_clean_headers():
 
 
 @pytest.mark.parametrize("exc,status", [(httpx.ConnectError("refused"), 502), (httpx.ConnectTimeout("slow"), 504),
-                                        (httpx.ReadTimeout("slow"), 504)])
+                                        (httpx.ReadTimeout("slow"), 504), (httpx.PoolTimeout("busy"), 503),
+                                        (OutOfDescriptors("the proxy is at its open-file limit; retry shortly"), 503)])
 async def test_transport_errors_map_to_statuses(exc, status):
     with respx.MockRouter() as router:
         router.post(UPSTREAM + "/v1/messages").mock(side_effect=exc)
@@ -209,6 +212,8 @@ async def test_transport_errors_map_to_statuses(exc, status):
     states = await app.state.store.states(app.state.runtime.budgets.scopes_for(
         app.state.runtime.keyring.lookup(ALPHA_KEY)), app.state.clock())
     assert all(s.held == ZERO and s.used == ZERO for s in states)  # nothing held, nothing charged
+    if isinstance(exc, OutOfDescriptors):  # the proxy's own limit says so, not "upstream unreachable"
+        assert resp.json()["error"]["message"] == "the proxy is at its open-file limit; retry shortly"
 
 
 async def test_a_message_without_usage_is_charged_its_hold_not_nothing():
@@ -454,3 +459,18 @@ async def test_an_upstream_dripping_its_head_past_the_maximum_duration_is_a_504(
     resp = await asyncio.wait_for(_through_the_app(handler, timeout_seconds=30, max_duration_seconds=0.5), 10)
     assert resp.status_code == 504
     assert resp.json()["type"] == "error" and resp.json()["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize("soft,warned", [(1024, True), (2 * 2000 + 64, False), (resource.RLIM_INFINITY, False)])
+def test_startup_warns_when_the_open_file_limit_is_below_what_max_connections_can_use(monkeypatch, caplog,
+                                                                                  soft, warned):
+    """Two upstreams at 1,000 connections each want 2 x 2,000 + 64 descriptors."""
+    from proxy import app as app_module
+
+    config = make_config(UPSTREAM, default_teams(), upstreams={
+        "anthropic": {"base_url": UPSTREAM, "api_key": "k"}, "openai": {"base_url": UPSTREAM, "api_key": "k"}}).proxy
+    monkeypatch.setattr(app_module.resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    app_module.warn_if_few_descriptors(config)
+    lines = [r.getMessage() for r in caplog.records if "open-file limit" in r.getMessage()]
+    assert lines == ([f"the open-file limit (RLIMIT_NOFILE 1024) is below the 4064 that max_connections can use: "
+                      f"past about 480 streams at once, new ones answer 503 (docs/configuration.md)"] if warned else [])
