@@ -126,6 +126,17 @@ def parse_args() -> argparse.Namespace:
 
 
 STORE_TARGETS = {"sqlite": "proxy", "redis": "proxy-redis", "memory": "proxy-memory"}
+# The proxy's descriptors besides two a stream: listener, store, logs, Redis, the event loop (measured: 15-18).
+DESCRIPTORS_OF_ITS_OWN = 40
+
+
+def streams_that_fit(streams: int) -> int:
+    """`streams`, or fewer when the proxy could not hold two descriptors each under the hard limit
+    (which only CAP_SYS_RESOURCE may raise)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return streams
+    return min(streams, (hard - DESCRIPTORS_OF_ITS_OWN) // 2)
 
 
 def scale_only(args: argparse.Namespace) -> int:
@@ -139,6 +150,12 @@ def scale_only(args: argparse.Namespace) -> int:
     ws = Workspace(root)
     host = machine()
     results = []
+    capped = streams_that_fit(args.streams)
+    if capped < args.streams:
+        say(f"bench: {args.streams:,} streams need {2 * args.streams + DESCRIPTORS_OF_ITS_OWN:,} descriptors in the "
+            f"proxy, over this machine's hard limit: {capped:,} streams instead")
+        host.append(("streams asked for", f"{args.streams:,}, capped at {capped:,} by the RLIMIT_NOFILE hard limit"))
+        args.streams = capped
     try:
         for store in args.stores.split(","):
             target = STORE_TARGETS[store.strip()]

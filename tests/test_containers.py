@@ -296,6 +296,17 @@ def test_stop_grace_period_outlasts_the_shutdown_grace(name):
         assert compose_seconds(service["stop_grace_period"]) > grace, service_name
 
 
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_the_open_file_limit_holds_every_upstream_connection_twice(name):
+    """Two descriptors a stream: what the proxy's startup check asks of RLIMIT_NOFILE."""
+    from proxy.app import descriptors_wanted
+
+    for service_name, service in proxy_services(compose(name)).items():
+        nofile = service.get("ulimits", {}).get("nofile", {})
+        wanted = descriptors_wanted(load_config(mounted_config(service), env={}).proxy)
+        assert min(nofile.get("soft", 0), nofile.get("hard", 0)) >= wanted, (service_name, nofile, wanted)
+
+
 def test_replicas_redis_has_a_healthcheck_the_replicas_wait_on():
     doc = compose("docker-compose.replicas.yml")
     redis = doc["services"]["redis"]

@@ -384,7 +384,7 @@ def reference_admit(a: Ask, pairs: list[tuple[Scope, ScopeState]], now: float) -
     return ("admitted", lo)
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(a=ask_st, key_limits=limits_st, key_state=state_st, team_limits=limits_st, team_state=state_st,
        with_team=st.booleans())
 def test_admit_matches_reference(a: Ask, key_limits: Limits, key_state: ScopeState, team_limits: Limits,

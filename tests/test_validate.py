@@ -87,7 +87,7 @@ def _valid_unicode(v) -> bool:
         return False
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.text(st.characters(codec=None), max_size=8), json_values, max_size=6))
 def test_any_object_is_accepted_exactly_when_all_its_strings_are_valid_unicode(obj):
     raw = json.dumps(obj).encode()  # ASCII with \\u escapes: surrogates survive as escapes
@@ -98,7 +98,7 @@ def test_any_object_is_accepted_exactly_when_all_its_strings_are_valid_unicode(o
             parse_body(raw)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_parse_or_raise_invalid_request_only(raw):
     try:
