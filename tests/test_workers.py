@@ -90,7 +90,10 @@ class Supervised:
                 [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", str(workers)],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        wait_until(lambda: len(children_of(self.proc.pid)) == workers and self.ready(), f"{workers} workers ready")
+        # Every worker listening, not just the first to answer: connections made before the second
+        # listens all go to the first.
+        wait_until(lambda: len(children_of(self.proc.pid)) == workers and len(listeners(self.port)) == workers
+                   and self.ready(), f"{workers} workers listening")
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -167,14 +170,23 @@ def sockets_of(pid: int) -> set[str]:
     return inodes
 
 
-def accepted_inodes(port: int) -> set[str]:
-    """Inodes of established TCP sockets whose local port is `port` (the server's side)."""
+def tcp_sockets(port: int, state: str) -> set[str]:
+    """Inodes of the IPv4 TCP sockets in `state` ("01" established, "0A" listening) whose local port is `port`."""
     inodes = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == state:
             inodes.add(fields[9])
     return inodes
+
+
+def listeners(port: int) -> set[str]:
+    return tcp_sockets(port, "0A")
+
+
+def accepted_inodes(port: int) -> set[str]:
+    """The server's side of every established connection to `port`."""
+    return tcp_sockets(port, "01")
 
 
 def test_connections_are_spread_over_every_worker(two_workers):
