@@ -44,6 +44,15 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def publish(text: str, results: Path, workspace: Path, more: str = "") -> int:
+    """Write the results file, remove the run's workspace, print the text; the exit status."""
+    results.write_text(text)
+    shutil.rmtree(workspace, ignore_errors=True)
+    print(text)
+    say(f"bench: wrote {results}{more}")
+    return 0
+
+
 def first_line(cmd: list[str]) -> str:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -184,11 +193,7 @@ def scale_only(args: argparse.Namespace) -> int:
              f"load average at the end: {Path('/proc/loadavg').read_text().split()[0]}",
              f"budget-proxy (git): {first_line(['git', '-C', str(HERE.parent), 'describe', '--always', '--dirty'])}"]
     text = report.scale_document(lines, results, time.monotonic() - started)
-    args.results.write_text(text)
-    shutil.rmtree(root, ignore_errors=True)
-    print(text)
-    say(f"bench: wrote {args.results}")
-    return 0
+    return publish(text, args.results, root)
 
 
 def main() -> int:
@@ -227,13 +232,9 @@ def main() -> int:
     ctx = report.Context(host, versions(), args.rounds, args.key_rounds, args.seconds, time.monotonic() - started,
                          notes)
     text = report.document(ctx, samples, profiles, scale)
-    args.results.write_text(text)
     (OUT / "samples.json").write_text(json.dumps(
         {f"{m}/{t}": [dataclasses.asdict(s) for s in v] for (m, t), v in samples.items()}, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    print(text)
-    say(f"bench: wrote {args.results}; raw samples, profiles (py-spy raw, opens in speedscope) in {OUT}")
-    return 0
+    return publish(text, args.results, root, f"; raw samples, profiles (py-spy raw, opens in speedscope) in {OUT}")
 
 
 if __name__ == "__main__":

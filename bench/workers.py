@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from bench import procs, wrk
 from bench.matrix import MODES, Cell, Mode, Sample, check
-from bench.run import BusyMeter, first_line, machine, say
+from bench.run import BusyMeter, first_line, machine, publish, say
 from bench.targets import KEY, LOAD_CORE, SERVER_CORE, Server, Workspace, redis_server_pid, redis_up
 
 HERE = Path(__file__).resolve().parent
@@ -256,11 +255,7 @@ def main() -> int:
         "\n".join(f"- {v}" for v in verdicts(results)) + "\n",
         f"\n`make bench-workers` took {(time.monotonic() - started) / 60:.1f} min.\n",
     ])
-    args.results.write_text(text)
-    shutil.rmtree(root, ignore_errors=True)
-    print(text)
-    say(f"bench: wrote {args.results}")
-    return 0
+    return publish(text, args.results, root)
 
 
 if __name__ == "__main__":
