@@ -54,6 +54,22 @@ from proxy.store import sqlite as sqlite_store  # noqa: E402
 from proxy.store import sqlite_history  # noqa: E402
 from proxy.store.base import UsageRow  # noqa: E402
 
+# The per-row trigger the SQLite store once kept its hourly history with (now summed per batch in the
+# group commit, proxy/store/sqlite_history.py add_rows), for the "trigger" variant.
+_HOUR = "CAST(NEW.time / 3600 AS INTEGER) * 3600"
+_INPUT = "NEW.input_tokens + NEW.cache_write_5m_tokens + NEW.cache_write_1h_tokens + NEW.cache_read_tokens"
+_VALUES = f"1, {_INPUT}, NEW.output_tokens, NEW.cost_nanos, NEW.steps, 0, NEW.outcome = 'cut'"
+_COUNTS, _ADD = sqlite_history._COUNTS, sqlite_history._ADD
+TRIGGER = f"""
+CREATE TRIGGER IF NOT EXISTS usage_log_history AFTER INSERT ON usage_log BEGIN
+  INSERT INTO history_team (team, hour, {_COUNTS}) VALUES (NEW.team, {_HOUR}, {_VALUES})
+    ON CONFLICT (team, hour) DO UPDATE SET {_ADD};
+  INSERT INTO history_key (team, key, hour, {_COUNTS}) VALUES (NEW.team, NEW.key, {_HOUR}, {_VALUES})
+    ON CONFLICT (team, key, hour) DO UPDATE SET {_ADD};
+END;
+"""
+
+
 DAY = 86400
 MODELS = ["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "gpt-5", "gpt-5-mini"]
 OUTCOMES = ["completed"] * 96 + ["cut", "client_disconnected", "upstream_5xx", "upstream_dropped"]
@@ -285,7 +301,7 @@ def write_path(tmp: Path, teams: list[str], keys: dict[str, list[str]], base_row
         if "team_key_time" in parts:
             db.execute("CREATE INDEX usage_log_team_key_time ON usage_log (team, key, time)")
         if "trigger" in parts:
-            db.execute(sqlite_history.TRIGGER)
+            db.execute(TRIGGER)
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def write() -> float:

@@ -16,7 +16,7 @@ from proxy.errors import (NotFound, PermissionDenied, ProxyError, StoreUnavailab
 from proxy.headers import downstream_headers, upstream_headers
 from proxy.logs import ACCESS_NOTE, upstream_request_id
 from proxy.providers import PassRoute
-from proxy.upstream import PoolExhausted
+from proxy.upstream import pool_failure
 from proxy.validate import check_model, parse_body
 
 
@@ -71,10 +71,9 @@ class Passthrough:
         t0 = time.perf_counter()
         try:
             resp = await self.state.transport_for(self.provider).handle_async_request(req)
-        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) all max_connections stayed busy
-            noted["outcome"] = "upstream_pool_exhausted"
-            await send_error(send, PoolExhausted(str(exc) or "upstream connection pool exhausted"), request_id,
-                             self.provider)
+        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) no connection came free
+            noted["outcome"], err = pool_failure(exc)
+            await send_error(send, err, request_id, self.provider)
             return
         except httpx.TimeoutException:
             noted["outcome"] = "upstream_timeout"

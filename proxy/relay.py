@@ -28,8 +28,7 @@ from proxy.providers import Provider, RequestFacts
 from proxy.sse import SSEError
 from proxy.store.base import Reservation, UsageRow
 from proxy.stream_policy import CUT, PUSH, RELAY, StreamPolicy, stream_usage
-from proxy.http1 import OutOfDescriptors
-from proxy.upstream import PoolExhausted, UpstreamReply, open_upstream
+from proxy.upstream import UpstreamReply, open_upstream, pool_failure
 from proxy.usage import Usage
 
 log = logging.getLogger("budget_proxy.access")
@@ -276,9 +275,8 @@ class Relay:
             call.outcome = "client_disconnected"  # before any response: the hold goes back, nothing charged
             await self.settle(call, None, Usage())
             return
-        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) all max_connections stayed busy
-            outcome = "out_of_descriptors" if isinstance(exc, OutOfDescriptors) else "upstream_pool_exhausted"
-            await self.fail(call, send, outcome, PoolExhausted(str(exc) or "upstream connection pool exhausted"))
+        except httpx.PoolTimeout as exc:  # (a TimeoutException: before it) no connection came free
+            await self.fail(call, send, *pool_failure(exc))
             return
         except httpx.TimeoutException:
             await self.fail(call, send, "upstream_timeout", UpstreamTimeout("The upstream API timed out."))

@@ -26,13 +26,20 @@ from urllib.parse import urlsplit
 import httpx
 
 from proxy.errors import ProxyError
-from proxy.http1 import Pool, Reply
+from proxy.http1 import OutOfDescriptors, Pool, Reply
 
 
 class PoolExhausted(ProxyError):
     """All of an upstream's max_connections stayed busy for its pool_timeout_seconds."""
 
     status = 503
+
+
+def pool_failure(exc: httpx.PoolTimeout) -> tuple[str, PoolExhausted]:
+    """The access-log outcome and the 503 of a request that got no upstream connection: every
+    connection busy, or the proxy out of file descriptors (proxy/http1.py OutOfDescriptors)."""
+    outcome = "out_of_descriptors" if isinstance(exc, OutOfDescriptors) else "upstream_pool_exhausted"
+    return outcome, PoolExhausted(str(exc) or "upstream connection pool exhausted")
 
 
 def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:

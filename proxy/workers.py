@@ -56,7 +56,6 @@ class Supervisor:
         self.run_worker = run_worker
         self.pids: dict[int, float] = {}  # worker pid -> when it started
         self.stopping = False
-        self.signal_to_forward: int | None = None
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -65,32 +64,22 @@ class Supervisor:
             self._start_worker()
         log.info("supervisor %d: %d workers on port %d", os.getpid(), self.count, self.reserved.getsockname()[1])
         while self.pids:
-            self._forward_signal()
             try:
-                pid, status = os.waitpid(-1, 0)
-            except InterruptedError:  # (PEP 475 retries waitpid unless a handler raised; kept for clarity)
-                continue
+                pid, status = os.waitpid(-1, 0)  # (retried after a signal handler returns)
             except ChildProcessError:
                 break
-            self._forward_signal()
             self._reap(pid, status)
         return 0
 
     def _on_signal(self, sig: int, frame: object) -> None:
+        """SIGTERM/SIGINT: every worker stops gracefully, then so does the supervisor. SIGHUP: every
+        worker reloads."""
         if sig != signal.SIGHUP:
             self.stopping = True
-        self.signal_to_forward = signal.SIGTERM if sig == signal.SIGINT else sig
-        # Forward at once too: waitpid is retried after a handler returns (PEP 475), so the loop
-        # would not see the flag until a worker exits.
-        self._forward_signal()
-
-    def _forward_signal(self) -> None:
-        sig, self.signal_to_forward = self.signal_to_forward, None
-        if sig is None:
-            return
+        forwarded = signal.SIGTERM if sig == signal.SIGINT else sig
         for pid in list(self.pids):
             try:
-                os.kill(pid, sig)
+                os.kill(pid, forwarded)
             except ProcessLookupError:
                 pass
 

@@ -31,7 +31,7 @@ import redis
 import yaml
 
 from tests.conftest import ALPHA_KEY, BETA_KEY
-from tests.harness import free_port
+from tests.harness import free_port, require_redis
 from tests.simulator import Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,13 +453,7 @@ def test_kill_9_mid_stream_loses_at_most_the_last_second_sqlite(proxy_process, s
 def redis_ledger() -> Iterator[str]:
     """A fresh key prefix in Redis DB 12, deleted afterwards; skipped without Redis unless
     BUDGET_PROXY_REQUIRE_REDIS is set (then it fails)."""
-    client = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_CRASH_DB, socket_timeout=2, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        if os.environ.get("BUDGET_PROXY_REQUIRE_REDIS"):
-            pytest.fail(f"Redis at 127.0.0.1:6379 is required (BUDGET_PROXY_REQUIRE_REDIS) but unreachable: {exc}")
-        pytest.skip("Redis at 127.0.0.1:6379 is not reachable (set BUDGET_PROXY_REQUIRE_REDIS to fail instead)")
+    client = require_redis(REDIS_CRASH_DB)
     prefix = f"bp-crash-{uuid.uuid4().hex[:12]}:"
     yield prefix
     for k in client.scan_iter(match=prefix + "*", count=1000):

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from proxy.workers import workers_problem
-from tests.conftest import ALPHA_KEY
+from tests.conftest import ALPHA_KEY, BETA_KEY
 from tests.harness import free_port, fresh_redis_url
 from tests.simulator.anthropic import AnthropicSimulator
 
@@ -84,7 +84,7 @@ class Supervised:
     def __init__(self, config: Path, log: Path, workers: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
+        self.config, self.log = config, log
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--host", "127.0.0.1",
@@ -206,9 +206,9 @@ def test_connections_are_spread_over_every_worker(two_workers):
             c.close()
 
 
-def call(url: str) -> int:
+def call(url: str, key: str = ALPHA_KEY) -> int:
     """One /v1/messages call on a connection of its own; its HTTP status."""
-    client = anthropic.Anthropic(base_url=url, api_key=ALPHA_KEY, max_retries=0)
+    client = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
     try:
         client.messages.create(model="claude-haiku-4-5", max_tokens=16,
                                messages=[{"role": "user", "content": "hi"}])
@@ -250,6 +250,19 @@ def test_a_killed_worker_is_replaced_and_the_port_keeps_answering(two_workers):
                "a new worker in place of the killed one")
     assert all(httpx.get(s.url + "/healthz", timeout=10).status_code == 200 for _ in range(6))
     assert "exited (signal 9); starting another" in s.log.read_text()
+
+
+def test_sighup_reloads_every_worker(supervised):
+    """A key added to the file answers on every worker once the supervisor has had SIGHUP: 16 calls
+    on connections of their own (spread over both workers, as above) all get through."""
+    s = supervised(workers=2)
+    assert call(s.url, BETA_KEY) == 401
+    cfg = yaml.safe_load(s.config.read_text())
+    cfg["teams"]["research"]["keys"]["beta"] = {"key": BETA_KEY}
+    s.config.write_text(yaml.safe_dump(cfg))
+    s.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: all(call(s.url, BETA_KEY) == 200 for _ in range(16)), "the new key on every worker")
+    assert s.proc.poll() is None and len(s.workers) == 2  # reloaded, not restarted
 
 
 def test_sigterm_stops_every_worker_gracefully(supervised):

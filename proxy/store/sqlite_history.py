@@ -47,20 +47,9 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS usage_log_team_time ON usage_log (team, time);
 """
 
-# The former per-row trigger, as an older version created it: migrate drops it (add_rows does its work
-# once per hour and batch); its text stays for measurements of what it cost.
+# The per-row trigger an older version created: migrate drops it (add_rows does its work once per
+# hour and batch).
 TRIGGER_NAME = "usage_log_history"
-_HOUR = "CAST(NEW.time / 3600 AS INTEGER) * 3600"
-_INPUT = "NEW.input_tokens + NEW.cache_write_5m_tokens + NEW.cache_write_1h_tokens + NEW.cache_read_tokens"
-_VALUES = f"1, {_INPUT}, NEW.output_tokens, NEW.cost_nanos, NEW.steps, 0, NEW.outcome = 'cut'"
-TRIGGER = f"""
-CREATE TRIGGER IF NOT EXISTS usage_log_history AFTER INSERT ON usage_log BEGIN
-  INSERT INTO history_team (team, hour, {_COUNTS}) VALUES (NEW.team, {_HOUR}, {_VALUES})
-    ON CONFLICT (team, hour) DO UPDATE SET {_ADD};
-  INSERT INTO history_key (team, key, hour, {_COUNTS}) VALUES (NEW.team, NEW.key, {_HOUR}, {_VALUES})
-    ON CONFLICT (team, key, hour) DO UPDATE SET {_ADD};
-END;
-"""
 
 _SUMS = ("count(*), sum(input_tokens + cache_write_5m_tokens + cache_write_1h_tokens + cache_read_tokens), "
          "sum(output_tokens), sum(cost_nanos), sum(steps), 0, sum(outcome = 'cut')")
@@ -168,13 +157,6 @@ def add_rows(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
 
 def _upsert_hours(db: sqlite3.Connection, keys: dict[tuple[Any, Any, int], list[Any]]) -> None:
     """One upsert per (team, key, hour) and per (team, hour)."""
-    if len(keys) == 1:  # (the common batch: one key's rows, in one hour)
-        ((team, key, hour), v), = keys.items()
-        if max(v) >= _INT64 or min(v) < -_INT64:
-            v = _as_reals(v)
-        db.execute(ADD_KEY, (team, key, hour, *v))
-        db.execute(ADD_TEAM, (team, hour, *v))
-        return
     teams: dict[tuple[Any, int], list[Any]] = {}
     key_params = []
     for (team, key, hour), v in keys.items():
