@@ -1,13 +1,14 @@
 """proxy/server.py's CoalescingTransport: the writes of one event-loop turn leave as one, in
 order, and nothing is lost or written to a connection that has gone; and the real proxy answers
-with its head and body in one write."""
+with its head and body in one write; and the running server's collector thresholds."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from typing import Any
 
-from proxy.server import CoalescingHttpToolsProtocol, CoalescingTransport, GracefulServer
+from proxy.server import GC_THRESHOLDS, CoalescingHttpToolsProtocol, CoalescingTransport, GracefulServer
 from tests.conftest import default_teams
 from tests.harness import ProxyServer, make_config
 
@@ -118,3 +119,19 @@ def test_a_response_leaves_the_real_proxy_in_one_write() -> None:
         assert all(w.startswith(b"HTTP/1.1 200") and w.endswith(b'{"status":"ok"}') for w in RecordingProtocol.writes)
     finally:
         proxy.stop()
+
+
+def test_the_running_server_collects_less_often_than_the_defaults() -> None:
+    """Once up, the server sets GC_THRESHOLDS (at CPython's defaults, collections took a quarter of
+    the CPU per event with thousands of streams open: bench/RESULTS-scale.md)."""
+    from proxy.app import create_app
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    proxy = ProxyServer(create_app(make_config("http://127.0.0.1:9", default_teams()))).start()
+    try:
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > 700
+    finally:
+        proxy.stop()
+        gc.set_threshold(*before)
