@@ -108,6 +108,34 @@ class SSEError(Exception):
     """The upstream sent an event larger than the decoder's cap (or a line that never ends)."""
 
 
+def read_field(buf: bytes | bytearray, line: int, eol: int, event: str | None,
+               data: list[str] | None) -> tuple[str | None, list[str] | None]:
+    """The event name and data lines so far after the non-blank line buf[line:eol]: `data:` adds a
+    data line, `event:` sets the name (one space after the colon dropped), `data` or `event` alone
+    is that field with an empty value; a comment (":..."), id, retry or unknown field changes
+    nothing (its bytes stay in the event's raw)."""
+    if buf.startswith(b"data:", line):
+        v = line + 5
+    elif buf.startswith(b"event:", line):
+        v = line + 6
+        if v < eol and buf[v] == _SPACE:
+            v += 1
+        return buf[v:eol].decode("utf-8", "replace"), data
+    elif eol - line == 4 and buf.startswith(b"data", line):
+        v = eol
+    elif eol - line == 5 and buf.startswith(b"event", line):
+        return "", data
+    else:
+        return event, data
+    if v < eol and buf[v] == _SPACE:
+        v += 1
+    value = buf[v:eol].decode("utf-8", "replace")
+    if data is None:
+        return event, [value]
+    data.append(value)
+    return event, data
+
+
 class SSEDecoder:
     """Feed bytes, get complete SSEEvents. See the module docstring for the contract."""
 
@@ -219,21 +247,7 @@ class SSEDecoder:
             event: str | None = None
             values: list[str] | None = None
             for line in part.split(b"\n"):
-                if line.startswith(b"data:"):
-                    value = (line[6:] if line[5:6] == b" " else line[5:]).decode("utf-8", "replace")
-                    if values is None:
-                        values = [value]
-                    else:
-                        values.append(value)
-                elif line.startswith(b"event:"):
-                    event = (line[7:] if line[6:7] == b" " else line[6:]).decode("utf-8", "replace")
-                elif line == b"data":
-                    if values is None:
-                        values = [""]
-                    else:
-                        values.append("")
-                elif line == b"event":
-                    event = ""
+                event, values = read_field(line, 0, len(line), event, values)
             if values is not None or event is not None:
                 events.append(SSEEvent(event, "" if values is None else "\n".join(values), data[start:pos]))
                 start = pos
@@ -312,28 +326,8 @@ class SSEDecoder:
                     events.append(SSEEvent(event, "" if data is None else "\n".join(data), bytes(buf[start:nxt])))
                     event = data = None
                     start = nxt
-            elif buf.startswith(b"data:", line):
-                v = line + 5
-                if v < eol and buf[v] == _SPACE:
-                    v += 1
-                value = buf[v:eol].decode("utf-8", "replace")
-                if data is None:
-                    data = [value]
-                else:
-                    data.append(value)
-            elif buf.startswith(b"event:", line):
-                v = line + 6
-                if v < eol and buf[v] == _SPACE:
-                    v += 1
-                event = buf[v:eol].decode("utf-8", "replace")
-            elif eol - line == 4 and buf.startswith(b"data", line):  # no colon: empty value
-                if data is None:
-                    data = [""]
-                else:
-                    data.append("")
-            elif eol - line == 5 and buf.startswith(b"event", line):
-                event = ""
-            # else: a comment (":..."), id, retry or unknown field: ignored, kept in raw
+            else:
+                event, data = read_field(buf, line, eol, event, data)
             line = nxt
         self._event, self._data = event, data
         if self._failed is None and n - start > cap:
