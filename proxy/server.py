@@ -22,7 +22,7 @@ CANCEL_MARGIN_SECONDS = 5
 # The collector's thresholds once the server is up: the youngest generation collected every 10,000
 # allocations, not CPython's 700. The older ones are counted in collections of the younger, so all
 # three run 14 times less often. With thousands of streams open, the defaults' collections took a
-# quarter of the CPU per relayed event (bench/RESULTS-scale.md); memory held stays the same.
+# quarter of the CPU per relayed event; RSS under load stays the same.
 GC_THRESHOLDS = (10_000, 10, 10)
 
 

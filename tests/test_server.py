@@ -123,7 +123,7 @@ def test_a_response_leaves_the_real_proxy_in_one_write() -> None:
 
 def test_the_running_server_collects_less_often_than_the_defaults() -> None:
     """Once up, the server sets GC_THRESHOLDS (at CPython's defaults, collections took a quarter of
-    the CPU per event with thousands of streams open: bench/RESULTS-scale.md)."""
+    the CPU per event with thousands of streams open)."""
     from proxy.app import create_app
 
     before = gc.get_threshold()
