@@ -5,6 +5,7 @@ restart or kill -9 leaves no stale hold.
 SqliteStore is the protocol; its parts, each a module:
   sqlite_schema    the tables, statements and migrations of the ledger file
   sqlite_writer    the worker thread every SQLite call runs on, and the group commit (row isolation)
+  sqlite_checkpoint  the WAL checkpoints, on a thread of their own (off the commit path)
   sqlite_recovery  running charges on disk, the owner lock, crash recovery (crash durability)
   sqlite_rows      usage-log values made safe to store
   sqlite_history, sqlite_keys, sqlite_alerts   the hourly history, runtime keys, alert claims
@@ -26,6 +27,7 @@ from proxy.store import sqlite_history, sqlite_keys, sqlite_schema
 from proxy.store.base import KeyRecord, Reservation, UsageRow
 from proxy.store.base import Cursor, Tally, hour_of
 from proxy.store.memory import MemoryStore, PeriodKey, RunEntry, newest_runs
+from proxy.store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
 from proxy.store.sqlite_recovery import INTERRUPTED, InflightRecovery, Running
 from proxy.store.sqlite_rows import insert_rows_one_by_one, safe_float, safe_int, safe_row, safe_text
 from proxy.store.sqlite_schema import INSERT_ROW, RUN_SWEEP_MAX, SCHEMA, SELECT_EXPIRED_RUNS, SELECT_LOG, SELECT_RUNS, SELECT_TOTALS
@@ -64,6 +66,7 @@ class SqliteStore(GroupWriter, InflightRecovery, MemoryStore):
         self._sweep_at = -math.inf  # when reserve next looks on disk for runs due (RUN_SWEEP_EVERY_S)
         self._owner = secrets.token_hex(16)
         self._lock_fd: int | None = None
+        self._checkpointer: Checkpointer | None = None
         self._writing = False
         self._drained: asyncio.Future[None] | None = None
 
@@ -79,6 +82,9 @@ class SqliteStore(GroupWriter, InflightRecovery, MemoryStore):
         self._db = db
         if self._on_disk():
             self._lock_owner()
+            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")  # (the checkpointer's backstop)
+            self._checkpointer = Checkpointer(self.path)
+            self._checkpointer.start()
 
     def _on_disk(self) -> bool:
         name = str(self.path)
@@ -115,6 +121,9 @@ class SqliteStore(GroupWriter, InflightRecovery, MemoryStore):
         self._db_or_raise().execute("SELECT 1").fetchone()
 
     def _close(self) -> None:
+        if self._checkpointer is not None:  # (first: the last connection closed checkpoints the rest)
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._db is not None:
             self._db.close()
             self._db = None

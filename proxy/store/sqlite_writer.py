@@ -83,6 +83,8 @@ class GroupWriter:
                 loop.call_soon_threadsafe(done, token, result, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+            if self._checkpointer is not None:  # (after the answer: the WAL has grown, maybe)
+                self._checkpointer.wake()
             del job, result, error
 
     def _submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
