@@ -80,7 +80,8 @@ def table(samples: dict[tuple[str, str], list[Sample]], names: list[str], modes:
           redis_cpu: dict[tuple[str, str], list[float]]) -> str:
     base = names[0]
     rows = [f"| mode | version | CPU µs/req, median (each round) | speed-up vs {base}, median (each round) "
-            f"| req/s | ÷ {base} req/s | p50 ms | redis-server µs/req | errors |", "|---|---|---|---|---|---|---|---|---|"]
+            f"| req/s | ÷ {base} req/s | p50 ms | p99 ms (each round) | redis-server µs/req | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for m in modes:
         for name in names:
             ss, bs = samples[(m, name)], samples[(m, base)]
@@ -91,7 +92,9 @@ def table(samples: dict[tuple[str, str], list[Sample]], names: list[str], modes:
             rows.append(f"| {MODES[m].label} | {name} | {statistics.median(cpu):,.0f} ({', '.join(f'{c:,.0f}' for c in cpu)}) "
                         f"| {statistics.median(up):.2f} ({', '.join(f'{u:.2f}' for u in up)}) "
                         f"| {statistics.median(s.run.rps for s in ss):,.0f} | {statistics.median(rps):.2f} "
-                        f"| {statistics.median(s.run.p50_ms for s in ss):.2f} | {f'{statistics.median(rc):,.0f}' if rc else '–'} "
+                        f"| {statistics.median(s.run.p50_ms for s in ss):.2f} "
+                        f"| {statistics.median(s.run.p99_ms for s in ss):.2f} ({', '.join(f'{s.run.p99_ms:.2f}' for s in ss)}) "
+                        f"| {f'{statistics.median(rc):,.0f}' if rc else '–'} "
                         f"| {sum(s.run.errors for s in ss)} |")
     return "\n".join(rows)
 
