@@ -28,7 +28,9 @@ SQLITE_DEFAULT_AUTOCHECKPOINT = 1000
 def wal_frames(db_path: Path) -> int:
     """Frames the WAL file has room for (its size: a restarted WAL is overwritten from its start)."""
     wal = Path(str(db_path) + "-wal")
-    page = sqlite3.connect(db_path).execute("PRAGMA page_size").fetchone()[0]
+    db = sqlite3.connect(db_path)
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
     return max(0, wal.stat().st_size - 32) // (page + 24) if wal.exists() else 0
 
 
