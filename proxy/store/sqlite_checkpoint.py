@@ -30,12 +30,12 @@ BACKSTOP_PAGES = 10_000  # the writer's wal_autocheckpoint (a WAL of about 40 MB
 
 class Checkpointer:
     """A daemon thread that checkpoints the WAL of the database at `path` after `wake()`, at most
-    every `every` seconds, until stopped: an idle ledger costs it nothing. `last` is the latest
+    every CHECKPOINT_EVERY_S, until stopped: an idle ledger costs it nothing. `last` is the latest
     pass's (busy, WAL frames, frames checkpointed); `passes` counts them."""
 
-    def __init__(self, path: str | Path, every: float | None = None) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.path = path
-        self.every = CHECKPOINT_EVERY_S if every is None else every
+        self.every = CHECKPOINT_EVERY_S  # (read here, not bound as a default: tests set it)
         self.last: tuple[int, int, int] | None = None
         self.passes = 0
         self._stop = threading.Event()
