@@ -31,7 +31,7 @@ from proxy.store.sqlite_checkpoint import BACKSTOP_PAGES, Checkpointer
 from proxy.store.sqlite_recovery import INTERRUPTED, InflightRecovery, Running
 from proxy.store.sqlite_rows import insert_rows_one_by_one, safe_float, safe_int, safe_row, safe_text
 from proxy.store.sqlite_schema import INSERT_ROW, RUN_SWEEP_MAX, SCHEMA, SELECT_EXPIRED_RUNS, SELECT_LOG, SELECT_RUNS, SELECT_TOTALS
-from proxy.store.sqlite_writer import GroupWriter, Job, PendingTotal
+from proxy.store.sqlite_writer import BUSY_TIMEOUT_MS, GroupWriter, Job, PendingTotal
 
 # (names this module had before its parts moved out, still imported from here)
 __all__ = ["INSERT_ROW", "INTERRUPTED", "SCHEMA", "SqliteStore", "insert_rows_one_by_one", "safe_float", "safe_int",
@@ -77,12 +77,13 @@ class SqliteStore(GroupWriter, InflightRecovery, MemoryStore):
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL is durable against a killed process (the WAL is in the OS cache); only power loss can drop commits.
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         sqlite_schema.create(db)
         self._db = db
         if self._on_disk():
             self._lock_owner()
-            db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")  # (the checkpointer's backstop)
+            self._backstop = BACKSTOP_PAGES
+            db.execute(f"PRAGMA wal_autocheckpoint={self._backstop}")  # (the checkpointer's backstop)
             self._checkpointer = Checkpointer(self.path)
             self._checkpointer.start()
 

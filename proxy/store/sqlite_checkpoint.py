@@ -13,8 +13,9 @@ charges), so passes much more often than SQLite's own cost CPU under many stream
 Durability is unchanged: the commits are the same; only who copies them on, and when, changed.
 
 Under steady writes the WAL restarts from its start only after a checkpoint that no commit
-overlapped; when none comes for BACKSTOP_PAGES pages, the writer's backstop checkpoint does it
-(little is left to copy by then, the thread has copied the rest)."""
+overlapped: once a pass has seen RESTART_PAGES, the writer's thread runs one between two commits
+(sqlite_writer.py, "The WAL's restart"; little is left to copy by then, this thread has copied the
+rest), and BACKSTOP_PAGES remains should that not happen."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger("budget_proxy.store")
 
 CHECKPOINT_EVERY_S = 0.1
 BACKSTOP_PAGES = 10_000  # the writer's wal_autocheckpoint (a WAL of about 40 MB at 4 KiB pages)
+RESTART_PAGES = 4_000  # a WAL this long is restarted by the writer (sqlite_writer.py)
 
 
 class Checkpointer:
@@ -52,6 +54,15 @@ class Checkpointer:
     def wake(self) -> None:
         """The writer has worked: a pass is due (at once, or `every` after the last one)."""
         self._woken.set()
+
+    def wal_frames(self) -> int | None:
+        """The WAL's length in pages as the latest pass saw it (None: no pass yet, or it failed)."""
+        last = self.last
+        return None if last is None or self._failing else last[1]
+
+    def restarting(self) -> None:
+        """The writer has checkpointed the whole WAL: its next commit starts it again from its beginning."""
+        self.last = (0, 0, 0)
 
     def stop(self) -> None:
         """Stop and join the thread (a pass in progress finishes first)."""
