@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import StoreUnavailable
 from proxy.ledger import ZERO, Amounts, Ask, Denied, Limits, Scope, ScopeState
-from proxy.store.base import Reservation
+from proxy.store.base import Reservation, Tally
 from proxy.store.memory import MemoryStore
 from proxy.store.redis import MAX_BATCH, RedisStore, _payload
 from tests.test_store_contract import (DAY, T0, Cuttable, Namespace, amounts, ask, ids, key, opened, row,  # noqa: F401
@@ -359,3 +359,24 @@ def test_a_batch_payload_never_fails_on_a_value_that_is_not_a_string() -> None:
     got = json.loads(_payload(calls))
     assert got[0] == ["s", "id-1", "claude?"]
     assert got[1][:5] == ["s", "id-2", None, "b'x\\xff'", 5] and got[1][5].startswith("<object object")
+
+
+async def test_a_batch_of_settles_writes_each_hourly_tally_once_with_every_row(rns: Namespace) -> None:
+    """The history's tallies, like the totals, are read and written once per batch: the key's and
+    the team's hour each get one SET, and count every row of the batch."""
+    s = await opened(rns.url)
+    k = key(tokens=10_000)
+    try:
+        got = await asyncio.gather(*(s.reserve([k], ask(10, 10), T0, f"hourly-{i}") for i in range(5)))
+        sent = record_batches(s)
+        rns.client.config_resetstat()
+        await asyncio.gather(*(s.settle(r, amounts(10, 5), row(r.id, out=5)) for r in got))
+        assert sent.ops() == [["s"] * 5]
+        sets = rns.client.info("commandstats")["cmdstat_set"]["calls"]
+        assert sets == 5 + 1 + 2  # each settle's tombstone, the key's totals, the two tallies of the hour
+        for who in ("k", None):
+            hours = await s.usage_hours("t", who, T0 - 3600, T0 + 3600)
+            assert list(hours.values()) == [Tally(requests=5, input_tokens=50, output_tokens=25, cost_nanos=615,
+                                                  steps=5)]
+    finally:
+        await s.close()

@@ -7,9 +7,9 @@ so that no team and key pair can spell another's):
   P Hk:HOUR:LEN:TEAMKEY    string  requests, input_tokens (incl. cache), output_tokens, cost_nanos,
                                    steps, denied, cut; a key's hour likewise
   P Hi                     zset    every tally's name, scored by its hour: what retention deletes
-The settle script adds its usage row to the row's two hours (GET, unpack, add, pack, SET PX: 4
-redis.calls a request, and a ZADD for a name new this hour), under pcall: a tally never fails a
-settlement. A denial is an item "d" of the same batch script (the same two tallies, denied + 1).
+The settle script adds its usage row to the row's two hours (GET, unpack, add, pack, SET PX, and a
+ZADD for a name new this hour; a tally read once and written once per batch, however many of its
+items add to it), under pcall: a tally never fails a settlement. A denial is an item "d" of the same batch script (the same two tallies, denied + 1).
 Each tally expires store_retention_days after its hour ends (PX, relative to the row's own time, so
 Redis' clock does not matter); prune() deletes deterministically by the caller's clock too: the
 tallies of hours that ended before it (from P Hi) and the stream's entries older than it (XTRIM
@@ -46,13 +46,29 @@ _NF = len(UsageRow._fields)
 # Defined in the batch script before the operations (no '$': the script is a string.Template).
 LUA = f"""
 -- History (redis_history.py): per UTC hour, team and key, 7 counters packed as doubles.
+-- A tally is read (GET) at most once per script call and written (SET, with the latest item's PX)
+-- once, at its end (flush_hist), however many items of the batch add to it: they mostly share a
+-- team, a key and an hour.
 local HF, HI = '<ddddddd', P .. 'Hi'
+local HIST = {{}}   -- tally name -> {{its 7 counters..., keep = ms}}
 local function hist_bump(k, hour, keep, a1, a2, a3, a4, a5, a6, a7)
-  local b = redis.call('GET', k)
-  local v1, v2, v3, v4, v5, v6, v7 = 0, 0, 0, 0, 0, 0, 0
-  if b then v1, v2, v3, v4, v5, v6, v7 = struct.unpack(HF, b) else redis.call('ZADD', HI, hour, k) end
-  local packed = struct.pack(HF, v1 + a1, v2 + a2, v3 + a3, v4 + a4, v5 + a5, v6 + a6, v7 + a7)
-  if keep > 0 then redis.call('SET', k, packed, 'PX', keep) else redis.call('SET', k, packed) end
+  local e = HIST[k]
+  if not e then
+    local b = redis.call('GET', k)
+    local v1, v2, v3, v4, v5, v6, v7 = 0, 0, 0, 0, 0, 0, 0
+    if b then v1, v2, v3, v4, v5, v6, v7 = struct.unpack(HF, b) else redis.call('ZADD', HI, hour, k) end
+    e = {{v1, v2, v3, v4, v5, v6, v7}}
+    HIST[k] = e
+  end
+  e[1], e[2], e[3], e[4], e[5], e[6], e[7] = e[1] + a1, e[2] + a2, e[3] + a3, e[4] + a4, e[5] + a5, e[6] + a6, e[7] + a7
+  e.keep = keep
+end
+local function flush_hist()
+  for k, e in pairs(HIST) do
+    local packed = struct.pack(HF, e[1], e[2], e[3], e[4], e[5], e[6], e[7])
+    if e.keep > 0 then redis.call('SET', k, packed, 'PX', e.keep) else redis.call('SET', k, packed) end
+  end
+  HIST = {{}}
 end
 -- the hour of an event at t (s), its two tallies' names, and how long they live (ms: until the hour
 -- ends + retention ret; 0: for ever, ret '0'); nil when the event is older than the retention

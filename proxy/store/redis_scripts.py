@@ -610,6 +610,7 @@ for i, item in ipairs(cjson.decode(ARGV[4])) do
   out[i] = reply
 end
 flush_totals()
+pcall(flush_hist)   -- (the tallies never fail the batch: its settlements are written above)
 return out
 """
 
