@@ -188,13 +188,14 @@ def forwarded_is_clean(raw: bytes) -> None:
     sys.setrecursionlimit(max(old, 20_000))  # the proxy's thread parsed nesting deeper than this one's
     try:                                      # stack (under pytest and hypothesis) has room for
         body = json.loads(text)
+        # (encoding recurses as deep as parsing: inside the raised limit too)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate anywhere
     finally:
         sys.setrecursionlimit(old)
     assert isinstance(body, dict)
     model = body["model"]
     assert isinstance(model, str) and 0 < len(model) <= 256
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in model), repr(model)
-    json.dumps(body, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate anywhere
 
 
 def test_no_body_gets_a_5xx_of_the_proxys_own_or_costs_another_key_its_charges(env: Env):
