@@ -14,19 +14,21 @@ totals themselves (the database is unwritable) fails the group.
 
 Small groups on the loop. A group of at most two settlements' writes (INLINE_ROWS usage rows or
 running charges, as many running charges deleted, INLINE_TOTALS totals rows, no forgotten run) is
-written on the event loop itself when the worker thread is idle: handing it to the thread and back costs two thread wake-ups, which
-at low concurrency cost more CPU than the transaction (bench.inproc --concurrency 1: 130 µs of
-375 µs per request). Such a write appends to the WAL in the OS cache (synchronous=NORMAL: no sync),
-as the access log's writes on the loop already do; what could block the loop longer never runs
-there: a lock held by another connection (busy_timeout 0 there: SQLITE_BUSY hands the group to the
-thread, which waits for it) and the writer's backstop checkpoint (wal_autocheckpoint 0 there; the
-thread's next commit does it, if still due). Only while the checkpointer's last pass saw fewer than
-RESTART_PAGES in the WAL: a longer one is restarted first (below).
+written on the event loop itself when the worker thread is idle: handing it to the thread and back
+costs two thread wake-ups, which at low concurrency cost more CPU than the transaction (bench.inproc
+--concurrency 1: 130 µs of 375 µs per request). Such a write appends to the WAL in the OS cache
+(synchronous=NORMAL: no sync), as the access log's writes on the loop already do; what could block
+the loop longer never runs there: a lock held by another connection (busy_timeout 0 there:
+SQLITE_BUSY hands the group to the thread, which waits for it) and the writer's backstop checkpoint
+(wal_autocheckpoint 0 there; the thread's next commit does it, if still due). Only while the
+checkpointer's last pass saw fewer than RESTART_PAGES in the WAL: a longer one is restarted first
+(below).
 
 The WAL's restart. Under steady writes every checkpointer pass overlaps a commit, so the WAL never
 starts again from its beginning and grows to the backstop. Once a pass has seen RESTART_PAGES, the
 next group goes to the thread, followed there by a checkpoint on the writer's own connection that no
-commit can overlap (the loop writes only while the thread is idle): the next commit restarts the WAL."""
+commit can overlap (the loop writes only while the thread is idle): the next commit restarts the
+WAL."""
 from __future__ import annotations
 
 import asyncio
