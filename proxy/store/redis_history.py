@@ -9,7 +9,8 @@ so that no team and key pair can spell another's):
   P Hi                     zset    every tally's name, scored by its hour: what retention deletes
 The settle script adds its usage row to the row's two hours (GET, unpack, add, pack, SET PX, and a
 ZADD for a name new this hour; a tally read once and written once per batch, however many of its
-items add to it), under pcall: a tally never fails a settlement. A denial is an item "d" of the same batch script (the same two tallies, denied + 1).
+items add to it), under pcall: a tally never fails a settlement. A denial is an item "d" of the
+same batch script (the same two tallies, denied + 1).
 Each tally expires store_retention_days after its hour ends (PX, relative to the row's own time, so
 Redis' clock does not matter); prune() deletes deterministically by the caller's clock too: the
 tallies of hours that ended before it (from P Hi) and the stream's entries older than it (XTRIM

@@ -240,8 +240,7 @@ class GroupWriter:
         self._writing = True
         work = (waiters, running, forget)
         job = (totals, rows, upserts, gone, forget)
-        if (len(rows) + len(upserts) <= INLINE_ROWS and len(gone) <= INLINE_ROWS and len(totals) <= INLINE_TOTALS
-                and not forget and self._inline_ready()):
+        if self._inline_ready(job):
             try:
                 written = self._write_inline(job)
             except Exception as exc:
@@ -256,15 +255,15 @@ class GroupWriter:
         except sqlite3.Error as exc:
             self._written(work, None, exc)
 
-    def _wal_frames(self) -> int | None:
-        return None if self._checkpointer is None else self._checkpointer.wal_frames()
-
-    def _inline_ready(self) -> bool:
-        """Whether a small group may be written on the loop now (module docstring). Between two
-        checkpointer passes the loop writes at most as many groups as keep the WAL near the backstop
-        even from RESTART_PAGES (INLINE_PAGES): a stalled checkpointer cannot let it grow unchecked."""
+    def _inline_ready(self, job: tuple[Any, ...]) -> bool:
+        """Whether the group `job` (_write's arguments) is small and may be written on the loop now
+        (module docstring). Between two checkpointer passes the loop writes at most as many groups
+        as keep the WAL near the backstop even from RESTART_PAGES (INLINE_PAGES): a stalled
+        checkpointer cannot let it grow unchecked."""
+        totals, rows, upserts, gone, forget = job
         checkpointer = self._checkpointer
-        if checkpointer is None or self._submitted != self._finished:
+        if (checkpointer is None or len(rows) + len(upserts) > INLINE_ROWS or len(gone) > INLINE_ROWS
+                or len(totals) > INLINE_TOTALS or forget or self._submitted != self._finished):
             return False
         frames = checkpointer.wal_frames()
         if frames is None or frames >= RESTART_PAGES:
@@ -297,7 +296,7 @@ class GroupWriter:
 
     def _restart_wal_if_due(self) -> None:
         """After a group handed to the thread: a checkpoint behind it there, once the WAL is long."""
-        frames = self._wal_frames()
+        frames = None if self._checkpointer is None else self._checkpointer.wal_frames()
         if frames is not None and frames >= RESTART_PAGES and not self._restart_queued:
             self._restart_queued = True
             self._submit(self._checkpoint_here, (), self._checkpointed, None)
