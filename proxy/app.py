@@ -44,7 +44,7 @@ from proxy.runs import RUN_HEADER, RunBudgets, run_id_of
 from proxy.relay import Relay
 from proxy.runtime_keys import RuntimeKeys
 from proxy.store import LedgerStore, open_store
-from proxy.upstream import EgressProxies, PooledTransport, ProxiedTransport, tls_context
+from proxy.upstream import EgressProxies, H2Transport, PooledTransport, ProxiedTransport, tls_context
 
 log = logging.getLogger("budget_proxy")
 access_log = logging.getLogger("budget_proxy.access")
@@ -169,13 +169,17 @@ class AppState:
             else:
                 u = self.runtime.config.upstreams[provider]  # type: ignore[index]
                 # An upstream behind an egress proxy goes through httpx's transport; a direct one
-                # through the project's pool (proxy/upstream.py says why).
+                # through the project's pool (proxy/upstream.py says why), HTTP/2's if asked for.
                 via = u.proxy or self.egress.proxy_for(u.base_url)
                 kw = dict(max_connections=u.max_connections, connect_timeout=u.connect_timeout_seconds,
                           read_timeout=u.timeout_seconds, max_duration=u.max_duration_seconds,
                           pool_timeout=u.pool_timeout_seconds,
                           ssl_context=tls_context(u.ca_bundle) if u.ca_bundle else None)
-                t = ProxiedTransport(via, **kw) if via else PooledTransport(**kw)  # type: ignore[arg-type]
+                if via and u.http2:
+                    log.warning("upstream %s: http2 is not used through the egress proxy from the environment; "
+                                "HTTP/1.1 through it", provider)
+                t = (ProxiedTransport(via, **kw) if via else H2Transport(**kw) if u.http2  # type: ignore[arg-type]
+                     else PooledTransport(**kw))  # type: ignore[arg-type]
             self.transports[provider] = t
         return t
 

@@ -74,6 +74,13 @@ class UpstreamConfig(_Strict):
     pool_timeout_seconds: float = Field(10.0, gt=0)  # the wait for a connection when all max_connections are busy
     ca_bundle: str | None = None  # a PEM file of CAs for https upstreams (else the system's; SSL_CERT_FILE honoured)
     proxy: str | None = None  # http://HOST:PORT egress proxy (wins over HTTPS_PROXY / HTTP_PROXY / NO_PROXY)
+    http2: bool = False  # HTTP/2 to the upstream: streams share connections (proxy/http2.py)
+
+    @model_validator(mode="after")
+    def _http2_direct(self) -> "UpstreamConfig":
+        if self.http2 and self.proxy:
+            raise ValueError("http2: true cannot go through an egress proxy (proxy:); use one or the other")
+        return self
 
     @field_validator("base_url")
     @classmethod

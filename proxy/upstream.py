@@ -27,6 +27,7 @@ import httpx
 
 from proxy.errors import ProxyError
 from proxy.http1 import OutOfDescriptors, Pool, Reply
+from proxy.http2 import H2Pool
 
 
 class PoolExhausted(ProxyError):
@@ -207,6 +208,18 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+
+class H2Transport(PooledTransport):
+    """PooledTransport speaking HTTP/2 (`upstreams.*.http2: true`): the same interface and errors,
+    streams multiplexed on few connections (proxy/http2.py)."""
+
+    def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
+                 read_timeout: float = 600.0, max_duration: float = 3600.0, pool_timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.pool = H2Pool(max_connections=max_connections, connect_timeout=connect_timeout,  # type: ignore[assignment]
+                           read_timeout=read_timeout, max_duration=max_duration, pool_timeout=pool_timeout,
+                           ssl_context=ssl_context)
 
 
 class _DeadlineStream(httpx.AsyncByteStream):

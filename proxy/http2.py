@@ -1,0 +1,558 @@
+"""HTTP/2 to an upstream (`upstreams.*.http2: true`, docs/configuration.md): each request a stream,
+many streams on one connection, on the `h2` library's state machine (framing, HPACK, flow control)
+and asyncio. What it buys is connections: a stream relayed over HTTP/1.1 holds a socket (and a file
+descriptor) of its own upstream, here up to MAX_STREAMS_PER_CONNECTION share one (bench/README.md,
+"Scale"). http:// speaks h2c with prior knowledge; https:// offers only "h2" by ALPN.
+
+The interface and the errors are proxy/http1.py's (the relay cannot tell them apart): ConnectError
+/ ConnectTimeout before the request is sent, PoolTimeout when every connection is at its streams and
+`max_connections` are open for `pool_timeout`, ReadTimeout when the head or the next body bytes are
+`read_timeout` late or the whole response outlasts `max_duration`, RemoteProtocolError when the
+upstream resets the stream or breaks the protocol, ReadError when the connection is lost.
+
+Flow control: the connection's window is given back as data arrives, a stream's only as the relay
+reads it, so a client that reads slowly stalls its own stream (at STREAM_WINDOW unread bytes), never
+the others on the connection. A request the upstream refused unprocessed (a stream above the last
+one a GOAWAY names: RFC 9113 section 6.8) is sent once more, on another connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections import deque
+from typing import Any, AsyncIterator
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import httpx
+
+from proxy.http1 import OutOfDescriptors, Origin
+
+STREAM_WINDOW = 1 << 20        # bytes a stream may have unread before the upstream waits for the relay
+CONNECTION_WINDOW = 1 << 24
+MAX_STREAMS_PER_CONNECTION = 1000  # also when the server allows more (or sets no limit)
+MAX_HEAD_BYTES = 64 * 1024     # a response head's headers (HPACK-decoded), as proxy/http1.py bounds it
+# Connection-specific headers are not HTTP/2's (RFC 9113 section 8.2.2); `host` goes as :authority.
+_NOT_SENT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host"})
+_SETTINGS = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEAD_BYTES,
+             h2.settings.SettingCodes.ENABLE_PUSH: 0}
+
+
+class _Unprocessed(httpx.RemoteProtocolError):
+    """The upstream went away (GOAWAY) without processing this stream: safe to send again."""
+
+
+def request_headers(method: str, origin: Origin, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """[pure] The relay's request headers as an HTTP/2 header block: the pseudo-headers, then the
+    rest lower-cased, without the connection-specific ones. A value holding CR, LF or NUL is
+    refused (LocalProtocolError), as proxy/http1.py refuses it."""
+    out = [(b":method", method.encode()), (b":scheme", b"https" if origin.tls else b"http"),
+           (b":authority", origin.host_header.encode("latin-1")), (b":path", origin.target.encode("latin-1"))]
+    for name, value in headers:
+        name = name.lower()
+        if name in _NOT_SENT or (name == "te" and value.strip().lower() != "trailers"):
+            continue
+        if "\r" in value or "\n" in value or "\0" in value or not name or "\r" in name or "\n" in name:
+            raise httpx.LocalProtocolError("a header name or value holds a line break")
+        out.append((name.encode("latin-1"), value.encode("latin-1")))
+    return out
+
+
+class H2Reply:
+    """One stream's response; its body arrives as the connection reads it (proxy/http1.py Reply's
+    interface)."""
+
+    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "_unacked", "_waiter", "_complete",
+                 "_error", "_conn", "_sid", "_loop", "_headers_in", "_last", "_deadline", "_timer")
+
+    def __init__(self, conn: H2Connection, sid: int) -> None:
+        self.status_code = 0
+        self.headers_raw: list[tuple[bytes, bytes]] = []
+        self.content_type = ""
+        self._chunks: list[bytes] = []
+        self._unacked = 0          # flow-controlled bytes received and not yet given back to the stream
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._conn: H2Connection | None = conn  # None once the stream is over
+        self._sid = sid
+        loop = self._loop = conn.loop
+        self._headers_in: asyncio.Future[None] = loop.create_future()
+        self._last = loop.time()   # the request, or the last bytes of the response
+        self._deadline = self._last + conn.pool.max_duration
+        self._timer: asyncio.TimerHandle | None = loop.call_at(
+            min(self._last + conn.pool.read_timeout, self._deadline), self._check_timeout)
+
+    # --- fed by the connection --------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _head(self, headers: list[tuple[bytes, bytes]]) -> None:
+        status, out = b"", []
+        for k, v in headers:
+            if k == b":status":
+                status = v
+            elif not k.startswith(b":"):
+                out.append((k, v))
+                if k == b"content-type":
+                    self.content_type = v.decode("latin-1")
+        if not status.isdigit():
+            self._fail(httpx.RemoteProtocolError("upstream sent a response without a valid :status"))
+            return
+        self.status_code, self.headers_raw = int(status), out
+        self._last = self._loop.time()
+        if not self._headers_in.done():
+            self._headers_in.set_result(None)
+
+    def _data(self, data: bytes, flow: int) -> None:
+        self._last = self._loop.time()
+        if data:
+            self._chunks.append(data)
+        self._unacked += flow
+        self._wake()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._end()
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._complete or self._error is not None:
+            return
+        self._error = error
+        self._end()
+        if not self._headers_in.done():
+            self._headers_in.set_exception(error)
+        self._wake()
+
+    def _end(self) -> None:
+        conn, self._conn = self._conn, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if conn is not None:
+            conn.ended(self._sid)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._conn is None:
+            return
+        now, pool = self._loop.time(), self._conn.pool
+        due = min(self._last + pool.read_timeout, self._deadline)
+        if now < due:
+            self._timer = self._loop.call_at(due, self._check_timeout)
+            return
+        if now >= self._deadline:
+            error = httpx.ReadTimeout(f"upstream response exceeded its maximum duration ({pool.max_duration:g} s)")
+        elif not self._headers_in.done():
+            error = httpx.ReadTimeout("upstream read timed out waiting for the response headers")
+        else:
+            error = httpx.ReadTimeout("upstream read timed out between body bytes")
+        conn = self._conn
+        self._fail(error)
+        conn.reset(self._sid)
+
+    # --- read by the relay --------------------------------------------------------------------
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._unacked >= STREAM_WINDOW // 2 and self._conn is not None:
+            self._conn.consumed(self._sid, self._unacked)
+            self._unacked = 0
+        return data
+
+    async def _more(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        await waiter
+
+    @property
+    def body_complete(self) -> bool:
+        """The whole body has arrived and been read: the chunk just taken was the last."""
+        return self._complete and not self._chunks
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._chunks:
+                yield self._take()
+            elif self._complete:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                await self._more()
+
+    async def aread(self) -> bytes:
+        while not self._complete:
+            if self._error is not None:
+                raise self._error
+            await self._more()
+        return self._take() if self._chunks else b""
+
+    async def aclose(self) -> None:
+        """A body not read to its end resets the stream: that is what stops the upstream."""
+        conn = self._conn
+        if conn is not None:
+            self._fail(httpx.ReadError("the response was closed"))
+            conn.reset(self._sid)
+
+
+class H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection to an origin and the streams open on it."""
+
+    def __init__(self, pool: H2Pool, key: tuple[str, str, int]) -> None:
+        self.pool, self.key, self.loop = pool, key, pool.loop
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, H2Reply] = {}
+        self.closed = False
+        self.going_away: int | None = None  # the last stream id a GOAWAY named
+        self.max_streams = 1                # until the server's SETTINGS say more
+        self.ready: asyncio.Future[None] = self.loop.create_future()  # the server's SETTINGS came
+        self._window_waiters: list[asyncio.Future[None]] = []
+        self._conn_unacked = 0
+
+    # --- asyncio ---------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.h2.initiate_connection()
+        self.h2.update_settings(_SETTINGS)
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.fail(httpx.RemoteProtocolError(f"upstream broke HTTP/2: {exc.__class__.__name__}"))
+            return
+        for event in events:
+            self._on(event)
+        if self._conn_unacked >= CONNECTION_WINDOW // 2:
+            self.h2.increment_flow_control_window(self._conn_unacked)
+            self._conn_unacked = 0
+        self.flush()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.fail(httpx.ReadError("the upstream connection was lost"))
+
+    # --- h2 events ---------------------------------------------------------------------------
+    def _on(self, event: Any) -> None:
+        kind = type(event)
+        if kind is h2.events.DataReceived:
+            self._conn_unacked += event.flow_controlled_length
+            reply = self.streams.get(event.stream_id)
+            if reply is not None:
+                reply._data(event.data, event.flow_controlled_length)  # (an end comes as its own StreamEnded)
+        elif kind is h2.events.ResponseReceived:
+            reply = self.streams.get(event.stream_id)
+            if reply is not None:
+                reply._head(event.headers)
+        elif kind is h2.events.StreamEnded:
+            reply = self.streams.get(event.stream_id)
+            if reply is not None:
+                reply._finish()
+        elif kind is h2.events.StreamReset:
+            reply = self.streams.get(event.stream_id)
+            if reply is not None:
+                code = event.error_code
+                if code == h2.errors.ErrorCodes.REFUSED_STREAM and not reply._headers_in.done():
+                    reply._fail(_Unprocessed("upstream refused the stream unprocessed"))
+                else:
+                    reply._fail(httpx.RemoteProtocolError(f"upstream reset the stream ({_code_name(code)})"))
+        elif kind is h2.events.WindowUpdated:
+            waiters, self._window_waiters = self._window_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+        elif kind is h2.events.RemoteSettingsChanged:
+            self.max_streams = max(1, min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION))
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self.pool.capacity_freed(self.max_streams)
+        elif kind is h2.events.ConnectionTerminated:
+            self._goaway(event.last_stream_id or 0)
+
+    def _goaway(self, last: int) -> None:
+        self.going_away = last
+        for sid, reply in list(self.streams.items()):
+            if sid > last:
+                reply._fail(_Unprocessed("upstream went away before processing the stream"))
+        self.pool.forget(self)
+        if not self.streams:
+            self.close()
+
+    # --- used by the pool and the replies ---------------------------------------------------
+    def usable(self) -> bool:
+        return not self.closed and self.going_away is None and len(self.streams) < self.max_streams
+
+    def flush(self) -> None:
+        out = self.h2.data_to_send()
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(out)
+
+    async def start(self, headers: list[tuple[bytes, bytes]], body: bytes) -> H2Reply:
+        """Open a stream for a request and send it (its body as the windows allow)."""
+        try:
+            sid = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(sid, headers, end_stream=not body)
+        except (h2.exceptions.NoAvailableStreamIDError, h2.exceptions.TooManyStreamsError):
+            # (its stream ids used up, or the server lowered its limit: nothing was sent)
+            self.going_away = self.going_away or 0
+            self.pool.forget(self)
+            raise _Unprocessed("the connection takes no more streams") from None
+        except h2.exceptions.ProtocolError as exc:
+            raise httpx.LocalProtocolError(f"the request breaks HTTP/2's rules: {exc.__class__.__name__}") from None
+        reply = self.streams[sid] = H2Reply(self, sid)
+        self.flush()
+        pos = 0
+        try:
+            while pos < len(body) and self.streams.get(sid) is reply:
+                room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size, len(body) - pos)
+                if room <= 0:
+                    waiter = self.loop.create_future()
+                    self._window_waiters.append(waiter)
+                    await waiter
+                    continue
+                self.h2.send_data(sid, body[pos:pos + room], end_stream=pos + room == len(body))
+                self.flush()
+                pos += room
+        except h2.exceptions.H2Error as exc:
+            await reply.aclose()
+            raise httpx.RemoteProtocolError(f"upstream broke HTTP/2: {exc.__class__.__name__}") from None
+        except BaseException:  # (cancelled while the upstream's window was shut)
+            if self.streams.get(sid) is reply:
+                await reply.aclose()
+            raise
+        return reply
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The relay read n flow-controlled bytes of stream sid: the upstream may send that much more
+        (given back in large steps: a WINDOW_UPDATE per event would cost a frame per event)."""
+        try:
+            self.h2.increment_flow_control_window(n, stream_id=sid)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        self.flush()
+
+    def reset(self, sid: int) -> None:
+        """Stop stream sid (CANCEL): the relay is done with it before its end."""
+        try:
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+        self.ended(sid)
+        self.flush()
+
+    def ended(self, sid: int) -> None:
+        if self.streams.pop(sid, None) is not None:
+            if self.going_away is not None and not self.streams:
+                self.close()
+            elif not self.closed:
+                self.pool.capacity_freed(1)
+
+    def fail(self, error: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # (retrieved: the pool's connect reports it)
+        for reply in list(self.streams.values()):
+            reply._fail(error)
+        self.streams.clear()
+        for w in self._window_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._window_waiters = []
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.fail(httpx.ReadError("the upstream connection was closed"))
+
+
+def _code_name(code: Any) -> str:
+    try:
+        return h2.errors.ErrorCodes(code).name
+    except ValueError:
+        return str(code)
+
+
+def _pool_timed_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.PoolTimeout("upstream connection pool exhausted"))
+
+
+class H2Pool:
+    """HTTP/2 connections to any number of origins, at most `max_connections` open at once, each
+    carrying up to its server's SETTINGS_MAX_CONCURRENT_STREAMS (at most MAX_STREAMS_PER_CONNECTION).
+    An origin's connections are opened one at a time: a burst of requests fills the first before a
+    second is opened. The arguments are proxy.http1.Pool's."""
+
+    def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
+                 read_timeout: float = 600.0, max_duration: float = 3600.0,
+                 ssl_context: ssl.SSLContext | None = None, pool_timeout: float = 10.0) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_duration = max_duration
+        self.pool_timeout = pool_timeout
+        self._ssl_context = ssl_context
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
+        self._origins: dict[str, Origin] = {}
+        self._conns: dict[tuple[str, str, int], list[H2Connection]] = {}
+        self._open: set[H2Connection] = set()
+        self._connecting: dict[tuple[str, str, int], asyncio.Future[None]] = {}
+        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a free stream
+        self._closed = False
+
+    def origin(self, url: str) -> Origin:
+        o = self._origins.get(url)
+        if o is None:
+            if len(self._origins) >= 64:  # bounded: the query string comes from the client
+                self._origins.clear()
+            o = self._origins[url] = Origin(url)
+        return o
+
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> H2Reply:
+        """Send the request; return once the response headers are in (the body is not read)."""
+        if self._closed:
+            raise httpx.ConnectError("the upstream pool is closed")
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        origin = self.origin(url)
+        block = request_headers(method, origin, headers)
+        for attempt in range(2):
+            conn = await self._acquire(origin)
+            try:
+                reply = await conn.start(block, body)
+            except _Unprocessed:
+                if attempt:
+                    raise
+                continue
+            try:
+                await reply._headers_in
+            except _Unprocessed:
+                if attempt:
+                    raise
+                continue
+            except asyncio.CancelledError:
+                await reply.aclose()  # a request abandoned midway is reset, nothing left behind
+                raise
+            return reply
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, origin: Origin) -> H2Connection:
+        """A connection with a free stream: one open, one being opened, a new one, or the first to
+        free a stream within pool_timeout."""
+        key, deadline = origin.key, 0.0
+        while True:
+            for conn in self._conns.get(key, ()):
+                if conn.usable():
+                    return conn
+            connecting = self._connecting.get(key)
+            if connecting is not None:
+                await asyncio.shield(connecting)
+                continue
+            if len(self._open) < self.max_connections:
+                await self._connect(origin)
+                continue
+            if not deadline:  # (one bound on the whole wait, however often this one is woken)
+                deadline = self.loop.time() + self.pool_timeout
+            waiter = self.loop.create_future()
+            self._waiting.append(waiter)
+            timer = self.loop.call_at(deadline, _pool_timed_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+
+    async def _connect(self, origin: Origin) -> None:
+        done = self._connecting[origin.key] = self.loop.create_future()
+        conn = H2Connection(self, origin.key)
+        self._open.add(conn)
+        try:
+            await asyncio.wait_for(self._open_connection(conn, origin), self.connect_timeout)
+        except asyncio.TimeoutError:
+            error: BaseException = httpx.ConnectTimeout("upstream connect timed out")
+        except OSError as exc:  # refused, unreachable, DNS, TLS; or no descriptor left here
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                error = OutOfDescriptors("the proxy is at its open-file limit; retry shortly")
+            else:
+                error = httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}")
+        except httpx.HTTPError as exc:  # (no HTTP/2 by ALPN, or the connection failed before its SETTINGS)
+            error = exc if isinstance(exc, httpx.ConnectError) else httpx.ConnectError(f"upstream connect failed: {exc}")
+        except BaseException:
+            conn.fail(httpx.ConnectError("connect abandoned"))
+            self._connected(origin.key, done, None)
+            raise
+        else:
+            self._conns.setdefault(origin.key, []).append(conn)
+            self._connected(origin.key, done, None)
+            return
+        conn.fail(error)
+        self._connected(origin.key, done, error)
+        raise error from None
+
+    def _connected(self, key: tuple[str, str, int], done: asyncio.Future[None], error: BaseException | None) -> None:
+        if self._connecting.get(key) is done:
+            del self._connecting[key]
+        if error is None:
+            done.set_result(None)
+        else:  # (every request waiting on this connect fails with it)
+            done.set_exception(error)
+            done.exception()
+
+    async def _open_connection(self, conn: H2Connection, origin: Origin) -> None:
+        await self.loop.create_connection(lambda: conn, origin.host, origin.port,
+                                          ssl=self._tls() if origin.tls else None,
+                                          server_hostname=origin.host if origin.tls else None)
+        if origin.tls:
+            tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+            if tls is None or tls.selected_alpn_protocol() != "h2":
+                raise httpx.ConnectError("upstream did not negotiate HTTP/2 (ALPN h2)")
+        await conn.ready  # the server's SETTINGS: how many streams it takes
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        self._ssl_context.set_alpn_protocols(["h2"])
+        return self._ssl_context
+
+    def capacity_freed(self, n: int) -> None:
+        """n more streams can be opened: wake as many waiting requests."""
+        while n > 0 and self._waiting:
+            w = self._waiting.popleft()
+            if not w.done():
+                w.set_result(None)
+                n -= 1
+
+    def forget(self, conn: H2Connection) -> None:
+        """conn takes no more streams (closed, or going away)."""
+        conns = self._conns.get(conn.key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+        if conn.closed:
+            self._open.discard(conn)
+        self.capacity_freed(len(self._waiting))  # (they look again: a new connection may be opened)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        while self._waiting:
+            w = self._waiting.popleft()
+            if not w.done():
+                w.set_exception(httpx.ConnectError("the upstream pool is closed"))
