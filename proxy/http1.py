@@ -73,6 +73,16 @@ class Origin:
         self.host_header = name if default_port else f"{name}:{self.port}"
 
 
+def cached_origin(cache: dict[str, Origin], url: str) -> Origin:
+    """The Origin of `url`, parsed once while it stays in `cache`."""
+    o = cache.get(url)
+    if o is None:
+        if len(cache) >= URL_CACHE_SIZE:  # bounded: the query string comes from the client
+            cache.clear()
+        o = cache[url] = Origin(url)
+    return o
+
+
 class Reply:
     """A response whose headers are in; its body arrives through the connection as it is read."""
 
@@ -385,12 +395,7 @@ class Pool:
         self._fd_warned_at = float("-inf")
 
     def origin(self, url: str) -> Origin:
-        o = self._origins.get(url)
-        if o is None:
-            if len(self._origins) >= URL_CACHE_SIZE:  # bounded: the query string comes from the client
-                self._origins.clear()
-            o = self._origins[url] = Origin(url)
-        return o
+        return cached_origin(self._origins, url)
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
         """Write the request; return once the response headers are in (the body is not read)."""

@@ -31,7 +31,7 @@ import h2.exceptions
 import h2.settings
 import httpx
 
-from proxy.http1 import OutOfDescriptors, Origin
+from proxy.http1 import OutOfDescriptors, Origin, cached_origin
 
 STREAM_WINDOW = 1 << 20        # bytes a stream may have unread before the upstream waits for the relay
 CONNECTION_WINDOW = 1 << 24
@@ -419,12 +419,7 @@ class H2Pool:
         self._closed = False
 
     def origin(self, url: str) -> Origin:
-        o = self._origins.get(url)
-        if o is None:
-            if len(self._origins) >= 64:  # bounded: the query string comes from the client
-                self._origins.clear()
-            o = self._origins[url] = Origin(url)
-        return o
+        return cached_origin(self._origins, url)
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> H2Reply:
         """Send the request; return once the response headers are in (the body is not read)."""
