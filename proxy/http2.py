@@ -212,7 +212,7 @@ class H2Connection(asyncio.Protocol):
 
     def __init__(self, pool: H2Pool, key: tuple[str, str, int]) -> None:
         self.pool, self.key, self.loop = pool, key, pool.loop
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = _H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Reply] = {}
         self.closed = False
@@ -381,6 +381,18 @@ class H2Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.fail(httpx.ReadError("the upstream connection was closed"))
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's client connection, except that a GOAWAY leaves it open for the streams the GOAWAY lets
+    finish (RFC 9113 section 6.8): h2 would refuse their later frames, cutting every stream in flight
+    whenever a server drains a connection. No new stream is opened on it (H2Connection.usable)."""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        out = super()._receive_goaway_frame(frame)
+        if self.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            self.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
+        return out
 
 
 def _code_name(code: Any) -> str:
