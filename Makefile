@@ -52,10 +52,13 @@ bench: $(VENV)/.installed-run
 .PHONY: bench-scale
 
 # 10,000 concurrent streams, one event a second for 60 s, through one proxy: on the SQLite store, then on
-# the local Redis (skipped when none answers); about 5 minutes; rewrites bench/RESULTS-scale.md (bench/README.md, "Scale").
+# the local Redis (skipped when none answers), first with an HTTP/1.1 upstream (two descriptors a stream: capped
+# by RLIMIT_NOFILE), then HTTP/2 (h2c, up to 1,000 streams a connection); about 5 minutes; rewrites
+# bench/RESULTS-scale.md (bench/README.md, "Scale").
 bench-scale: $(VENV)/.installed-run
 	bash bench/setup.sh $(BIN)
-	$(BIN)/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 --stores sqlite,redis
+	$(BIN)/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 --stores sqlite,redis \
+		--protocols h1,h2
 
 .PHONY: bench-workers
 

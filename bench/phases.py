@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import procs, profile
+from bench import paced_h2, procs, profile
 from bench.matrix import MODES, Sample, check, measure
 from bench.targets import ENV, KEY, LOAD_CORE, Server, Workspace
 
@@ -53,6 +53,19 @@ class ScaleResult:
     nofile: int = 0         # the proxy's RLIMIT_NOFILE (soft, raised to the hard limit)
     series: tuple[tuple[float, float, int, float], ...] = ()  # (s since start, RSS MiB, open fds, CPU s), once a second
     log_problems: dict[str, int] = field(default_factory=dict)  # the proxy's warnings and errors during the run
+    http2: bool = False     # the proxy spoke HTTP/2 (h2c) to bench/paced_h2.py, else HTTP/1.1 to bench/paced.py
+    max_streams: int = 1000  # HTTP/2: the upstream's SETTINGS_MAX_CONCURRENT_STREAMS
+    upstream_cpu_s: float | None = None  # the paced upstream's CPU over the run
+    upstream: dict = field(default_factory=dict)  # HTTP/2: paced_h2's counters (connections, streams, stalls)
+
+    @property
+    def protocol(self) -> str:
+        return "HTTP/2" if self.http2 else "HTTP/1.1"
+
+    @property
+    def upstream_connections(self) -> int:
+        """The upstream connections N streams need at most: one a stream, or one per max_streams."""
+        return -(-self.streams // self.max_streams) if self.http2 else self.streams
 
     @property
     def errors(self) -> int:
@@ -125,25 +138,35 @@ class Ramp:
     max_pending: int = 1024
 
 
+def stream_sockets(streams: int, http2: bool = False, max_streams: int = 1000) -> int:
+    """The proxy's sockets for `streams` streams: the client side of each, plus an upstream connection
+    a stream over HTTP/1.1, or one per up to `max_streams` streams over HTTP/2."""
+    return streams + (-(-streams // max_streams) if http2 else streams)
+
+
 def scale_run(ws: Workspace, label: str, streams: int, interval_ms: float, warm: bool, *, target: str = "proxy",
-              events: int = 55, ramp: Ramp | None = None, max_connections: int | None = None) -> ScaleResult:
+              events: int = 55, ramp: Ramp | None = None, max_connections: int | None = None,
+              http2: bool = False, max_streams: int = 1000) -> ScaleResult:
     """A fresh proxy and ledger. `warm`: one stream first, so the ledger periods are loaded
     before the burst (a cold start measures the first-request path of N requests at once).
     `target`: "proxy" (SQLite ledger) or "proxy-redis"; `ramp`: None starts every stream at once;
-    `max_connections`: the proxy's upstream pool (its default, 1,000, when None)."""
+    `max_connections`: the proxy's upstream pool (its default, 1,000, when None); `http2`: the proxy
+    speaks h2c to bench/paced_h2.py (advertising `max_streams` concurrent streams a connection)."""
     db = ws.root / f"scale-{label}.db"
-    paced = ws.start_paced(interval_ms, events)
+    paced = ws.start_paced(interval_ms, events, http2=http2, max_streams=max_streams)
     try:
-        server = ws.start(target, paced, db, max_connections=max_connections)
+        server = ws.start(target, paced, db, max_connections=max_connections, http2=http2)
         try:
             if warm:
                 check(server, MODES["paced16"])
             nofile, fds0 = procs.nofile_soft_limit(server.pid), procs.open_fds(server.pid)
-            if nofile < 2 * streams + fds0:
+            sockets = stream_sockets(streams, http2, max_streams)
+            if nofile < sockets + fds0:
                 print(f"bench: warning: the proxy may open {nofile:,} descriptors; {streams:,} streams need "
-                      f"{2 * streams:,} sockets + the {fds0} it holds idle", file=sys.stderr, flush=True)
+                      f"{sockets:,} sockets + the {fds0} it holds idle", file=sys.stderr, flush=True)
             log_at = ws.access_log.stat().st_size
             rss0, cpu0, since = procs.status_kib(server.pid, "VmRSS"), procs.cpu_seconds(server.pid), time.time()
+            up_cpu0 = procs.cpu_seconds(paced.pid)
             sampler = Sampler(server.pid)
             sampler.start()
             try:
@@ -154,14 +177,16 @@ def scale_run(ws: Workspace, label: str, streams: int, interval_ms: float, warm:
                 sampler.join()
             cpu = procs.cpu_seconds(server.pid) - cpu0
             hwm = procs.status_kib(server.pid, "VmHWM")
+            up_cpu = procs.cpu_seconds(paced.pid) - up_cpu0
         finally:
             server.stop()
     finally:
-        paced.stop()
+        paced.stop()  # SIGTERM: paced_h2 writes its last counters
     outcomes = ledger_outcomes(db, since) if target == "proxy" else {}
+    upstream = paced_h2.stats_from_log(paced.proc.log) if http2 and paced.proc is not None else {}
     return ScaleResult(label, streams, interval_ms, client, cpu, rss0 / 1024, hwm / 1024, outcomes, target, events,
                        fds0, max((s[2] for s in sampler.series), default=fds0), nofile, tuple(sampler.series),
-                       log_problems(ws.access_log, log_at))
+                       log_problems(ws.access_log, log_at), http2, max_streams, up_cpu, upstream)
 
 
 def run_client(ws: Workspace, server: Server, streams: int, deadline_s: float, events: int = 55,

@@ -149,23 +149,57 @@ def scale_section(scale: list[ScaleResult]) -> str:
 STORES = {"proxy": "SQLite", "proxy-redis": "Redis", "proxy-memory": "memory://"}
 
 
+def upstream_cell(s: ScaleResult) -> str:
+    """The proxy's upstream protocol, and the connections it needs for the run's streams."""
+    if not s.http2:
+        return "HTTP/1.1 (a connection a stream)"
+    used = s.upstream.get("used_connections")
+    n = used if used is not None else s.upstream_connections
+    conns = f"{n:,} connection{'' if n == 1 else 's'}"
+    return f"HTTP/2 h2c ({conns}, ≤ {s.max_streams:,} streams each)"
+
+
+def run_name(s: ScaleResult) -> str:
+    return f"{s.streams:,} on {STORES.get(s.target, s.target)}, {s.protocol}"
+
+
 def scale_only_table(scale: list[ScaleResult]) -> str:
     """`make bench-scale`: one row a run, the issue's figures first."""
-    rows = ["| streams | store | ok | errors | peak open at once | RSS start → HWM MiB | KiB a stream (HWM − start) "
-            "÷ peak open | proxy CPU s | events relayed | CPU µs/event | headers p50 / p99 ms | stream p50 / max s "
-            "| peak fds / limit | client CPU s, ramp s | wall s |", "|" + "---|" * 15]
+    rows = ["| streams | store | upstream | ok | errors | peak open at once | RSS start → HWM MiB | KiB a stream "
+            "(HWM − start) ÷ peak open | proxy CPU s | events relayed | CPU µs/event | headers p50 / p99 ms "
+            "| stream p50 / max s | peak fds / limit | client CPU s, ramp s | wall s |", "|" + "---|" * 16]
     for s in scale:
         c = s.client
         h, st = c["headers_ms"], c["stream_ms"]
         per_stream = (s.peak_rss_mib - s.rss_before_mib) * 1024 / c["peak_open"] if c["peak_open"] else None
         errs = f"{s.errors}{' ' + str(c['errors']) if c['errors'] else ''}"
-        rows.append(f"| {s.streams:,} | {STORES.get(s.target, s.target)} | {c['ok']:,} | {errs} | {c['peak_open']:,} "
+        rows.append(f"| {s.streams:,} | {STORES.get(s.target, s.target)} | {upstream_cell(s)} | {c['ok']:,} | {errs} "
+                    f"| {c['peak_open']:,} "
                     f"| {s.rss_before_mib:.0f} → {s.peak_rss_mib:.0f} | {f(per_stream, 1)} | {s.cpu_s:.1f} "
                     f"| {c.get('events', 0):,} | {f(s.cpu_us_per_event, 1)} | {h.get('p50')} / {h.get('p99')} "
                     f"| {f(st.get('p50', 0) / 1000, 1)} / {f(st.get('max', 0) / 1000, 1)} "
                     f"| {s.peak_fds:,} / {s.nofile:,} | {c.get('client_cpu_s', '—')}, {c.get('ramp_s', '—')} "
                     f"| {c['wall_s']} |")
     return "\n".join(rows) + "\n"
+
+
+def upstream_line(s: ScaleResult) -> str:
+    """The paced upstream's CPU and, over HTTP/2, what paced_h2 counted."""
+    cpu = "—" if s.upstream_cpu_s is None else f"{s.upstream_cpu_s:.1f} s"
+    out = f"CPU {cpu}"
+    u = s.upstream
+    if s.http2 and u:
+        errors = u.get("protocol_errors") or {}
+        out += (f"; connections that carried streams {u.get('used_connections', 0):,} "
+                f"(peak {u.get('peak_connections', 0):,} open), peak {u.get('peak_per_connection', 0):,} streams on one "
+                f"and {u.get('peak_streams', 0):,} at once; "
+                f"streams answered {u.get('started', 0):,}, ended {u.get('completed', 0):,}, reset by the proxy "
+                f"{u.get('reset', 0):,}, lost with their connection {u.get('lost', 0):,}; events held back by the "
+                f"proxy's flow-control window {u.get('stalls', 0):,}"
+                + (f"; protocol errors {errors}" if errors else ""))
+    elif s.http2:
+        out += "; no counters from bench/paced_h2.py"
+    return out
 
 
 def scale_series(s: ScaleResult, every: int = 5) -> str:
@@ -186,17 +220,21 @@ def scale_document(lines: list[str], scale: list[ScaleResult], elapsed_s: float)
              "\n".join(f"- {x}" for x in lines) + "\n",
              "## Concurrent paced streams through one proxy process\n", scale_only_table(scale),
              "\n## The proxy over each run\n",
-             "Every 5 s: RSS, open descriptors (two a stream it holds, client side and upstream) and the share of a "
+             "Every 5 s: RSS, open descriptors (over HTTP/1.1 two a stream it holds, client side and upstream; over "
+             "HTTP/2 one a stream plus its few upstream connections) and the share of a "
              "core the proxy used since the previous point (it has core 1 to itself only if no other process "
              "runs there: on a shared machine below 100% while streams wait means others took the core).\n",
-             "\n".join(f"- {s.streams:,} on {STORES.get(s.target, s.target)}: {scale_series(s)}" for s in scale) + "\n",
+             "\n".join(f"- {run_name(s)}: {scale_series(s)}" for s in scale) + "\n",
              "\n## The proxy's warnings and errors during each run\n",
-             "\n".join(f"- {s.streams:,} on {STORES.get(s.target, s.target)}: "
+             "\n".join(f"- {run_name(s)}: "
                        + ("none" if not s.log_problems else
                           "; ".join(f"{n:,}× `{m}`" for m, n in sorted(s.log_problems.items(), key=lambda kv: -kv[1])[:5]))
                        for s in scale) + "\n",
+             "\n## The paced upstream over each run\n",
+             "Its CPU (core 0, shared with the client) and, over HTTP/2, bench/paced_h2.py's counters.\n",
+             "\n".join(f"- {run_name(s)}: {upstream_line(s)}" for s in scale) + "\n",
              "\n## Ledger rows by outcome (SQLite runs)\n",
-             "\n".join(f"- {s.streams:,}: {', '.join(f'{k} {v:,}' for k, v in s.outcomes.items()) or '—'}"
+             "\n".join(f"- {s.streams:,}, {s.protocol}: {', '.join(f'{k} {v:,}' for k, v in s.outcomes.items()) or '—'}"
                        for s in scale if s.target == "proxy") + "\n",
              f"\n`make bench-scale` took {elapsed_s / 60:.1f} min.\n"]
     return "\n".join(parts)

@@ -3,9 +3,12 @@ the scale run; prints the results and rewrites bench/RESULTS.md.
 
     .venv/bin/python -m bench.run [--rounds 3] [--key-rounds 2] [--seconds 5] [--streams 1000] [--quick]
     .venv/bin/python -m bench.run --scale-only --streams 10000 --interval-ms 1000 --events 60 [--stores sqlite,redis]
+        [--protocols h1,h2] [--max-streams 1000]
 
-`--scale-only` (`make bench-scale`): no matrix, no profiles; one ramped scale run a store through a
-fresh proxy whose upstream pool holds every stream; writes bench/RESULTS-scale.md.
+`--scale-only` (`make bench-scale`): no matrix, no profiles; one ramped scale run a store and upstream
+protocol through a fresh proxy whose upstream pool holds every stream; writes bench/RESULTS-scale.md.
+`--protocols h2`: the proxy speaks HTTP/2 (h2c, `http2: true`) to bench/paced_h2.py, one upstream
+connection per up to `--max-streams` streams instead of one a stream (h1: bench/paced.py, HTTP/1.1).
 
 Only loopback addresses are used; every load is bounded in requests and time."""
 from __future__ import annotations
@@ -122,10 +125,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--scale-only", action="store_true", help="only ramped scale runs, one a store (make bench-scale)")
     p.add_argument("--events", type=int, default=55, help="--scale-only: events a stream (>= 55)")
     p.add_argument("--stores", default="sqlite,redis", help="--scale-only: sqlite, redis, memory (comma-separated)")
+    p.add_argument("--protocols", default="h1",
+                   help="--scale-only: the proxy's upstream protocol, runs in this order: h1 (HTTP/1.1, bench/paced.py), "
+                        "h2 (HTTP/2 cleartext, `http2: true`, bench/paced_h2.py); comma-separated")
+    p.add_argument("--max-streams", type=int, default=1000,
+                   help="--scale-only, h2: the paced upstream's SETTINGS_MAX_CONCURRENT_STREAMS")
     p.add_argument("--ramp", default="1000/100/1024",
                    help="--scale-only: STARTS/STEP_MS/MAX_PENDING: at most STARTS every STEP_MS, at most MAX_PENDING "
                         "awaiting headers (below the proxy's listen backlog, 2048)")
     args = p.parse_args()
+    args.protocols = [x.strip() for x in args.protocols.split(",") if x.strip()]
+    if not args.protocols or set(args.protocols) - set(PROTOCOLS):
+        p.error(f"--protocols: h1, h2 or both, not {','.join(args.protocols)!r}")
     if args.results is None:
         args.results = HERE / ("RESULTS-scale.md" if args.scale_only else "RESULTS.md")
     if args.quick:
@@ -135,22 +146,32 @@ def parse_args() -> argparse.Namespace:
 
 
 STORE_TARGETS = {"sqlite": "proxy", "redis": "proxy-redis", "memory": "proxy-memory"}
-# The proxy's descriptors besides two a stream: listener, store, logs, Redis, the event loop (measured: 15-18).
+PROTOCOLS = {"h1": "HTTP/1.1", "h2": "HTTP/2"}
+# The proxy's descriptors besides its streams' sockets: listener, store, logs, Redis, the event loop (measured: 15-18).
 DESCRIPTORS_OF_ITS_OWN = 40
 
 
-def streams_that_fit(streams: int) -> int:
-    """`streams`, or fewer when the proxy could not hold two descriptors each under the hard limit
-    (which only CAP_SYS_RESOURCE may raise)."""
+def streams_that_fit(streams: int, http2: bool = False, max_streams: int = 1000) -> int:
+    """`streams`, or fewer when the proxy could not hold their sockets under the hard limit (which only
+    CAP_SYS_RESOURCE may raise): HTTP/1.1, two a stream (client side, upstream); HTTP/2, one a stream
+    plus one upstream connection per up to `max_streams` streams."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         return streams
-    return min(streams, (hard - DESCRIPTORS_OF_ITS_OWN) // 2)
+    room = hard - DESCRIPTORS_OF_ITS_OWN
+    if not http2:
+        return min(streams, room // 2)
+    fit = room * max_streams // (max_streams + 1)  # n + ceil(n / max_streams) <= room
+    while phases.stream_sockets(fit + 1, True, max_streams) <= room:
+        fit += 1
+    while fit > 0 and phases.stream_sockets(fit, True, max_streams) > room:
+        fit -= 1
+    return min(streams, fit)
 
 
 def scale_only(args: argparse.Namespace) -> int:
-    """`make bench-scale`: a fresh paced upstream and proxy a store; the proxy's upstream pool holds
-    every stream (max_connections = streams); the client ramps its starts. Cold start: a warm-up
+    """`make bench-scale`: a fresh paced upstream and proxy a protocol and store; the proxy's upstream pool
+    holds every stream (max_connections = streams); the client ramps its starts. Cold start: a warm-up
     stream at 1 s a tick would take a minute, so the ramp's first streams load the budget periods."""
     started = time.monotonic()
     per_step, step_ms, max_pending = (float(x) for x in args.ramp.split("/"))
@@ -159,36 +180,62 @@ def scale_only(args: argparse.Namespace) -> int:
     ws = Workspace(root)
     host = machine()
     results = []
-    capped = streams_that_fit(args.streams)
-    if capped < args.streams:
-        say(f"bench: {args.streams:,} streams need {2 * args.streams + DESCRIPTORS_OF_ITS_OWN:,} descriptors in the "
-            f"proxy, over this machine's hard limit: {capped:,} streams instead")
-        host.append(("streams asked for", f"{args.streams:,}, capped at {capped:,} by the RLIMIT_NOFILE hard limit"))
-        args.streams = capped
+    streams = {}  # protocol: the streams its runs open
+    for proto in args.protocols:
+        http2 = proto == "h2"
+        streams[proto] = capped = streams_that_fit(args.streams, http2, args.max_streams)
+        if capped < args.streams:
+            need = phases.stream_sockets(args.streams, http2, args.max_streams) + DESCRIPTORS_OF_ITS_OWN
+            say(f"bench: {args.streams:,} streams over {PROTOCOLS[proto]} need {need:,} descriptors in the proxy, "
+                f"over this machine's hard limit: {capped:,} streams instead")
+    if any(n < args.streams for n in streams.values()):
+        host.append(("streams asked for", f"{args.streams:,}; " + ", ".join(
+            f"{PROTOCOLS[p]} runs " + (f"capped at {n:,} by the RLIMIT_NOFILE hard limit" if n < args.streams
+                                       else f"{n:,}") for p, n in streams.items())))
     try:
-        for store in args.stores.split(","):
-            target = STORE_TARGETS[store.strip()]
-            if target == "proxy-redis" and not redis_up():
-                say("bench: no Redis answers at 127.0.0.1:6379: the redis:// run is skipped")
-                continue
-            say(f"bench: scale run, {args.streams:,} streams of {args.events} events at {args.interval_ms:g} ms "
-                f"on {store} (ramp: {ramp.per_step:,} starts per {ramp.step_ms:g} ms, {ramp.max_pending:,} pending at most)")
-            r = phases.scale_run(ws, f"{store}-{args.streams}", args.streams, args.interval_ms, warm=False,
-                                 target=target, events=args.events, ramp=ramp, max_connections=max(args.streams, 1000))
-            say(f"bench: {r.client}; proxy CPU {r.cpu_s:.1f} s, RSS {r.rss_before_mib:.0f} → {r.peak_rss_mib:.0f} MiB, "
-                f"peak fds {r.peak_fds:,} of {r.nofile:,}; log: {r.log_problems or 'nothing'}")
-            results.append(r)
+        for proto in args.protocols:
+            http2, n = proto == "h2", streams[proto]
+            for store in args.stores.split(","):
+                target = STORE_TARGETS[store.strip()]
+                if target == "proxy-redis" and not redis_up():
+                    say("bench: no Redis answers at 127.0.0.1:6379: the redis:// run is skipped")
+                    continue
+                say(f"bench: scale run, {n:,} streams of {args.events} events at {args.interval_ms:g} ms "
+                    f"on {store}, {PROTOCOLS[proto]} upstream (ramp: {ramp.per_step:,} starts per {ramp.step_ms:g} ms, "
+                    f"{ramp.max_pending:,} pending at most)")
+                r = phases.scale_run(ws, f"{proto}-{store}-{n}", n, args.interval_ms, warm=False,
+                                     target=target, events=args.events, ramp=ramp, max_connections=max(n, 1000),
+                                     http2=http2, max_streams=args.max_streams)
+                say(f"bench: {r.client}; proxy CPU {r.cpu_s:.1f} s, RSS {r.rss_before_mib:.0f} → {r.peak_rss_mib:.0f} MiB, "
+                    f"peak fds {r.peak_fds:,} of {r.nofile:,}; upstream CPU {r.upstream_cpu_s:.1f} s"
+                    f"{'; upstream ' + str(r.upstream) if r.upstream else ''}; log: {r.log_problems or 'nothing'}")
+                results.append(r)
     except BaseException:
         say(f"bench: failed; logs kept in {root / 'logs'}")
         raise
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    sockets = []
+    if "h1" in args.protocols:
+        sockets.append("over HTTP/1.1 two sockets a stream (client side and its own upstream connection)")
+    if "h2" in args.protocols:
+        sockets.append(f"over HTTP/2 one socket a stream (client side) plus one upstream connection per up to "
+                       f"{args.max_streams:,} streams (the upstream's SETTINGS_MAX_CONCURRENT_STREAMS)")
+    upstreams = []
+    if "h1" in args.protocols:
+        upstreams.append("HTTP/1.1: bench/paced.py, keep-alive, chunked")
+    if "h2" in args.protocols:
+        upstreams.append(f"HTTP/2: bench/paced_h2.py, cleartext with prior knowledge (`http2: true` in the proxy's "
+                         f"config), SETTINGS_MAX_CONCURRENT_STREAMS {args.max_streams:,}, one DATA frame an event")
     lines = [*(f"{k}: {v}" for k, v in host),
              f"RLIMIT_NOFILE hard limit {hard:,} (the bench raises each process's soft limit to it; raising the hard "
-             f"limit needs CAP_SYS_RESOURCE); the proxy holds two sockets a stream (client side and upstream)",
+             f"limit needs CAP_SYS_RESOURCE); the proxy holds {'; '.join(sockets)}, and about 18 of its own",
              f"ramp: at most {ramp.per_step:,} starts every {ramp.step_ms:g} ms and at most {ramp.max_pending:,} "
-             f"streams awaiting headers (the proxy's listen backlog is uvicorn's 2048); one connection a stream",
+             f"streams awaiting headers (the proxy's listen backlog is uvicorn's 2048); one client connection a stream "
+             f"(client to proxy: HTTP/1.1 in every run)",
              f"each stream: {args.events} SSE events, one every {args.interval_ms:g} ms (paced upstream, one timer); "
-             f"proxy: upstream pool max_connections {max(args.streams, 1000):,}, JSON access log to a file, cold start",
+             f"proxy: upstream pool max_connections = the streams (at least 1,000), JSON access log to a file, "
+             f"cold start",
+             f"upstream protocol (column **upstream**): {'; '.join(upstreams)}",
              "cores: the proxy alone on core 1 (taskset); the paced upstream and the client share core 0",
              f"load average at the end: {Path('/proc/loadavg').read_text().split()[0]}",
              f"budget-proxy (git): {first_line(['git', '-C', str(HERE.parent), 'describe', '--always', '--dirty'])}"]

@@ -81,11 +81,14 @@ def clear_redis(prefix: str) -> None:
         client.close()
 
 
-def proxy_yaml(upstream_url: str, store: str, max_connections: int | None = None) -> str:
+def proxy_yaml(upstream_url: str, store: str, max_connections: int | None = None, http2: bool = False) -> str:
     """A key budget and a team budget, both far from running out: everything is metered, nothing denied
     (10,000 concurrent holds of the bench request's max_tokens 1,024 are 10.2 M tokens and about $200).
-    `max_connections`: the upstream pool's size (the product's default, 1,000, when None)."""
+    `max_connections`: the upstream pool's size (the product's default, 1,000, when None); `http2`: the
+    upstream is spoken to over HTTP/2 (h2c with prior knowledge for an http:// base_url: bench/paced_h2.py)."""
     pool = "" if max_connections is None else f"\n    max_connections: {max_connections}"
+    if http2:
+        pool += "\n    http2: true"
     return f"""upstreams:
   anthropic:
     base_url: {upstream_url}
@@ -125,21 +128,30 @@ class Workspace:
         procs.wait_port(proc, port)
         return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
-    def start_paced(self, interval_ms: float, events: int = 55) -> Server:
+    def start_paced(self, interval_ms: float, events: int = 55, http2: bool = False,
+                    max_streams: int = 1000) -> Server:
+        """bench/paced.py (HTTP/1.1), or with `http2` bench/paced_h2.py (h2c, `max_streams` advertised as
+        SETTINGS_MAX_CONCURRENT_STREAMS; its counters in its log: paced_h2.stats_from_log(proc.log))."""
         port = procs.free_port()
-        cmd = [sys.executable, "-m", "bench.paced", "--port", str(port), "--interval-ms", str(interval_ms),
+        module, log = "bench.paced", self.logs / f"paced-{interval_ms:g}ms.log"
+        if http2:
+            module, log = "bench.paced_h2", self.logs / f"paced-h2-{interval_ms:g}ms-{port}.log"
+        cmd = [sys.executable, "-m", module, "--port", str(port), "--interval-ms", str(interval_ms),
                "--events", str(events)]
-        proc = procs.start("paced", cmd, LOAD_CORE, self.logs / f"paced-{interval_ms:g}ms.log", ENV)
+        if http2:
+            cmd += ["--max-streams", str(max_streams)]
+        proc = procs.start("paced", cmd, LOAD_CORE, log, ENV)
         procs.wait_port(proc, port)
         return Server("direct", f"http://127.0.0.1:{port}", proc.pid, proc)
 
     # --- servers under test, on their own core -------------------------------------------
     def start(self, name: str, upstream: Server, ledger: Path | None = None, tree: Path | None = None,
               max_connections: int | None = None, serve_args: tuple[str, ...] = (),
-              cores: int | str = SERVER_CORE) -> Server:
+              cores: int | str = SERVER_CORE, http2: bool = False) -> Server:
         """`tree`: run the proxy from that source tree instead of the installed one (bench.ab);
         `max_connections`: the proxy's upstream pool size (the scale run's streams); `serve_args`: more
-        `budget-proxy serve` arguments (bench.workers: `--workers N`); `cores`: taskset's list ("0-1")."""
+        `budget-proxy serve` arguments (bench.workers: `--workers N`); `cores`: taskset's list ("0-1");
+        `http2`: `http2: true` on the proxy's upstream (its upstream must be bench/paced_h2.py)."""
         if name == "direct":
             return Server("direct", upstream.url, upstream.pid, None)
         port = procs.free_port()
@@ -151,7 +163,7 @@ class Workspace:
                 prefix = f"bench-{os.getpid()}-{port}:"
                 clear_redis(prefix)
                 store = f"{REDIS_URL}/{REDIS_DB}?prefix={prefix}"
-            config.write_text(proxy_yaml(upstream.url, store, max_connections))
+            config.write_text(proxy_yaml(upstream.url, store, max_connections, http2))
             serve = ["serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--log-format", "json",
                      *serve_args]
             cmd = [str(BIN / "budget-proxy"), *serve] if tree is None else [sys.executable, "-c", FROM_TREE, str(tree), *serve]
