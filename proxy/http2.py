@@ -31,7 +31,7 @@ import h2.exceptions
 import h2.settings
 import httpx
 
-from proxy.http1 import OutOfDescriptors, Origin, cached_origin
+from proxy.http1 import KEEPALIVE_SECONDS, OutOfDescriptors, Origin, cached_origin
 
 STREAM_WINDOW = 1 << 20        # bytes a stream may have unread before the upstream waits for the relay
 CONNECTION_WINDOW = 1 << 24
@@ -221,6 +221,7 @@ class H2Connection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the server's SETTINGS came
         self._window_waiters: list[asyncio.Future[None]] = []
         self._conn_unacked = 0
+        self.idle_since: float | None = None  # when its last stream ended (None: it has carried none yet)
 
     # --- asyncio ---------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -294,7 +295,15 @@ class H2Connection(asyncio.Protocol):
 
     # --- used by the pool and the replies ---------------------------------------------------
     def usable(self) -> bool:
-        return not self.closed and self.going_away is None and len(self.streams) < self.max_streams
+        """Whether a new stream may go on it. A connection idle for KEEPALIVE_SECONDS is closed
+        instead, as proxy/http1.py closes its idle ones: a server or a middlebox may have dropped it."""
+        if self.closed or self.going_away is not None:
+            return False
+        idle = self.idle_since
+        if not self.streams and idle is not None and self.loop.time() - idle >= KEEPALIVE_SECONDS:
+            self.close()
+            return False
+        return len(self.streams) < self.max_streams
 
     def flush(self) -> None:
         out = self.h2.data_to_send()
@@ -356,6 +365,8 @@ class H2Connection(asyncio.Protocol):
 
     def ended(self, sid: int) -> None:
         if self.streams.pop(sid, None) is not None:
+            if not self.streams:
+                self.idle_since = self.loop.time()
             if self.going_away is not None and not self.streams:
                 self.close()
             elif not self.closed:
@@ -466,7 +477,7 @@ class H2Pool:
         free a stream within pool_timeout."""
         key, deadline = origin.key, 0.0
         while True:
-            for conn in self._conns.get(key, ()):
+            for conn in list(self._conns.get(key, ())):  # (usable() may close and drop one)
                 if conn.usable():
                     return conn
             connecting = self._connecting.get(key)

@@ -139,6 +139,14 @@ def test_a_json_reply_is_relayed_byte_exact_and_metered(up, launch):
     assert up.connections == 1  # (both requests on one connection)
 
 
+def test_a_connection_idle_past_the_keepalive_is_not_used_again(up, launch, monkeypatch):
+    monkeypatch.setattr("proxy.http2.KEEPALIVE_SECONDS", 0.0)  # (every idle connection is stale at once)
+    proxy = launch(up)
+    for _ in range(2):
+        assert post(proxy, body_of()).status_code == 200
+    assert up.connections == 2 and [s.conn for s in up.requests] == [1, 2]
+
+
 def test_the_upstream_gets_an_http2_request_with_its_own_key(up, launch):
     proxy = launch(up)
     body = body_of()
