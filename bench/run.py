@@ -214,18 +214,15 @@ def scale_only(args: argparse.Namespace) -> int:
         say(f"bench: failed; logs kept in {root / 'logs'}")
         raise
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    sockets = []
-    if "h1" in args.protocols:
-        sockets.append("over HTTP/1.1 two sockets a stream (client side and its own upstream connection)")
-    if "h2" in args.protocols:
-        sockets.append(f"over HTTP/2 one socket a stream (client side) plus one upstream connection per up to "
-                       f"{args.max_streams:,} streams (the upstream's SETTINGS_MAX_CONCURRENT_STREAMS)")
-    upstreams = []
-    if "h1" in args.protocols:
-        upstreams.append("HTTP/1.1: bench/paced.py, keep-alive, chunked")
-    if "h2" in args.protocols:
-        upstreams.append(f"HTTP/2: bench/paced_h2.py, cleartext with prior knowledge (`http2: true` in the proxy's "
-                         f"config), SETTINGS_MAX_CONCURRENT_STREAMS {args.max_streams:,}, one DATA frame an event")
+    described = {  # per protocol: the sockets a stream holds in the proxy, and the upstream
+        "h1": ("over HTTP/1.1 two sockets a stream (client side and its own upstream connection)",
+               "HTTP/1.1: bench/paced.py, keep-alive, chunked"),
+        "h2": (f"over HTTP/2 one socket a stream (client side) plus one upstream connection per up to "
+               f"{args.max_streams:,} streams (the upstream's SETTINGS_MAX_CONCURRENT_STREAMS)",
+               f"HTTP/2: bench/paced_h2.py, cleartext with prior knowledge (`http2: true` in the proxy's "
+               f"config), SETTINGS_MAX_CONCURRENT_STREAMS {args.max_streams:,}, one DATA frame an event")}
+    sockets = [described[p][0] for p in args.protocols]
+    upstreams = [described[p][1] for p in args.protocols]
     lines = [*(f"{k}: {v}" for k, v in host),
              f"RLIMIT_NOFILE hard limit {hard:,} (the bench raises each process's soft limit to it; raising the hard "
              f"limit needs CAP_SYS_RESOURCE); the proxy holds {'; '.join(sockets)}, and about 18 of its own",

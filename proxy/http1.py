@@ -73,36 +73,12 @@ class Origin:
         self.host_header = name if default_port else f"{name}:{self.port}"
 
 
-def cached_origin(cache: dict[str, Origin], url: str) -> Origin:
-    """The Origin of `url`, parsed once while it stays in `cache`."""
-    o = cache.get(url)
-    if o is None:
-        if len(cache) >= URL_CACHE_SIZE:  # bounded: the query string comes from the client
-            cache.clear()
-        o = cache[url] = Origin(url)
-    return o
+class ReplyBody:
+    """A response body as its connection reads it in (_data, _finish, _fail) and the relay's side of
+    it (aiter_raw, aread); `_taken` is the connection's hook once the relay has read what came."""
 
+    __slots__ = ("_chunks", "_waiter", "_complete", "_error", "_loop")
 
-class Reply:
-    """A response whose headers are in; its body arrives through the connection as it is read."""
-
-    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "_buffered", "_waiter",
-                 "_complete", "_error", "_conn", "_loop", "_headers_in")
-
-    def __init__(self, conn: Connection) -> None:
-        self.status_code = 0
-        self.headers_raw: list[tuple[bytes, bytes]] = []
-        self.content_type = ""
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._complete = False
-        self._error: BaseException | None = None
-        self._conn: Connection | None = conn  # None once the body is complete or the reply closed
-        self._loop = conn.loop
-        self._headers_in: asyncio.Future[None] = conn.loop.create_future()
-
-    # --- fed by the connection --------------------------------------------------------------
     def _wake(self) -> None:
         w = self._waiter
         if w is not None:
@@ -110,35 +86,14 @@ class Reply:
             if not w.done():
                 w.set_result(None)
 
-    def _data(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER_BYTES and self._conn is not None:
-            self._conn.pause()
-        self._wake()
+    def _taken(self) -> None:
+        pass
 
-    def _finish(self) -> None:
-        self._complete = True
-        self._conn = None
-        self._wake()
-
-    def _fail(self, error: BaseException) -> None:
-        if self._complete or self._error is not None:
-            return
-        self._error = error
-        self._conn = None
-        if not self._headers_in.done():
-            self._headers_in.set_exception(error)
-        self._wake()
-
-    # --- read by the relay --------------------------------------------------------------------
     def _take(self) -> bytes:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
-        self._buffered = 0
-        if self._conn is not None:
-            self._conn.resume()
+        self._taken()
         return data
 
     async def _more(self) -> None:
@@ -167,6 +122,52 @@ class Reply:
                 raise self._error
             await self._more()
         return self._take() if self._chunks else b""
+
+
+class Reply(ReplyBody):
+    """A response whose headers are in; its body arrives through the connection as it is read."""
+
+    __slots__ = ("status_code", "headers_raw", "content_type", "_buffered", "_conn", "_headers_in")
+
+    def __init__(self, conn: Connection) -> None:
+        self.status_code = 0
+        self.headers_raw: list[tuple[bytes, bytes]] = []
+        self.content_type = ""
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._conn: Connection | None = conn  # None once the body is complete or the reply closed
+        self._loop = conn.loop
+        self._headers_in: asyncio.Future[None] = conn.loop.create_future()
+
+    # --- fed by the connection --------------------------------------------------------------
+    def _data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER_BYTES and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._complete or self._error is not None:
+            return
+        self._error = error
+        self._conn = None
+        if not self._headers_in.done():
+            self._headers_in.set_exception(error)
+        self._wake()
+
+    def _taken(self) -> None:
+        self._buffered = 0
+        if self._conn is not None:
+            self._conn.resume()
 
     async def aclose(self) -> None:
         """A body not read to its end closes the connection: that is what stops the upstream."""
@@ -369,8 +370,8 @@ def _pool_timed_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(httpx.PoolTimeout("upstream connection pool exhausted"))
 
 
-class Pool:
-    """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
+class PoolSettings:
+    """What both pools (this one, proxy/http2.py's) are built with, and their parsed URLs."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
                  read_timeout: float = 600.0, max_duration: float = 3600.0,
@@ -388,22 +389,53 @@ class Pool:
         self.pool_timeout = pool_timeout
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
         self._origins: dict[str, Origin] = {}
-        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
-        self._open: set[Connection] = set()
-        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a free connection
+        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection
         self._closed = False
-        self._fd_warned_at = float("-inf")
 
-    def origin(self, url: str) -> Origin:
-        return cached_origin(self._origins, url)
-
-    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
-        """Write the request; return once the response headers are in (the body is not read)."""
+    def _begin(self, url: str) -> Origin:
+        """A request to `url` may go: the pool is open, on this loop; its origin."""
         if self._closed:
             raise httpx.ConnectError("the upstream pool is closed")
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        origin = self.origin(url)
+        return self.origin(url)
+
+    async def _wait_turn(self, deadline: float) -> float:
+        """Wait until woken (a connection or a stream came free) or, at `deadline`, PoolTimeout; the
+        deadline is set at the first wait (0.0: none yet), one bound on the whole wait however often
+        the request is woken. Returns it."""
+        if not deadline:
+            deadline = self.loop.time() + self.pool_timeout
+        waiter = self.loop.create_future()
+        self._waiting.append(waiter)
+        timer = self.loop.call_at(deadline, _pool_timed_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+        return deadline
+
+    def origin(self, url: str) -> Origin:
+        o = self._origins.get(url)
+        if o is None:
+            if len(self._origins) >= URL_CACHE_SIZE:  # bounded: the query string comes from the client
+                self._origins.clear()
+            o = self._origins[url] = Origin(url)
+        return o
+
+
+class Pool(PoolSettings):
+    """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._open: set[Connection] = set()
+        self._fd_warned_at = float("-inf")
+
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
+        """Write the request; return once the response headers are in (the body is not read)."""
+        origin = self._begin(url)
         lines = [f"{method} {origin.target} HTTP/1.1\r\nhost: {origin.host_header}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers]
         if body or method not in ("GET", "HEAD"):
@@ -440,15 +472,7 @@ class Pool:
         deadline = 0.0
         while len(self._open) >= self.max_connections:
             self._close_one_idle()
-            if not deadline:  # (one bound on the whole wait, however often this one is woken)
-                deadline = self.loop.time() + self.pool_timeout
-            waiter = self.loop.create_future()
-            self._waiting.append(waiter)
-            timer = self.loop.call_at(deadline, _pool_timed_out, waiter)
-            try:
-                await waiter  # a connection closed or went back to the pool
-            finally:
-                timer.cancel()
+            deadline = await self._wait_turn(deadline)  # a connection closed or went back to the pool
             conn = self._reuse(origin.key)
             if conn is not None:
                 return conn

@@ -21,7 +21,7 @@ import asyncio
 import errno
 import ssl
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -31,7 +31,7 @@ import h2.exceptions
 import h2.settings
 import httpx
 
-from proxy.http1 import KEEPALIVE_SECONDS, OutOfDescriptors, Origin, cached_origin
+from proxy.http1 import KEEPALIVE_SECONDS, OutOfDescriptors, Origin, PoolSettings, ReplyBody
 
 STREAM_WINDOW = 1 << 20        # bytes a stream may have unread before the upstream waits for the relay
 CONNECTION_WINDOW = 1 << 24
@@ -64,12 +64,12 @@ def request_headers(method: str, origin: Origin, headers: list[tuple[str, str]])
     return out
 
 
-class H2Reply:
+class H2Reply(ReplyBody):
     """One stream's response; its body arrives as the connection reads it (proxy/http1.py Reply's
     interface)."""
 
-    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "_unacked", "_waiter", "_complete",
-                 "_error", "_conn", "_sid", "_loop", "_headers_in", "_last", "_deadline", "_timer")
+    __slots__ = ("status_code", "headers_raw", "content_type", "_unacked", "_conn", "_sid", "_headers_in",
+                 "_last", "_deadline", "_timer")
 
     def __init__(self, conn: H2Connection, sid: int) -> None:
         self.status_code = 0
@@ -90,13 +90,6 @@ class H2Reply:
             min(self._last + conn.pool.read_timeout, self._deadline), self._check_timeout)
 
     # --- fed by the connection --------------------------------------------------------------
-    def _wake(self) -> None:
-        w = self._waiter
-        if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
-
     def _head(self, headers: list[tuple[bytes, bytes]]) -> None:
         status, out = b"", []
         for k, v in headers:
@@ -163,41 +156,10 @@ class H2Reply:
         conn.reset(self._sid)
 
     # --- read by the relay --------------------------------------------------------------------
-    def _take(self) -> bytes:
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+    def _taken(self) -> None:
         if self._unacked >= STREAM_WINDOW // 2 and self._conn is not None:
             self._conn.consumed(self._sid, self._unacked)
             self._unacked = 0
-        return data
-
-    async def _more(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        await waiter
-
-    @property
-    def body_complete(self) -> bool:
-        """The whole body has arrived and been read: the chunk just taken was the last."""
-        return self._complete and not self._chunks
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        while True:
-            if self._chunks:
-                yield self._take()
-            elif self._complete:
-                return
-            elif self._error is not None:
-                raise self._error
-            else:
-                await self._more()
-
-    async def aread(self) -> bytes:
-        while not self._complete:
-            if self._error is not None:
-                raise self._error
-            await self._more()
-        return self._take() if self._chunks else b""
 
     async def aclose(self) -> None:
         """A body not read to its end resets the stream: that is what stops the upstream."""
@@ -413,44 +375,21 @@ def _code_name(code: Any) -> str:
         return str(code)
 
 
-def _pool_timed_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.PoolTimeout("upstream connection pool exhausted"))
-
-
-class H2Pool:
+class H2Pool(PoolSettings):
     """HTTP/2 connections to any number of origins, at most `max_connections` open at once, each
     carrying up to its server's SETTINGS_MAX_CONCURRENT_STREAMS (at most MAX_STREAMS_PER_CONNECTION).
     An origin's connections are opened one at a time: a burst of requests fills the first before a
-    second is opened. The arguments are proxy.http1.Pool's."""
+    second is opened. The settings are proxy.http1.PoolSettings'."""
 
-    def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
-                 read_timeout: float = 600.0, max_duration: float = 3600.0,
-                 ssl_context: ssl.SSLContext | None = None, pool_timeout: float = 10.0) -> None:
-        self.max_connections = max_connections
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.max_duration = max_duration
-        self.pool_timeout = pool_timeout
-        self._ssl_context = ssl_context
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set on first use
-        self._origins: dict[str, Origin] = {}
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
         self._conns: dict[tuple[str, str, int], list[H2Connection]] = {}
         self._open: set[H2Connection] = set()
         self._connecting: dict[tuple[str, str, int], asyncio.Future[None]] = {}
-        self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a free stream
-        self._closed = False
-
-    def origin(self, url: str) -> Origin:
-        return cached_origin(self._origins, url)
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> H2Reply:
         """Send the request; return once the response headers are in (the body is not read)."""
-        if self._closed:
-            raise httpx.ConnectError("the upstream pool is closed")
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-        origin = self.origin(url)
+        origin = self._begin(url)
         block = request_headers(method, origin, headers)
         for attempt in range(2):
             conn = await self._acquire(origin)
@@ -487,15 +426,7 @@ class H2Pool:
             if len(self._open) < self.max_connections:
                 await self._connect(origin)
                 continue
-            if not deadline:  # (one bound on the whole wait, however often this one is woken)
-                deadline = self.loop.time() + self.pool_timeout
-            waiter = self.loop.create_future()
-            self._waiting.append(waiter)
-            timer = self.loop.call_at(deadline, _pool_timed_out, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
+            deadline = await self._wait_turn(deadline)  # a stream or a connection came free
 
     async def _connect(self, origin: Origin) -> None:
         done = self._connecting[origin.key] = self.loop.create_future()
