@@ -234,10 +234,7 @@ class H2Connection(asyncio.Protocol):
                 else:
                     reply._fail(httpx.RemoteProtocolError(f"upstream reset the stream ({_code_name(code)})"))
         elif kind is h2.events.WindowUpdated:
-            waiters, self._window_waiters = self._window_waiters, []
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+            self._wake_senders()
         elif kind is h2.events.RemoteSettingsChanged:
             self.max_streams = max(1, min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION))
             if not self.ready.done():
@@ -325,8 +322,17 @@ class H2Connection(asyncio.Protocol):
         self.ended(sid)
         self.flush()
 
+    def _wake_senders(self) -> None:
+        """Bodies waiting for the upstream's window look again (it opened, or their stream ended)."""
+        waiters, self._window_waiters = self._window_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
     def ended(self, sid: int) -> None:
         if self.streams.pop(sid, None) is not None:
+            if self._window_waiters:  # (a body still waiting for window on this stream stops)
+                self._wake_senders()
             if not self.streams:
                 self.idle_since = self.loop.time()
             if self.going_away is not None and not self.streams:
@@ -344,10 +350,7 @@ class H2Connection(asyncio.Protocol):
         for reply in list(self.streams.values()):
             reply._fail(error)
         self.streams.clear()
-        for w in self._window_waiters:
-            if not w.done():
-                w.set_result(None)
-        self._window_waiters = []
+        self._wake_senders()
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
