@@ -117,11 +117,16 @@ class ReplyBody:
                 await self._more()
 
     async def aread(self) -> bytes:
+        parts: list[bytes] = []
         while not self._complete:
             if self._error is not None:
                 raise self._error
+            if self._chunks:  # (taken as they come: the connection reads on, the upstream's window opens)
+                parts.append(self._take())
             await self._more()
-        return self._take() if self._chunks else b""
+        if self._chunks:
+            parts.append(self._take())
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Reply(ReplyBody):

@@ -99,7 +99,7 @@ class H2Reply(ReplyBody):
                 out.append((k, v))
                 if k == b"content-type":
                     self.content_type = v.decode("latin-1")
-        if not status.isdigit():
+        if not (len(status) == 3 and status.isdigit() and b"200" <= status <= b"599"):  # (1xx: h2's)
             self._fail(httpx.RemoteProtocolError("upstream sent a response without a valid :status"))
             return
         self.status_code, self.headers_raw = int(status), out
@@ -126,6 +126,7 @@ class H2Reply(ReplyBody):
         self._end()
         if not self._headers_in.done():
             self._headers_in.set_exception(error)
+            self._headers_in.exception()  # (retrieved: a request that no longer awaits it logs nothing)
         self._wake()
 
     def _end(self) -> None:
@@ -188,6 +189,9 @@ class H2Connection(asyncio.Protocol):
     # --- asyncio ---------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        if self.closed:  # (failed while connecting: the pool was closed meanwhile)
+            transport.abort()
+            return
         self.h2.initiate_connection()
         self.h2.update_settings(_SETTINGS)
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
@@ -208,6 +212,16 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.fail(httpx.ReadError("the upstream connection was lost"))
+
+    def pause_writing(self) -> None:
+        # The upstream reads nothing of what is written: stop reading it too, else every frame it
+        # sends that h2 answers by itself (PING, SETTINGS) grows the write buffer without bound.
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     # --- h2 events ---------------------------------------------------------------------------
     def _on(self, event: Any) -> None:
@@ -236,6 +250,8 @@ class H2Connection(asyncio.Protocol):
         elif kind is h2.events.WindowUpdated:
             self._wake_senders()
         elif kind is h2.events.RemoteSettingsChanged:
+            if self._window_waiters:  # (SETTINGS_INITIAL_WINDOW_SIZE opens the streams' windows: no WINDOW_UPDATE)
+                self._wake_senders()
             self.max_streams = max(1, min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION))
             if not self.ready.done():
                 self.ready.set_result(None)
@@ -278,6 +294,8 @@ class H2Connection(asyncio.Protocol):
             # (its stream ids used up, or the server lowered its limit: nothing was sent)
             self.going_away = self.going_away or 0
             self.pool.forget(self)
+            if not self.streams:  # (nothing will end on it, to close it)
+                self.close()
             raise _Unprocessed("the connection takes no more streams") from None
         except h2.exceptions.ProtocolError as exc:
             raise httpx.LocalProtocolError(f"the request breaks HTTP/2's rules: {exc.__class__.__name__}") from None
@@ -331,6 +349,15 @@ class H2Connection(asyncio.Protocol):
 
     def ended(self, sid: int) -> None:
         if self.streams.pop(sid, None) is not None:
+            stream = self.h2.streams.get(sid)
+            if stream is not None and not stream.closed and not self.closed:
+                # Over for the relay, still open in h2 and at the server (an answer before the whole
+                # request was sent, a head refused): reset, or it holds one of the server's streams.
+                try:
+                    self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    pass
+                self.flush()
             if self._window_waiters:  # (a body still waiting for window on this stream stops)
                 self._wake_senders()
             if not self.streams:
@@ -363,6 +390,10 @@ class _H2Connection(h2.connection.H2Connection):
     """h2's client connection, except that a GOAWAY leaves it open for the streams the GOAWAY lets
     finish (RFC 9113 section 6.8): h2 would refuse their later frames, cutting every stream in flight
     whenever a server drains a connection. No new stream is opened on it (H2Connection.usable)."""
+
+    def clear_outbound_data_buffer(self) -> None:
+        """h2 calls it on a GOAWAY: it would drop what h2 has queued in answer to the frames read
+        with it (a PING's ACK, a SETTINGS ACK, a WINDOW_UPDATE), on a connection kept open here."""
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         out = super()._receive_goaway_frame(frame)
@@ -419,6 +450,8 @@ class H2Pool(PoolSettings):
         free a stream within pool_timeout."""
         key, deadline = origin.key, 0.0
         while True:
+            if self._closed:  # (woken by aclose: open nothing more)
+                raise httpx.ConnectError("the upstream pool is closed")
             for conn in list(self._conns.get(key, ())):  # (usable() may close and drop one)
                 if conn.usable():
                     return conn
@@ -451,9 +484,12 @@ class H2Pool(PoolSettings):
             self._connected(origin.key, done, None)
             raise
         else:
-            self._conns.setdefault(origin.key, []).append(conn)
-            self._connected(origin.key, done, None)
-            return
+            if not conn.closed and conn.going_away is None:
+                self._conns.setdefault(origin.key, []).append(conn)
+                self._connected(origin.key, done, None)
+                return
+            # (a GOAWAY, or the close, came with its SETTINGS: connecting again at once would loop)
+            error = httpx.ConnectError("upstream refused new streams on a new connection (GOAWAY)")
         conn.fail(error)
         self._connected(origin.key, done, error)
         raise error from None

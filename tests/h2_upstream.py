@@ -19,6 +19,10 @@ connection, and anything the client did that HTTP/2 forbids or a script did not 
     up.queue(never())                                   no answer at all (until the client resets)
     up.queue(hold("name"))                              no answer until release("name")
     up.queue(*[barrier(10)] * 10)                       no answer until 10 requests wait at that barrier
+    up.queue(headers_only(200, [("content-type", "text/event-stream")]))   END_STREAM on the HEADERS frame
+
+`H2Upstream(withhold_window=True)` never gives back the receive windows the client's request
+bodies use up: the client can send no more than the initial windows (65,535 bytes).
 
 Every public method may be called from any thread.
 """
@@ -45,7 +49,7 @@ from tests.hostile_upstream import ORDINARY_USAGE, frame, message_json, message_
 
 __all__ = ["H2Upstream", "Seen", "Reset", "Stream", "ErrorCodes", "ORDINARY_USAGE", "frame", "message_json",
            "message_stream", "text_delta", "json_answer", "respond", "sse", "rst_after", "goaway", "never", "hold",
-           "barrier", "ordinary"]
+           "barrier", "ordinary", "headers_only"]
 
 Headers = Iterable[tuple[str, str]]
 
@@ -227,6 +231,13 @@ def goaway(last_stream_id: int | None = None) -> Answer:
     return answer
 
 
+def headers_only(status: int = 200, headers: Headers = ()) -> Answer:
+    """A response head with END_STREAM on its HEADERS frame: no body at all, not even an empty DATA frame."""
+    async def answer(s: Stream) -> None:
+        await s.headers(status, headers, end=True)
+    return answer
+
+
 def never() -> Answer:
     async def answer(s: Stream) -> None:
         await s.until_gone()
@@ -352,7 +363,8 @@ class _Link(asyncio.Protocol):
             seen = self.partial.get(event.stream_id)
             if seen is not None:
                 seen.body += event.data
-            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if not up.withhold_window:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             seen = self.partial.pop(event.stream_id, None)
             if seen is not None:
@@ -411,9 +423,11 @@ class H2Upstream:
     """`start()` returns once it listens on 127.0.0.1; `stop()` closes every connection."""
 
     def __init__(self, max_concurrent_streams: int = 100, initial_window_size: int = 65535,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        """With `ssl_context` (its certificate for localhost), TLS offering only "h2" by ALPN."""
+                 ssl_context: ssl.SSLContext | None = None, withhold_window: bool = False) -> None:
+        """With `ssl_context` (its certificate for localhost), TLS offering only "h2" by ALPN; with
+        `withhold_window`, no WINDOW_UPDATE for what request bodies use up."""
         self.max_concurrent_streams = max_concurrent_streams
+        self.withhold_window = withhold_window
         self.initial_window_size = initial_window_size
         self.ssl_context = ssl_context
         if ssl_context is not None:

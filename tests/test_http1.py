@@ -529,3 +529,20 @@ async def test_a_process_out_of_descriptors_is_the_proxys_own_limit_not_an_unrea
         reply = await pool.request("GET", base + "/", [], b"")
         assert reply.status_code == 200 and await reply.aread() == b"fine"
     await pool.aclose()
+
+
+async def test_a_whole_body_far_past_the_high_water_mark_is_read():
+    """aread takes the body as it comes: the socket, paused past HIGH_WATER_BYTES unread, is read on
+    (a reply read whole, e.g. a large JSON message, would otherwise wait for its read timeout)."""
+    big = bytes(range(256)) * (64 * 1024)  # 16 MiB: far past the high-water mark and any socket buffer
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        writer.write(answer("200 OK", big))
+        await writer.drain()
+
+    async with RawServer(handler) as url:
+        pool = Pool(read_timeout=5.0)
+        reply = await pool.request("POST", url + "/v1/messages", [], b"{}")
+        assert await reply.aread() == big
+        await pool.aclose()
