@@ -66,7 +66,8 @@ def run_field(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 def descriptors_wanted(config: ProxyConfig) -> int:
     """Two descriptors a stream (client and upstream) at every upstream's max_connections, and room
-    for the listener, the store and the logs."""
+    for the listener, the store and the logs. (An http2 upstream's streams share its connections and
+    are not bounded by max_connections: counted alike, the figure is a floor.)"""
     return 2 * sum(u.max_connections for u in config.upstreams.values()) + 64
 
 

@@ -122,10 +122,12 @@ class ReplyBody:
             if self._error is not None:
                 raise self._error
             if self._chunks:  # (taken as they come: the connection reads on, the upstream's window opens)
-                parts.append(self._take())
+                parts += self._chunks
+                self._chunks.clear()
+                self._taken()
             await self._more()
-        if self._chunks:
-            parts.append(self._take())
+        parts += self._chunks
+        self._chunks.clear()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -375,8 +377,9 @@ def _pool_timed_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(httpx.PoolTimeout("upstream connection pool exhausted"))
 
 
-class PoolSettings:
-    """What both pools (this one, proxy/http2.py's) are built with, and their parsed URLs."""
+class PoolBase:
+    """What both pools (this one, proxy/http2.py's) share: their settings, parsed URLs, the wait for
+    room, connect errors and TLS context."""
 
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
                  read_timeout: float = 600.0, max_duration: float = 3600.0,
@@ -396,6 +399,8 @@ class PoolSettings:
         self._origins: dict[str, Origin] = {}
         self._waiting: deque[asyncio.Future[None]] = deque()  # requests waiting for a connection
         self._closed = False
+        self._open: set[Any] = set()  # (each pool's connections)
+        self._fd_warned_at = float("-inf")
 
     def _begin(self, url: str) -> Origin:
         """A request to `url` may go: the pool is open, on this loop; its origin."""
@@ -420,6 +425,35 @@ class PoolSettings:
             timer.cancel()
         return deadline
 
+    def _connect_error(self, exc: BaseException) -> httpx.HTTPError:
+        """What a failed connect is to the relay: ConnectTimeout, OutOfDescriptors (the process's own
+        limit, warned about at most every FD_WARNING_EVERY_SECONDS) or ConnectError."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return httpx.ConnectTimeout("upstream connect timed out")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = time.monotonic()
+            if now >= self._fd_warned_at + FD_WARNING_EVERY_SECONDS:
+                self._fd_warned_at = now
+                log.warning("out of file descriptors (%d connections open upstream): new upstream connections "
+                            "answer 503 until some close; raise the process's RLIMIT_NOFILE (docs/configuration.md)",
+                            len(self._open))
+            return OutOfDescriptors("the proxy is at its open-file limit; retry shortly")
+        if isinstance(exc, httpx.ConnectError):
+            return exc
+        return httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}")
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:  # (loading the CAs takes milliseconds: once a pool, when first needed)
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _fail_waiting(self) -> None:
+        """The pool closed: every request still waiting for room fails."""
+        while self._waiting:
+            w = self._waiting.popleft()
+            if not w.done():
+                w.set_exception(httpx.ConnectError("the upstream pool is closed"))
+
     def origin(self, url: str) -> Origin:
         o = self._origins.get(url)
         if o is None:
@@ -429,14 +463,12 @@ class PoolSettings:
         return o
 
 
-class Pool(PoolSettings):
+class Pool(PoolBase):
     """Keep-alive connections to any number of origins, at most `max_connections` open at once."""
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
-        self._open: set[Connection] = set()
-        self._fd_warned_at = float("-inf")
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
         """Write the request; return once the response headers are in (the body is not read)."""
@@ -489,33 +521,14 @@ class Pool(PoolSettings):
                                             ssl=self._tls() if origin.tls else None,
                                             server_hostname=origin.host if origin.tls else None),
                 self.connect_timeout)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, OSError) as exc:  # refused, unreachable, DNS, TLS; or no descriptor left here
             self._forget(conn)
-            raise httpx.ConnectTimeout("upstream connect timed out") from None
-        except OSError as exc:  # refused, unreachable, DNS, TLS; or no descriptor left here
-            self._forget(conn)
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self._warn_out_of_descriptors()
-                raise OutOfDescriptors("the proxy is at its open-file limit; retry shortly") from None
-            raise httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}") from None
+            raise self._connect_error(exc) from None
         except BaseException:
             self._forget(conn)
             conn.close()
             raise
         return conn
-
-    def _warn_out_of_descriptors(self) -> None:
-        now = time.monotonic()
-        if now >= self._fd_warned_at + FD_WARNING_EVERY_SECONDS:
-            self._fd_warned_at = now
-            log.warning("out of file descriptors (%d connections open upstream): new upstream connections "
-                        "answer 503 until some close; raise the process's RLIMIT_NOFILE (docs/configuration.md)",
-                        len(self._open))
-
-    def _tls(self) -> ssl.SSLContext:
-        if self._ssl_context is None:  # (loading the CAs takes milliseconds: once a pool, when first needed)
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context
 
     def _close_one_idle(self) -> None:
         """At the limit, an idle connection to another origin makes room (its close wakes a waiter)."""
@@ -550,7 +563,4 @@ class Pool(PoolSettings):
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
-        for w in self._waiting:
-            if not w.done():
-                w.set_exception(httpx.ConnectError("the upstream pool is closed"))
-        self._waiting.clear()
+        self._fail_waiting()

@@ -11,16 +11,17 @@ The interface and the errors are proxy/http1.py's (the relay cannot tell them ap
 upstream resets the stream or breaks the protocol, ReadError when the connection is lost.
 
 Flow control: the connection's window is given back as data arrives, a stream's only as the relay
-reads it, so a client that reads slowly stalls its own stream (at STREAM_WINDOW unread bytes), never
-the others on the connection. A request the upstream refused unprocessed (a stream above the last
-one a GOAWAY names: RFC 9113 section 6.8) is sent once more, on another connection.
+reads it, so a client that reads slowly stalls its own stream (at STREAM_WINDOW unread bytes, the
+HTTP/1.1 pool's high-water mark), never the others on the connection. A request the upstream turned
+away unprocessed (a stream above the last one a GOAWAY names: RFC 9113 section 6.8; REFUSED_STREAM
+before any answer) is sent once more. What h2 counts as a connection error (a response head too
+large or malformed, a window overrun) fails every stream on that connection, as HPACK's shared state
+requires.
 """
 from __future__ import annotations
 
 import asyncio
-import errno
 import ssl
-from collections import deque
 from typing import Any
 
 import h2.config
@@ -31,27 +32,36 @@ import h2.exceptions
 import h2.settings
 import httpx
 
-from proxy.http1 import KEEPALIVE_SECONDS, OutOfDescriptors, Origin, PoolSettings, ReplyBody
+from hpack import NeverIndexedHeaderTuple
 
-STREAM_WINDOW = 1 << 20        # bytes a stream may have unread before the upstream waits for the relay
+from proxy.http1 import HIGH_WATER_BYTES, KEEPALIVE_SECONDS, Origin, PoolBase, ReplyBody
+
+STREAM_WINDOW = HIGH_WATER_BYTES  # bytes a stream may have unread before the upstream waits for the relay
 CONNECTION_WINDOW = 1 << 24
 MAX_STREAMS_PER_CONNECTION = 1000  # also when the server allows more (or sets no limit)
 MAX_HEAD_BYTES = 64 * 1024     # a response head's headers (HPACK-decoded), as proxy/http1.py bounds it
 # Connection-specific headers are not HTTP/2's (RFC 9113 section 8.2.2); `host` goes as :authority.
-_NOT_SENT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host"})
+# (content-length is the pool's to write, as proxy/http1.py writes it.)
+_NOT_SENT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
+                       "content-length"})
+# Never put in HPACK's shared table (RFC 7541 section 7.1.3): the upstream key rides on every request.
+_SECRET = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie"})
 _SETTINGS = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
              h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEAD_BYTES,
              h2.settings.SettingCodes.ENABLE_PUSH: 0}
 
 
 class _Unprocessed(httpx.RemoteProtocolError):
-    """The upstream went away (GOAWAY) without processing this stream: safe to send again."""
+    """The upstream did not process this request (a GOAWAY before its stream, REFUSED_STREAM, or a
+    connection that takes no more streams): safe to send again."""
 
 
-def request_headers(method: str, origin: Origin, headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def request_headers(method: str, origin: Origin, headers: list[tuple[str, str]],
+                    body_length: int) -> list[tuple[bytes, bytes]]:
     """[pure] The relay's request headers as an HTTP/2 header block: the pseudo-headers, then the
-    rest lower-cased, without the connection-specific ones. A value holding CR, LF or NUL is
-    refused (LocalProtocolError), as proxy/http1.py refuses it."""
+    rest lower-cased, without the connection-specific ones, with a content-length as proxy/http1.py
+    sends one, secrets never indexed. A name or value holding CR, LF or NUL is refused
+    (LocalProtocolError), as h2 would refuse it only midway through the block."""
     out = [(b":method", method.encode()), (b":scheme", b"https" if origin.tls else b"http"),
            (b":authority", origin.host_header.encode("latin-1")), (b":path", origin.target.encode("latin-1"))]
     for name, value in headers:
@@ -60,7 +70,10 @@ def request_headers(method: str, origin: Origin, headers: list[tuple[str, str]])
             continue
         if "\r" in value or "\n" in value or "\0" in value or not name or "\r" in name or "\n" in name:
             raise httpx.LocalProtocolError("a header name or value holds a line break")
-        out.append((name.encode("latin-1"), value.encode("latin-1")))
+        pair = (name.encode("latin-1"), value.encode("latin-1"))
+        out.append(NeverIndexedHeaderTuple(*pair) if name in _SECRET else pair)
+    if body_length or method not in ("GET", "HEAD"):
+        out.append((b"content-length", str(body_length).encode()))
     return out
 
 
@@ -152,9 +165,7 @@ class H2Reply(ReplyBody):
             error = httpx.ReadTimeout("upstream read timed out waiting for the response headers")
         else:
             error = httpx.ReadTimeout("upstream read timed out between body bytes")
-        conn = self._conn
-        self._fail(error)
-        conn.reset(self._sid)
+        self._fail(error)  # (the connection resets the stream)
 
     # --- read by the relay --------------------------------------------------------------------
     def _taken(self) -> None:
@@ -163,11 +174,10 @@ class H2Reply(ReplyBody):
             self._unacked = 0
 
     async def aclose(self) -> None:
-        """A body not read to its end resets the stream: that is what stops the upstream."""
-        conn = self._conn
-        if conn is not None:
+        """A body not read to its end resets the stream (H2Connection.ended): that is what stops the
+        upstream."""
+        if self._conn is not None:
             self._fail(httpx.ReadError("the response was closed"))
-            conn.reset(self._sid)
 
 
 class H2Connection(asyncio.Protocol):
@@ -179,7 +189,7 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Reply] = {}
         self.closed = False
-        self.going_away: int | None = None  # the last stream id a GOAWAY named
+        self.retired = False  # takes no new stream (a GOAWAY, its stream ids used up, a header block refused)
         self.max_streams = 1                # until the server's SETTINGS say more
         self.ready: asyncio.Future[None] = self.loop.create_future()  # the server's SETTINGS came
         self._window_waiters: list[asyncio.Future[None]] = []
@@ -255,30 +265,33 @@ class H2Connection(asyncio.Protocol):
             self.max_streams = max(1, min(self.h2.remote_settings.max_concurrent_streams, MAX_STREAMS_PER_CONNECTION))
             if not self.ready.done():
                 self.ready.set_result(None)
-            self.pool.capacity_freed(self.max_streams)
+            self.pool.capacity_freed(self.max_streams - len(self.streams))
         elif kind is h2.events.ConnectionTerminated:
             self._goaway(event.last_stream_id or 0)
 
     def _goaway(self, last: int) -> None:
-        self.going_away = last
         for sid, reply in list(self.streams.items()):
             if sid > last:
                 reply._fail(_Unprocessed("upstream went away before processing the stream"))
+        self.retire()
+
+    def retire(self) -> None:
+        """No new stream goes on it; it closes once its streams have ended."""
+        self.retired = True
         self.pool.forget(self)
         if not self.streams:
             self.close()
 
     # --- used by the pool and the replies ---------------------------------------------------
     def usable(self) -> bool:
-        """Whether a new stream may go on it. A connection idle for KEEPALIVE_SECONDS is closed
-        instead, as proxy/http1.py closes its idle ones: a server or a middlebox may have dropped it."""
-        if self.closed or self.going_away is not None:
-            return False
+        """Whether a new stream may go on it."""
+        return not self.closed and not self.retired and len(self.streams) < self.max_streams
+
+    def stale(self) -> bool:
+        """Idle for KEEPALIVE_SECONDS since its last stream: not to be used again, as proxy/http1.py
+        uses no such connection (a server or a middlebox may have dropped it)."""
         idle = self.idle_since
-        if not self.streams and idle is not None and self.loop.time() - idle >= KEEPALIVE_SECONDS:
-            self.close()
-            return False
-        return len(self.streams) < self.max_streams
+        return not self.streams and idle is not None and self.loop.time() - idle >= KEEPALIVE_SECONDS
 
     def flush(self) -> None:
         out = self.h2.data_to_send()
@@ -292,15 +305,20 @@ class H2Connection(asyncio.Protocol):
             self.h2.send_headers(sid, headers, end_stream=not body)
         except (h2.exceptions.NoAvailableStreamIDError, h2.exceptions.TooManyStreamsError):
             # (its stream ids used up, or the server lowered its limit: nothing was sent)
-            self.going_away = self.going_away or 0
-            self.pool.forget(self)
-            if not self.streams:  # (nothing will end on it, to close it)
-                self.close()
+            self.retire()
             raise _Unprocessed("the connection takes no more streams") from None
         except h2.exceptions.ProtocolError as exc:
+            # (refused midway through the block: HPACK's table may now differ from the server's)
+            self.retire()
             raise httpx.LocalProtocolError(f"the request breaks HTTP/2's rules: {exc.__class__.__name__}") from None
         reply = self.streams[sid] = H2Reply(self, sid)
         self.flush()
+        if body:
+            await self._send_body(reply, sid, body)
+        return reply
+
+    async def _send_body(self, reply: H2Reply, sid: int, body: bytes) -> None:
+        """The request body, as the upstream's windows open, until it is sent or the stream ends."""
         pos = 0
         try:
             while pos < len(body) and self.streams.get(sid) is reply:
@@ -320,7 +338,6 @@ class H2Connection(asyncio.Protocol):
             if self.streams.get(sid) is reply:
                 await reply.aclose()
             raise
-        return reply
 
     def consumed(self, sid: int, n: int) -> None:
         """The relay read n flow-controlled bytes of stream sid: the upstream may send that much more
@@ -331,15 +348,6 @@ class H2Connection(asyncio.Protocol):
             return
         self.flush()
 
-    def reset(self, sid: int) -> None:
-        """Stop stream sid (CANCEL): the relay is done with it before its end."""
-        try:
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
-        self.ended(sid)
-        self.flush()
-
     def _wake_senders(self) -> None:
         """Bodies waiting for the upstream's window look again (it opened, or their stream ended)."""
         waiters, self._window_waiters = self._window_waiters, []
@@ -348,11 +356,12 @@ class H2Connection(asyncio.Protocol):
                 w.set_result(None)
 
     def ended(self, sid: int) -> None:
+        """Stream sid is over for the relay (ended, failed, timed out, closed early)."""
         if self.streams.pop(sid, None) is not None:
             stream = self.h2.streams.get(sid)
             if stream is not None and not stream.closed and not self.closed:
-                # Over for the relay, still open in h2 and at the server (an answer before the whole
-                # request was sent, a head refused): reset, or it holds one of the server's streams.
+                # Still open in h2 and at the server (closed early, timed out, answered before the
+                # whole request was sent, a head refused): reset, or it holds one of the server's streams.
                 try:
                     self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -362,8 +371,9 @@ class H2Connection(asyncio.Protocol):
                 self._wake_senders()
             if not self.streams:
                 self.idle_since = self.loop.time()
-            if self.going_away is not None and not self.streams:
-                self.close()
+            if self.retired:
+                if not self.streams:
+                    self.close()
             elif not self.closed:
                 self.pool.capacity_freed(1)
 
@@ -409,38 +419,37 @@ def _code_name(code: Any) -> str:
         return str(code)
 
 
-class H2Pool(PoolSettings):
+class H2Pool(PoolBase):
     """HTTP/2 connections to any number of origins, at most `max_connections` open at once, each
     carrying up to its server's SETTINGS_MAX_CONCURRENT_STREAMS (at most MAX_STREAMS_PER_CONNECTION).
     An origin's connections are opened one at a time: a burst of requests fills the first before a
-    second is opened. The settings are proxy.http1.PoolSettings'."""
+    second is opened. The settings are proxy.http1.PoolBase's; the pool owns its TLS context (it
+    offers only h2 by ALPN)."""
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
+        if self._ssl_context is not None:
+            self._ssl_context.set_alpn_protocols(["h2"])
         self._conns: dict[tuple[str, str, int], list[H2Connection]] = {}
-        self._open: set[H2Connection] = set()
         self._connecting: dict[tuple[str, str, int], asyncio.Future[None]] = {}
 
     async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> H2Reply:
         """Send the request; return once the response headers are in (the body is not read)."""
         origin = self._begin(url)
-        block = request_headers(method, origin, headers)
+        block = request_headers(method, origin, headers, len(body))
         for attempt in range(2):
             conn = await self._acquire(origin)
+            reply = None
             try:
                 reply = await conn.start(block, body)
-            except _Unprocessed:
-                if attempt:
-                    raise
-                continue
-            try:
                 await reply._headers_in
             except _Unprocessed:
                 if attempt:
                     raise
                 continue
             except asyncio.CancelledError:
-                await reply.aclose()  # a request abandoned midway is reset, nothing left behind
+                if reply is not None:
+                    await reply.aclose()  # a request abandoned midway is reset, nothing left behind
                 raise
             return reply
         raise AssertionError("unreachable")
@@ -452,8 +461,10 @@ class H2Pool(PoolSettings):
         while True:
             if self._closed:  # (woken by aclose: open nothing more)
                 raise httpx.ConnectError("the upstream pool is closed")
-            for conn in list(self._conns.get(key, ())):  # (usable() may close and drop one)
-                if conn.usable():
+            for conn in list(self._conns.get(key, ())):  # (a stale one is closed and dropped meanwhile)
+                if conn.stale():
+                    conn.close()
+                elif conn.usable():
                     return conn
             connecting = self._connecting.get(key)
             if connecting is not None:
@@ -470,13 +481,8 @@ class H2Pool(PoolSettings):
         self._open.add(conn)
         try:
             await asyncio.wait_for(self._open_connection(conn, origin), self.connect_timeout)
-        except asyncio.TimeoutError:
-            error: BaseException = httpx.ConnectTimeout("upstream connect timed out")
-        except OSError as exc:  # refused, unreachable, DNS, TLS; or no descriptor left here
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                error = OutOfDescriptors("the proxy is at its open-file limit; retry shortly")
-            else:
-                error = httpx.ConnectError(f"upstream unreachable: {exc.__class__.__name__}")
+        except (asyncio.TimeoutError, OSError) as exc:  # refused, unreachable, DNS, TLS; or no descriptor left
+            error: BaseException = self._connect_error(exc)
         except httpx.HTTPError as exc:  # (no HTTP/2 by ALPN, or the connection failed before its SETTINGS)
             error = exc if isinstance(exc, httpx.ConnectError) else httpx.ConnectError(f"upstream connect failed: {exc}")
         except BaseException:
@@ -484,7 +490,7 @@ class H2Pool(PoolSettings):
             self._connected(origin.key, done, None)
             raise
         else:
-            if not conn.closed and conn.going_away is None:
+            if conn.usable():
                 self._conns.setdefault(origin.key, []).append(conn)
                 self._connected(origin.key, done, None)
                 return
@@ -515,8 +521,8 @@ class H2Pool(PoolSettings):
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
-        self._ssl_context.set_alpn_protocols(["h2"])
+            self._ssl_context = super()._tls()
+            self._ssl_context.set_alpn_protocols(["h2"])
         return self._ssl_context
 
     def capacity_freed(self, n: int) -> None:
@@ -540,7 +546,4 @@ class H2Pool(PoolSettings):
         self._closed = True
         for conn in list(self._open):
             conn.close()
-        while self._waiting:
-            w = self._waiting.popleft()
-            if not w.done():
-                w.set_exception(httpx.ConnectError("the upstream pool is closed"))
+        self._fail_waiting()

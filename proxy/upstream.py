@@ -185,15 +185,17 @@ _POOL_WRITES = frozenset({"host", "content-length", "transfer-encoding"})
 class PooledTransport(httpx.AsyncBaseTransport):
     """The project's upstream transport: one keep-alive pool (proxy/http1.py) for one upstream."""
 
+    pool_class: type[Pool] | type[H2Pool] = Pool
+
     def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
                  read_timeout: float = 600.0, max_duration: float = 3600.0, pool_timeout: float = 10.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         """`read_timeout` bounds the wait for the response head and each gap between body bytes;
         `max_duration` bounds a whole response, head and body; `pool_timeout` the wait for a
         connection when all are busy (see proxy.http1.Pool)."""
-        self.pool = Pool(max_connections=max_connections, connect_timeout=connect_timeout,
-                         read_timeout=read_timeout, max_duration=max_duration, pool_timeout=pool_timeout,
-                         ssl_context=ssl_context)
+        self.pool = self.pool_class(max_connections=max_connections, connect_timeout=connect_timeout,
+                                    read_timeout=read_timeout, max_duration=max_duration,
+                                    pool_timeout=pool_timeout, ssl_context=ssl_context)
 
     def open(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> Awaitable[Reply]:
         """Send the request; done once the response headers are in (the body is not read). The
@@ -214,12 +216,7 @@ class H2Transport(PooledTransport):
     """PooledTransport speaking HTTP/2 (`upstreams.*.http2: true`): the same interface and errors,
     streams multiplexed on few connections (proxy/http2.py)."""
 
-    def __init__(self, *, max_connections: int = 1000, connect_timeout: float = 10.0,
-                 read_timeout: float = 600.0, max_duration: float = 3600.0, pool_timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self.pool = H2Pool(max_connections=max_connections, connect_timeout=connect_timeout,  # type: ignore[assignment]
-                           read_timeout=read_timeout, max_duration=max_duration, pool_timeout=pool_timeout,
-                           ssl_context=ssl_context)
+    pool_class = H2Pool
 
 
 class _DeadlineStream(httpx.AsyncByteStream):
