@@ -13,8 +13,8 @@ upstream resets the stream or breaks the protocol, ReadError when the connection
 Flow control: the connection's window is given back as data arrives, a stream's only as the relay
 reads it, so a client that reads slowly stalls its own stream (at STREAM_WINDOW unread bytes, the
 HTTP/1.1 pool's high-water mark), never the others on the connection. A request the upstream turned
-away unprocessed (a stream above the last one a GOAWAY names: RFC 9113 section 6.8; REFUSED_STREAM
-before any answer) is sent once more. What h2 counts as a connection error (a response head too
+away unprocessed (a stream above the last one a GOAWAY names, which HTTP/2 says the server never
+processed; REFUSED_STREAM before any answer) is sent once more. What h2 counts as a connection error (a response head too
 large or malformed, a window overrun) fails every stream on that connection, as HPACK's shared state
 requires.
 """
@@ -40,11 +40,11 @@ STREAM_WINDOW = HIGH_WATER_BYTES  # bytes a stream may have unread before the up
 CONNECTION_WINDOW = 1 << 24
 MAX_STREAMS_PER_CONNECTION = 1000  # also when the server allows more (or sets no limit)
 MAX_HEAD_BYTES = 64 * 1024     # a response head's headers (HPACK-decoded), as proxy/http1.py bounds it
-# Connection-specific headers are not HTTP/2's (RFC 9113 section 8.2.2); `host` goes as :authority.
+# Connection-specific headers, which HTTP/2 forbids; `host` goes as :authority.
 # (content-length is the pool's to write, as proxy/http1.py writes it.)
 _NOT_SENT = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host",
                        "content-length"})
-# Never put in HPACK's shared table (RFC 7541 section 7.1.3): the upstream key rides on every request.
+# Sent never-indexed: HPACK keeps them out of its shared table (the upstream key rides on every request).
 _SECRET = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie"})
 _SETTINGS = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
              h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEAD_BYTES,
@@ -398,7 +398,7 @@ class H2Connection(asyncio.Protocol):
 
 class _H2Connection(h2.connection.H2Connection):
     """h2's client connection, except that a GOAWAY leaves it open for the streams the GOAWAY lets
-    finish (RFC 9113 section 6.8): h2 would refuse their later frames, cutting every stream in flight
+    finish (a draining server's): h2 would refuse their later frames, cutting every stream in flight
     whenever a server drains a connection. No new stream is opened on it (H2Connection.usable)."""
 
     def clear_outbound_data_buffer(self) -> None:

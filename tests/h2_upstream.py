@@ -3,7 +3,7 @@
 tests/hostile_upstream.py, so that the real proxy under uvicorn reaches it from its own loop).
 
 It advertises SETTINGS_MAX_CONCURRENT_STREAMS (in its first SETTINGS frame) and
-SETTINGS_INITIAL_WINDOW_SIZE (a smaller one in force once the client acknowledges it, as RFC 9113
+SETTINGS_INITIAL_WINDOW_SIZE (a smaller one in force once the client acknowledges it, as HTTP/2
 has it) as given, and records, per stream, what it received (headers with the pseudo-headers, in
 order; the whole body), every RST_STREAM the client sent (with its error code), the streams left
 open when their connection went, the GOAWAYs it sent, the most streams open at once on each

@@ -25,7 +25,7 @@ def test_https_on_its_default_port_names_no_port_and_a_bodiless_get_no_length() 
 
 @pytest.mark.parametrize("name", ["x-api-key", "Authorization", "cookie"])
 def test_secrets_are_never_indexed(name: str) -> None:
-    """HPACK must not keep the upstream key in its table (RFC 7541 section 7.1.3)."""
+    """HPACK must not keep the upstream key in its shared table."""
     block = request_headers("POST", Origin("http://h/p"), [(name, "sk-secret"), ("accept", "*/*")], 2)
     secret = [h for h in block if h[0] == name.lower().encode()]
     assert secret == [(name.lower().encode(), b"sk-secret")] and isinstance(secret[0], NeverIndexedHeaderTuple)

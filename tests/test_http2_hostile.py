@@ -328,8 +328,8 @@ async def test_a_request_body_the_upstream_gives_no_window_for_times_out(pools):
 
 
 async def test_a_settings_frame_that_opens_the_send_window_lets_the_body_go(pools):
-    """BUG: a SETTINGS_INITIAL_WINDOW_SIZE increase opens every stream's window (RFC 9113 6.9.2) but
-    brings no WindowUpdated event; only WindowUpdated wakes a body waiting for window."""
+    """A SETTINGS_INITIAL_WINDOW_SIZE increase opens every stream's window without a WINDOW_UPDATE:
+    a body waiting for window goes on at once."""
     async def open_later(p: Peer) -> None:
         p.start({SettingCodes.INITIAL_WINDOW_SIZE: 0})
         sid = await p.opened()
@@ -359,11 +359,9 @@ async def test_a_body_larger_than_the_windows_goes_as_they_open(pools):
 
 
 async def test_an_early_response_ends_the_rest_of_the_request(pools):
-    """BUG: a server may answer before the request body is in (a 413, say: RFC 9113 8.1). The
-    pool stops sending, but neither finishes the body nor resets the stream: the stream stays open
-    in h2 and at the server for ever. Each such stream holds one of the server's
-    MAX_CONCURRENT_STREAMS; once they are all held, h2 refuses new streams (TooManyStreamsError)
-    and the pool abandons the connection without closing it: the upstream's connections leak."""
+    """A server may answer before the request body is in (a 413, say): the pool stops sending and
+    resets the stream, which would otherwise hold one of the server's MAX_CONCURRENT_STREAMS for
+    ever (and, once they were all held, leak the connection)."""
     async def answer_at_once(p: Peer) -> None:
         p.start({SettingCodes.MAX_CONCURRENT_STREAMS: 2})
         n = 0
@@ -388,10 +386,9 @@ async def test_an_early_response_ends_the_rest_of_the_request(pools):
 # --- the pool: stream limits, GOAWAY, connections that go -------------------------------------------------
 
 async def test_a_server_that_refuses_every_connection_at_once_is_not_reconnected_in_a_loop(pools):
-    """BUG: SETTINGS and GOAWAY(0) in the same packet (a server draining, or overloaded) close the
-    new connection before _connect returns; _connect still appends it to _conns, and _acquire, finding
-    it unusable, connects again, and again: thousands of connections a second, no pool_timeout, no
-    bound but the process's file descriptors (here, the server stops listening after 50)."""
+    """SETTINGS and GOAWAY(0) in the same packet (a server draining, or overloaded) on every new
+    connection: the request fails after one connection, never a reconnect loop bounded only by the
+    process's file descriptors (here, the server stops listening after 50)."""
     async def refuse(p: Peer) -> None:
         g = GoAwayFrame(0)
         g.last_stream_id = 0
@@ -408,9 +405,9 @@ async def test_a_server_that_refuses_every_connection_at_once_is_not_reconnected
 
 
 async def test_max_concurrent_streams_zero_leaks_no_connection(pools):
-    """BUG: SETTINGS_MAX_CONCURRENT_STREAMS 0 is taken as 1; h2 then refuses the stream
-    (TooManyStreamsError), and the pool marks the connection going away but never closes it: two
-    connections leak per request, and after max_connections of them every request is a PoolTimeout."""
+    """SETTINGS_MAX_CONCURRENT_STREAMS 0: h2 refuses the stream and the connection is retired and
+    closed, none left open (else every request leaked two, until max_connections made every request
+    a PoolTimeout)."""
     async def no_streams(p: Peer) -> None:
         p.start({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
         await p.eof.wait()
@@ -538,9 +535,9 @@ async def test_goaway_naming_every_stream_then_a_close_fails_the_stream_in_fligh
 
 
 async def test_a_goaway_keeps_what_h2_answers_to_the_frames_before_it(pools):
-    """BUG (minor): h2 clears its outbound buffer on GOAWAY, dropping the answers to the frames read
-    with it (a PING's ACK, a SETTINGS ACK, the WINDOW_UPDATE for DATA on a closed stream), though
-    the connection stays open for the streams the GOAWAY lets finish."""
+    """What h2 answers to the frames read with a GOAWAY (a PING's ACK, a SETTINGS ACK, the
+    WINDOW_UPDATE for DATA on a closed stream) is still sent: the connection stays open for the
+    streams the GOAWAY lets finish."""
     async def ping_then_goaway(p: Peer) -> None:
         p.start()
         sid = await p.request()
@@ -624,10 +621,8 @@ async def test_a_response_head_past_64_kib_fails_without_buffering_it(pools, att
 
 @pytest.mark.parametrize("status", [b"abc", b"2000", b"99", b""])
 async def test_a_response_with_an_invalid_status_is_refused_and_its_stream_reset(pools, status):
-    """BUG: a non-numeric :status fails the reply but does not reset the stream (it stays open in
-    h2 and at the server, holding one of its MAX_CONCURRENT_STREAMS); and a four-digit or
-    two-digit one is taken as the status code (a status code is three digits, 200-599 once the
-    1xx are set aside: RFC 9110 15)."""
+    """A :status that is not three digits 200-599 (h2 sets the 1xx aside) fails the reply and
+    resets its stream, which would otherwise hold one of the server's MAX_CONCURRENT_STREAMS."""
     async def bad(p: Peer) -> None:
         p.start()
         sid = await p.request()
@@ -684,10 +679,8 @@ async def test_end_stream_on_the_head_is_an_empty_complete_body(pools):
 # --- the receive side: flow control, floods, slow readers -----------------------------------------------------
 
 async def test_a_whole_body_larger_than_the_stream_window_is_read(pools):
-    """BUG: aread() (relay_whole's read) never takes the chunks until the body is complete, so the
-    stream's window is never given back: a body over STREAM_WINDOW (1 MiB) stalls the upstream and
-    ends in a ReadTimeout. (proxy/http1.py's aread has the same flaw past HIGH_WATER_BYTES plus
-    the socket buffers.)"""
+    """aread() (relay_whole's read) takes the chunks as they come, giving the stream's window back:
+    a body over STREAM_WINDOW arrives whole (tests/test_http1.py has the same for HIGH_WATER_BYTES)."""
     big = b"a" * (STREAM_WINDOW * 2 + 12345)
 
     async def large(p: Peer, sid: int) -> None:
@@ -744,7 +737,7 @@ async def test_data_on_a_stream_the_proxy_reset_keeps_the_connection_window(pool
             sent += 16384
         s2 = await p.request(2)
         p.head(s2)
-        await p.body(s2, b"y" * 600_000)  # more than the 1 MiB window less the 900 KB
+        await p.body(s2, b"y" * 600_000)  # more than the 1 MiB connection window less the 900 KB
         await p.eof.wait()
 
     async with Hostile(keep_sending) as srv:
@@ -777,9 +770,8 @@ async def test_a_server_overrunning_the_stream_window_fails_the_connection_not_h
 
 
 async def test_a_ping_flood_from_a_server_that_never_reads_is_not_buffered_without_bound(pools):
-    """BUG: H2Connection has no pause_writing(): it keeps reading (and h2 keeps answering every PING
-    with an ACK) while its writes back up, so a server that floods PINGs and never reads grows the
-    proxy's write buffer without bound (17 bytes a PING: 680 KB here, and on)."""
+    """A server that floods PINGs and never reads: the connection stops reading while its writes
+    back up, so h2's ACKs (17 bytes a PING) do not grow the write buffer without bound."""
     n = 120_000
     ping = PingFrame(0)
     ping.opaque_data = b"floodfld"
@@ -944,9 +936,8 @@ async def test_aclose_with_streams_in_flight_fails_them_all_promptly(pools):
 
 
 async def test_aclose_while_a_connection_is_being_made_closes_it_too(pools):
-    """BUG (minor): aclose() fails a connection still connecting (no transport yet); when the TCP
-    connect then completes, connection_made sets up the transport of a connection already closed,
-    and nothing ever closes it: its socket stays open (the server never sees EOF)."""
+    """aclose() while a connection is still connecting: once the TCP connect completes, its socket
+    is closed (the server sees EOF), not left open."""
     async def idle(p: Peer) -> None:
         p.start()
         await p.eof.wait()
@@ -988,7 +979,7 @@ def test_a_request_body_the_upstream_never_takes_is_a_504_that_charges_nothing(m
 
 
 def test_a_json_reply_larger_than_the_stream_window_is_relayed_and_charged(up, launch):
-    """BUG (aread, end to end): a 2.5 MB JSON message ends in a 504 and charges nothing."""
+    """A 2.5 MB JSON message (over the stream window) is relayed whole and charged."""
     reply = message_json(HAIKU, 31, 9, "z" * (STREAM_WINDOW * 5 // 2))
     payload = json.dumps(reply).encode()
     proxy = launch(up, timeout_seconds=1)

@@ -156,7 +156,7 @@ def test_the_upstream_gets_an_http2_request_with_its_own_key(up, launch):
     pseudo = [(k, v) for k, v in seen.headers if k.startswith(":")]
     assert sorted(pseudo) == sorted([(":method", "POST"), (":scheme", "http"), (":authority", f"127.0.0.1:{up.port}"),
                                      (":path", "/v1/messages?beta=true")])
-    assert seen.headers[:4] == pseudo  # pseudo-headers first (RFC 9113 8.3), each once
+    assert seen.headers[:4] == pseudo  # pseudo-headers first, each once
     assert all(k == k.lower() for k in seen.names)
     assert seen.header("x-api-key") == "sk-upstream-secret"
     assert ALPHA_KEY not in str(seen.headers) and seen.header("authorization") is None
@@ -269,7 +269,7 @@ def test_a_stream_above_a_goaways_last_stream_id_is_sent_again_on_a_new_connecti
 
 
 def test_a_stream_at_or_below_a_goaways_last_stream_id_still_completes(up, launch):
-    """A server shutting down gracefully (RFC 9113 6.8): the first request's stream is under way
+    """A server shutting down gracefully: the first request's stream is under way
     when the second, on the same connection, gets GOAWAY naming the first as the last stream the
     server will process. The first must still be relayed whole from that connection; the second
     is sent again on another."""
