@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import threading
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -45,7 +43,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from tests.hostile_upstream import ORDINARY_USAGE, frame, message_json, message_stream, text_delta
+from tests.hostile_upstream import ORDINARY_USAGE, ScriptedServer, frame, message_json, message_stream, text_delta
 
 __all__ = ["H2Upstream", "Seen", "Reset", "Stream", "ErrorCodes", "ORDINARY_USAGE", "frame", "message_json",
            "message_stream", "text_delta", "json_answer", "respond", "sse", "rst_after", "goaway", "never", "hold",
@@ -419,8 +417,10 @@ class _Link(asyncio.Protocol):
             self.transport.close()
 
 
-class H2Upstream:
+class H2Upstream(ScriptedServer):
     """`start()` returns once it listens on 127.0.0.1; `stop()` closes every connection."""
+
+    thread_name = "h2-upstream"
 
     def __init__(self, max_concurrent_streams: int = 100, initial_window_size: int = 65535,
                  ssl_context: ssl.SSLContext | None = None, withhold_window: bool = False) -> None:
@@ -432,12 +432,9 @@ class H2Upstream:
         self.ssl_context = ssl_context
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
-        self.alpn: list[str | None] = []  # per TLS connection, the protocol ALPN settled on
-        self.port = 0
+        super().__init__()
         self.default: Answer = ordinary
-        self._cond = threading.Condition()
-        self._queue: deque[Answer] = deque()
-        self._requests: list[Seen] = []
+        self.alpn: list[str | None] = []  # per TLS connection, the protocol ALPN settled on
         self._resets: list[Reset] = []
         self._abandoned_streams: list[tuple[int, int]] = []
         self._goaways: list[tuple[int, int]] = []
@@ -445,59 +442,21 @@ class H2Upstream:
         self._notes: list[str] = []
         self._peak: dict[int, int] = {}
         self._links: list[_Link] = []
-        self._gates: dict[str, asyncio.Event] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}" if self.ssl_context else f"http://127.0.0.1:{self.port}"
 
-    # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> H2Upstream:
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="h2-upstream", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("h2 upstream did not start")
-        return self
+    async def _listen(self) -> asyncio.AbstractServer:
+        return await asyncio.get_running_loop().create_server(lambda: _Link(self), "127.0.0.1", 0,
+                                                              ssl=self.ssl_context)
 
-    def stop(self) -> None:
-        if self._thread is None or self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._thread = None
+    def _closing(self) -> None:
+        for link in self._links:
+            if link.transport is not None:
+                link.transport.abort()
 
-    def _run(self, ready: threading.Event) -> None:
-        loop = self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(loop.create_server(lambda: _Link(self), "127.0.0.1", 0,
-                                                                   ssl=self.ssl_context))
-        self.port = server.sockets[0].getsockname()[1]
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            server.close()
-            for link in self._links:
-                if link.transport is not None:
-                    link.transport.abort()
-            for task in list(self._tasks):
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
-            loop.close()
-
-    # -- scripting and inspection (any thread) -----------------------------------------------------------
-    def queue(self, *answers: Answer) -> None:
-        with self._cond:
-            self._queue.extend(answers)
-
-    def release(self, name: str) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(lambda: self._gate(name).set())
-
+    # -- inspection (any thread) -----------------------------------------------------------------------------
     def _get(self, name: str) -> list:
         with self._cond:
             return list(getattr(self, name))
@@ -537,9 +496,6 @@ class H2Upstream:
                              or any((r.conn, r.stream_id) == key for r in u._resets), timeout)
 
     # -- server side (own thread) ------------------------------------------------------------------------
-    def _gate(self, name: str) -> asyncio.Event:
-        return self._gates.setdefault(name, asyncio.Event())
-
     def _connected(self, link: _Link) -> int:
         with self._cond:
             self._links.append(link)

@@ -234,8 +234,12 @@ async def ordinary(peer: Peer, seen: Seen) -> bool:
                              status=404)(peer, seen)
 
 
-class HostileUpstream:
-    """`start()` returns once it listens on 127.0.0.1; `stop()` cancels whatever is still answering."""
+class ScriptedServer:
+    """A scripted loopback server on an event loop in a thread of its own (this module's, and
+    tests/h2_upstream.py's): `start()` returns once it listens on 127.0.0.1; `stop()` ends what is
+    still answering. Subclasses listen in `_listen` and may drop more in `_closing`."""
+
+    thread_name = "scripted-upstream"
 
     def __init__(self) -> None:
         self.port = 0
@@ -243,23 +247,24 @@ class HostileUpstream:
         self._cond = threading.Condition()
         self._queue: deque[Answer] = deque()
         self._requests: list[Seen] = []
-        self._closed_early: list[Seen] = []
         self._gates: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    async def _listen(self) -> asyncio.AbstractServer:
+        raise NotImplementedError
+
+    def _closing(self) -> None:
+        pass
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> HostileUpstream:
+    def start(self) -> Any:
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="hostile-upstream", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=self.thread_name, daemon=True)
         self._thread.start()
         if not ready.wait(10):
-            raise RuntimeError("hostile upstream did not start")
+            raise RuntimeError(f"{self.thread_name} did not start")
         return self
 
     def stop(self) -> None:
@@ -272,19 +277,20 @@ class HostileUpstream:
     def _run(self, ready: threading.Event) -> None:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        server = loop.run_until_complete(self._listen())
         self.port = server.sockets[0].getsockname()[1]
         ready.set()
         try:
             loop.run_forever()
         finally:
             server.close()
+            self._closing()
             for task in list(self._tasks):
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
             loop.close()
 
-    # -- scripting and inspection (any thread) ----------------------------------------------------
+    # -- scripting (any thread) ---------------------------------------------------------------
     def queue(self, *answers: Answer) -> None:
         with self._cond:
             self._queue.extend(answers)
@@ -293,6 +299,27 @@ class HostileUpstream:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(lambda: self._gate(name).set())
 
+    def _gate(self, name: str) -> asyncio.Event:
+        return self._gates.setdefault(name, asyncio.Event())
+
+
+class HostileUpstream(ScriptedServer):
+    """`start()` returns once it listens on 127.0.0.1; `stop()` cancels whatever is still answering."""
+
+    thread_name = "hostile-upstream"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed_early: list[Seen] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _listen(self) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    # -- inspection (any thread) --------------------------------------------------------------
     @property
     def requests(self) -> list[Seen]:
         with self._cond:
@@ -312,9 +339,6 @@ class HostileUpstream:
             return self._cond.wait_for(lambda: len(self._closed_early) >= count, timeout)
 
     # -- server side (own thread) --------------------------------------------------------------
-    def _gate(self, name: str) -> asyncio.Event:
-        return self._gates.setdefault(name, asyncio.Event())
-
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None

@@ -235,6 +235,12 @@ class Hostile:
         return await asyncio.wait_for(wait(), BOUND)
 
 
+async def answer_nothing(p: Peer) -> None:
+    """Take the connection, answer no request, wait for the client to close it."""
+    p.start()
+    await p.eof.wait()
+
+
 async def serve_each(p: Peer, answer: Callable[[Peer, int], Awaitable[None]], settings: dict | None = None) -> None:
     """Answer every request on the connection with `answer`, each in a task of its own."""
     p.start(settings)
@@ -859,11 +865,7 @@ async def test_cancelled_while_sending_a_body_resets_the_stream_and_frees_everyt
 
 
 async def test_cancelled_while_waiting_for_the_head_resets_the_stream_and_frees_everything(pools):
-    async def silent(p: Peer) -> None:
-        p.start()
-        await p.eof.wait()
-
-    async with Hostile(silent) as srv:
+    async with Hostile(answer_nothing) as srv:
         pool = pools()
         task = asyncio.ensure_future(pool.request("POST", srv.url, [], b"x"))
         p = await srv.peer()
@@ -938,11 +940,7 @@ async def test_aclose_with_streams_in_flight_fails_them_all_promptly(pools):
 async def test_aclose_while_a_connection_is_being_made_closes_it_too(pools):
     """aclose() while a connection is still connecting: once the TCP connect completes, its socket
     is closed (the server sees EOF), not left open."""
-    async def idle(p: Peer) -> None:
-        p.start()
-        await p.eof.wait()
-
-    async with Hostile(idle) as srv:
+    async with Hostile(answer_nothing) as srv:
         pool = pools()
         task = asyncio.ensure_future(pool.request("POST", srv.url, [], b"x"))
         await bounded(_until(lambda: pool._open))  # (the connect under way: no transport yet)
