@@ -74,10 +74,42 @@ class Origin:
 
 
 class ReplyBody:
-    """A response body as its connection reads it in (_data, _finish, _fail) and the relay's side of
-    it (aiter_raw, aread); `_taken` is the connection's hook once the relay has read what came."""
+    """A response as its connection reads it in (its head, then _data, _finish or _fail) and the
+    relay's side of it (aiter_raw, aread). The connection's hooks: `_ended` once the body is over
+    (complete or failed), `_taken` once the relay has read what came."""
 
-    __slots__ = ("_chunks", "_waiter", "_complete", "_error", "_loop")
+    __slots__ = ("status_code", "headers_raw", "content_type", "_chunks", "_waiter", "_complete", "_error",
+                 "_loop", "_headers_in")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.status_code = 0
+        self.headers_raw: list[tuple[bytes, bytes]] = []
+        self.content_type = ""
+        self._chunks: list[bytes] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: BaseException | None = None
+        self._loop = loop
+        self._headers_in: asyncio.Future[None] = loop.create_future()
+
+    # --- fed by the connection --------------------------------------------------------------
+    def _finish(self) -> None:
+        self._complete = True
+        self._ended()
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._complete or self._error is not None:
+            return
+        self._error = error
+        self._ended()
+        if not self._headers_in.done():
+            self._headers_in.set_exception(error)
+            self._headers_in.exception()  # (retrieved: a request that no longer awaits it logs nothing)
+        self._wake()
+
+    def _ended(self) -> None:
+        pass
 
     def _wake(self) -> None:
         w = self._waiter
@@ -134,20 +166,12 @@ class ReplyBody:
 class Reply(ReplyBody):
     """A response whose headers are in; its body arrives through the connection as it is read."""
 
-    __slots__ = ("status_code", "headers_raw", "content_type", "_buffered", "_conn", "_headers_in")
+    __slots__ = ("_buffered", "_conn")
 
     def __init__(self, conn: Connection) -> None:
-        self.status_code = 0
-        self.headers_raw: list[tuple[bytes, bytes]] = []
-        self.content_type = ""
-        self._chunks: list[bytes] = []
+        super().__init__(conn.loop)
         self._buffered = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._complete = False
-        self._error: BaseException | None = None
         self._conn: Connection | None = conn  # None once the body is complete or the reply closed
-        self._loop = conn.loop
-        self._headers_in: asyncio.Future[None] = conn.loop.create_future()
 
     # --- fed by the connection --------------------------------------------------------------
     def _data(self, data: bytes) -> None:
@@ -157,19 +181,8 @@ class Reply(ReplyBody):
             self._conn.pause()
         self._wake()
 
-    def _finish(self) -> None:
-        self._complete = True
+    def _ended(self) -> None:
         self._conn = None
-        self._wake()
-
-    def _fail(self, error: BaseException) -> None:
-        if self._complete or self._error is not None:
-            return
-        self._error = error
-        self._conn = None
-        if not self._headers_in.done():
-            self._headers_in.set_exception(error)
-        self._wake()
 
     def _taken(self) -> None:
         self._buffered = 0

@@ -81,22 +81,14 @@ class H2Reply(ReplyBody):
     """One stream's response; its body arrives as the connection reads it (proxy/http1.py Reply's
     interface)."""
 
-    __slots__ = ("status_code", "headers_raw", "content_type", "_unacked", "_conn", "_sid", "_headers_in",
-                 "_last", "_deadline", "_timer")
+    __slots__ = ("_unacked", "_conn", "_sid", "_last", "_deadline", "_timer")
 
     def __init__(self, conn: H2Connection, sid: int) -> None:
-        self.status_code = 0
-        self.headers_raw: list[tuple[bytes, bytes]] = []
-        self.content_type = ""
-        self._chunks: list[bytes] = []
+        super().__init__(conn.loop)
+        loop = conn.loop
         self._unacked = 0          # flow-controlled bytes received and not yet given back to the stream
-        self._waiter: asyncio.Future[None] | None = None
-        self._complete = False
-        self._error: BaseException | None = None
         self._conn: H2Connection | None = conn  # None once the stream is over
         self._sid = sid
-        loop = self._loop = conn.loop
-        self._headers_in: asyncio.Future[None] = loop.create_future()
         self._last = loop.time()   # the request, or the last bytes of the response
         self._deadline = self._last + conn.pool.max_duration
         self._timer: asyncio.TimerHandle | None = loop.call_at(
@@ -127,22 +119,7 @@ class H2Reply(ReplyBody):
         self._unacked += flow
         self._wake()
 
-    def _finish(self) -> None:
-        self._complete = True
-        self._end()
-        self._wake()
-
-    def _fail(self, error: BaseException) -> None:
-        if self._complete or self._error is not None:
-            return
-        self._error = error
-        self._end()
-        if not self._headers_in.done():
-            self._headers_in.set_exception(error)
-            self._headers_in.exception()  # (retrieved: a request that no longer awaits it logs nothing)
-        self._wake()
-
-    def _end(self) -> None:
+    def _ended(self) -> None:
         conn, self._conn = self._conn, None
         if self._timer is not None:
             self._timer.cancel()

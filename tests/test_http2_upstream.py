@@ -47,18 +47,12 @@ def no_egress_proxy(monkeypatch):
 def make_up() -> Iterator[Callable[..., H2Upstream]]:
     """make_up(max_concurrent_streams=..., initial_window_size=...) -> a running h2 upstream; after
     the test, it must have seen no protocol violation."""
-    made: list[H2Upstream] = []
+    yield from ended_after(lambda **kw: H2Upstream(**kw).start(), stopped_without_violations)
 
-    def make(**kw: Any) -> H2Upstream:
-        up = H2Upstream(**kw).start()
-        made.append(up)
-        return up
 
-    yield make
-    for up in made:
-        up.stop()
-    for up in made:
-        assert up.violations == [], f"the upstream saw the proxy break a rule: {up.violations} (notes: {up.notes})"
+def stopped_without_violations(up: H2Upstream) -> None:
+    up.stop()
+    assert up.violations == [], f"the upstream saw the proxy break a rule: {up.violations} (notes: {up.notes})"
 
 
 @pytest.fixture
