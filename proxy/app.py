@@ -227,7 +227,7 @@ class AppState:
             if caller is not None:
                 label = self.metrics.model_label(self.runtime.pricing.lookup(model) if model else None)
                 outcome = "denied" if err.status == 429 else f"rejected_{err.status}"
-                self.metrics.requests.labels(caller.team, key_label(caller), label, route, outcome).inc()
+                self.metrics.refused(caller.team, key_label(caller), label, route, outcome)
             if isinstance(err, StoreUnavailable):
                 self.metrics.store_error()
         budget = err.budget if isinstance(err, BudgetExceeded) else None
@@ -305,7 +305,7 @@ class AppState:
             "duration_ms": round(seconds * 1000, 1)})
 
     def observe_upstream_seconds(self, route: str, seconds: float) -> None:
-        self.metrics.upstream_seconds_for(route).observe(seconds)
+        self.metrics.upstream_seconds_for(route, seconds)
 
 
 def error_response(err: ProxyError, provider: str | None = None) -> Response:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from proxy.counters import COST, FIRST_TOKEN, REQUESTS, RouteSeconds, SettledCounts
 from proxy.ledger import BY_NAME, METERED, Scope, ScopeState, remaining
 from proxy.usage import Usage
 
-TOKEN_KINDS = (("input", "input_tokens"), ("cache_write_5m", "cache_write_5m_tokens"),
-               ("cache_write_1h", "cache_write_1h_tokens"), ("cache_read", "cache_read_tokens"),
-               ("output", "output_tokens"))
+UPSTREAM_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 RUNTIME_KEY = "(runtime)"  # the `key` label of every runtime key: series never grow with them
 # budget_proxy_alerts_total's labels: anything else is counted as "other".
 ALERT_TYPES = ("budget.threshold", "budget.exceeded")
@@ -35,19 +34,14 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("budget_proxy_requests", "Requests by outcome",
-                                ["team", "key", "model", "route", "outcome"], registry=r)
-        self.tokens = Counter("budget_proxy_tokens", "Tokens charged", ["team", "key", "model", "kind"], registry=r)
-        self.cost = Counter("budget_proxy_cost_usd", "Money charged (USD)", ["team", "key", "model"], registry=r)
+        # requests, tokens and cost by (team, key, model, route, outcome); upstream seconds by route
+        self.settled_counts = SettledCounts(r)
+        self.upstream_seconds = RouteSeconds("budget_proxy_upstream_seconds", "Time from forwarding to the end of "
+                                             "the upstream response", UPSTREAM_SECONDS_BUCKETS, r)
         self.denials = Counter("budget_proxy_denials", "Requests refused with a budget 429",
                                ["team", "key", "dimension"], registry=r)
         self.cuts = Counter("budget_proxy_stream_cuts", "Streams cut mid-way by a budget",
                             ["team", "key", "dimension"], registry=r)
-        self.upstream_seconds = Histogram("budget_proxy_upstream_seconds", "Time from forwarding to the end of the "
-                                          "upstream response", ["route"], registry=r,
-                                          buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-        self._upstream_children: dict[str, Any] = {}
-        self._settled_children: dict[tuple[str, ...], list[Any]] = {}
         self.remaining = Gauge("budget_proxy_budget_remaining", "limit - used - held, per scope and dimension",
                                ["scope", "name", "dimension"], registry=r)
         # config keys and teams, refreshed from the store at each scrape; a team's key label is ""
@@ -85,32 +79,23 @@ class Metrics:
 
     def settled(self, team: str, key: str, model: str, route: str, outcome: str, usage: Usage,
                 cost_nanos: int) -> None:
-        # labels() validates and locks on every call (measurable on the hot path), so each child is
-        # looked up once. Bounded: every label comes from the config, the pricing table or a
-        # fixed set (module docstring). A series appears only once it has counted something.
-        children = self._settled_children.get((team, key, model, route, outcome))
-        if children is None:
-            children = self._settled_children[(team, key, model, route, outcome)] = [
-                self.requests.labels(team, key, model, route, outcome), [None] * len(TOKEN_KINDS), None]
-        children[0].inc()
-        tokens = children[1]
-        for i, (kind, attr) in enumerate(TOKEN_KINDS):
-            n = getattr(usage, attr)
-            if n:
-                counter = tokens[i]
-                if counter is None:
-                    counter = tokens[i] = self.tokens.labels(team, key, model, kind)
-                counter.inc(n)
-        if cost_nanos:
-            if children[2] is None:
-                children[2] = self.cost.labels(team, key, model)
-            children[2].inc(cost_nanos / 1e9)
+        """A request settled: counted by outcome, with its tokens by kind and its cost. Bounded:
+        every label comes from the config, the pricing table or a fixed set (module docstring)."""
+        row = self.settled_counts.row((team, key, model, route, outcome))
+        row[REQUESTS] += 1
+        row[FIRST_TOKEN] += usage.input_tokens
+        row[FIRST_TOKEN + 1] += usage.cache_write_5m_tokens
+        row[FIRST_TOKEN + 2] += usage.cache_write_1h_tokens
+        row[FIRST_TOKEN + 3] += usage.cache_read_tokens
+        row[FIRST_TOKEN + 4] += usage.output_tokens
+        row[COST] += cost_nanos
 
-    def upstream_seconds_for(self, route: str) -> Any:
-        child = self._upstream_children.get(route)
-        if child is None:
-            child = self._upstream_children[route] = self.upstream_seconds.labels(route)
-        return child
+    def refused(self, team: str, key: str, model: str, route: str, outcome: str) -> None:
+        """A metered request refused before anything was forwarded ("denied", "rejected_<status>")."""
+        self.settled_counts.row((team, key, model, route, outcome))[REQUESTS] += 1
+
+    def upstream_seconds_for(self, route: str, seconds: float) -> None:
+        self.upstream_seconds.observe(route, seconds)
 
     def set_budgets(self, owners: Sequence[tuple[str, str]], scopes: Sequence[Scope],
                     states: Sequence[ScopeState], now: float) -> None:
