@@ -1,8 +1,10 @@
 """The proxy's own instructions per request: bench.inproc (the real app over ASGI, a canned
 upstream) run under valgrind's callgrind at two request counts, the difference divided by the
 difference in requests, so start-up and warm-up cancel out. Unlike CPU time it does not drift with
-the machine (repeat runs agree within 0.1%), so a change to the request path can be judged on a noisy
-machine in about a minute and a half; bench.ab then says what it is worth in req/s.
+the machine: on memory:// repeat runs agree within 0.1%, so a change to the request path can be
+judged on a noisy machine in about a minute and a half; bench.ab then says what it is worth in req/s.
+On sqlite:// they move by up to 3%: how many settlements share a transaction depends on timing,
+and valgrind's slowdown changes it.
 
     .venv/bin/python -m bench.instructions [--mode json|sse] [--store memory|sqlite|redis]
                                            [--requests 400,1200] [--tree DIR]
