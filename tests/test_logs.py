@@ -95,3 +95,30 @@ def test_the_access_sink_writes_at_once_when_many_lines_wait():
         return len(out.getvalue().splitlines())  # (no await: written before this turn ends)
 
     assert asyncio.run(burst()) == FLUSH_LINES
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from proxy.logs import _encode, encode_line  # noqa: E402
+
+# what a log line's fields can hold: client text of any kind (lone surrogates, U+2028, controls),
+# integers past 64 bits, floats of every exponent, nesting, and keys that are not strings
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                     st.floats(allow_nan=False, allow_infinity=False), st.text(),
+                     st.sampled_from(["model\u2028name", "a\x00b\x1b[31m", "\ud800", "é", "req_proxy_5f0c"]))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=8)
+_fields = st.dictionaries(st.one_of(st.text(max_size=8), st.integers(0, 3)), _values, max_size=8)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_fields)
+def test_a_line_is_the_stdlibs_json_in_ascii_whichever_encoder_wrote_it(fields: dict) -> None:
+    line = encode_line(fields)
+    assert line.isascii() and line.isprintable()  # (no raw control, no line break of any kind)
+    assert json.loads(line) == json.loads(_encode(fields))
+
+
+def test_a_line_through_orjson_is_the_same_text_as_the_stdlibs() -> None:
+    fields = {"request_id": "req_proxy_5f0c", "client": None, "status": 200, "team": "research",
+              "input_tokens": 612, "cost_usd": 0.004536, "duration_ms": 1.3, "steps": 1}
+    assert encode_line(fields) == _encode(fields)
