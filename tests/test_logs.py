@@ -110,7 +110,7 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3), max_
 _fields = st.dictionaries(st.one_of(st.text(max_size=8), st.integers(0, 3)), _values, max_size=8)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_fields)
 def test_a_line_is_the_stdlibs_json_in_ascii_whichever_encoder_wrote_it(fields: dict) -> None:
     line = encode_line(fields)
