@@ -305,7 +305,7 @@ class AppState:
             "duration_ms": round(seconds * 1000, 1)})
 
     def observe_upstream_seconds(self, route: str, seconds: float) -> None:
-        self.metrics.upstream_seconds_for(route, seconds)
+        self.metrics.observe_upstream_seconds(route, seconds)
 
 
 def error_response(err: ProxyError, provider: str | None = None) -> Response:

@@ -94,7 +94,7 @@ class Metrics:
         """A metered request refused before anything was forwarded ("denied", "rejected_<status>")."""
         self.settled_counts.row((team, key, model, route, outcome))[REQUESTS] += 1
 
-    def upstream_seconds_for(self, route: str, seconds: float) -> None:
+    def observe_upstream_seconds(self, route: str, seconds: float) -> None:
         self.upstream_seconds.observe(route, seconds)
 
     def set_budgets(self, owners: Sequence[tuple[str, str]], scopes: Sequence[Scope],

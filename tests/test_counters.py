@@ -75,7 +75,7 @@ def test_upstream_seconds_buckets_read_as_a_prometheus_client_histogram_would(ob
     hist = Histogram("budget_proxy_upstream_seconds", "Time from forwarding to the end of the upstream response",
                      ["route"], registry=ref, buckets=UPSTREAM_SECONDS_BUCKETS)
     for route, s in observed:
-        ours.upstream_seconds_for(route, s)
+        ours.observe_upstream_seconds(route, s)
         hist.labels(route).observe(s)
     name = "budget_proxy_upstream_seconds"
     assert families(ours.exposition(), name) == families(generate_latest(ref), name)

@@ -119,7 +119,13 @@ def test_a_line_is_the_stdlibs_json_in_ascii_whichever_encoder_wrote_it(fields: 
     assert json.loads(line) == json.loads(_encode(fields))
 
 
-def test_a_line_through_orjson_is_the_same_text_as_the_stdlibs() -> None:
+def test_an_ascii_line_is_orjsons_and_the_same_text_as_the_stdlibs(monkeypatch) -> None:
     fields = {"request_id": "req_proxy_5f0c", "client": None, "status": 200, "team": "research",
               "input_tokens": 612, "cost_usd": 0.004536, "duration_ms": 1.3, "steps": 1}
-    assert encode_line(fields) == _encode(fields)
+    stdlib = _encode(fields)
+
+    def no_stdlib(_: dict) -> str:
+        raise AssertionError("the stdlib encoder wrote an ASCII line")
+
+    monkeypatch.setattr("proxy.logs._encode", no_stdlib)  # (the fast path is the one taken)
+    assert encode_line(fields) == stdlib
